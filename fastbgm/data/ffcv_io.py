@@ -1,0 +1,156 @@
+"""Everything that touches ffcv lives here, and ffcv is imported only inside these
+functions: ``import fastbgm.data`` and the resident loader work without ffcv when a
+resident cache exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FFCV_MISSING = (
+    "ffcv is not installed, and reading or writing a .beton needs it: run launch/install.sh "
+    "(Debian/Ubuntu) or see the README's install section"
+)
+
+
+def import_ffcv() -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import ffcv  # noqa: F401
+            import ffcv.fields  # noqa: F401
+            import ffcv.loader  # noqa: F401
+            import ffcv.writer  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise ModuleNotFoundError(FFCV_MISSING) from e
+    return ffcv
+
+
+def ffcv_available() -> bool:
+    try:
+        import_ffcv()
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+class _ProgressShim:
+    """Stands in for the ``tqdm`` that ffcv's writer drives, forwarding to a callback."""
+
+    def __init__(self, on_advance: Callable[[int], None]):
+        self._on_advance = on_advance
+
+    def __call__(self, total: int | None = None, **_: Any) -> "_ProgressShim":
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self._on_advance(n)
+
+    def close(self) -> None:
+        pass
+
+
+def write_beton(
+    path: Path,
+    dataset: Any,
+    image_format: str,
+    jpeg_quality: int = 90,
+    num_workers: int | None = None,
+    on_advance: Callable[[int], None] | None = None,
+) -> None:
+    """Write ``dataset[i] -> (uint8 HxWx3, label, index)`` to ``path`` with ffcv."""
+    import_ffcv()
+    import ffcv.writer as fw
+    from ffcv.fields import IntField, RGBImageField
+
+    fields = {
+        "image": RGBImageField(write_mode=image_format, jpeg_quality=jpeg_quality),
+        "label": IntField(),
+        "index": IntField(),
+    }
+    workers = num_workers or max(1, min(os.cpu_count() or 1, 16))
+    writer = fw.DatasetWriter(str(path), fields, num_workers=workers)
+    shim = _ProgressShim(on_advance or (lambda n: None))
+    old = fw.tqdm
+    fw.tqdm = shim
+    try:
+        writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(dataset) // (4 * workers) or 1)))
+    finally:
+        fw.tqdm = old
+
+
+def read_beton_arrays(
+    path: Path, on_advance: Callable[[int], None] | None = None, batch_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode a whole fixed-resolution split: (uint8 [N,H,W,3], labels, indices)."""
+    import_ffcv()
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    threads = torch.get_num_threads()  # ffcv's Loader resets torch's thread count
+    loader = Loader(
+        str(path),
+        batch_size=batch_size,
+        num_workers=max(1, min(os.cpu_count() or 1, 8)),
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()], "index": [IntDecoder()]},
+    )
+    n = loader.reader.num_samples
+    images: np.ndarray | None = None
+    labels = np.empty(n, dtype=np.int64)
+    indices = np.empty(n, dtype=np.int64)
+    pos = 0
+    batches = iter(loader)
+    torch.set_num_threads(threads)
+    for img, lab, idx in batches:
+        b = img.shape[0]
+        if images is None:
+            images = np.empty((n, *img.shape[1:]), dtype=np.uint8)
+        images[pos : pos + b] = img  # ffcv recycles its buffers: copy out
+        labels[pos : pos + b] = lab.reshape(-1)
+        indices[pos : pos + b] = idx.reshape(-1)
+        pos += b
+        if on_advance:
+            on_advance(b)
+    assert images is not None and pos == n
+    return images, labels, indices
+
+
+def beton_resolutions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import_ffcv()
+    from ffcv.reader import Reader
+
+    meta = Reader(str(path)).metadata
+    return meta["f0"]["height"], meta["f0"]["width"]
+
+
+@contextlib.contextmanager
+def custom_order(sample_order: Callable[[int], Sequence[int]]) -> Iterator[Any]:
+    """Register a traversal order for one Loader (ffcv 1.0.2 rejects order classes
+    passed directly, but accepts keys registered in ORDER_MAP)."""
+    import_ffcv()
+    from ffcv.loader import loader as ffcv_loader
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class _Order(TraversalOrder):
+        def sample_order(self, epoch: int) -> Sequence[int]:
+            return np.asarray(sample_order(epoch), dtype=np.int64)
+
+    key = f"fastbgm-order-{id(_Order)}"
+    ffcv_loader.ORDER_MAP[key] = _Order
+    try:
+        yield key
+    finally:
+        ffcv_loader.ORDER_MAP.pop(key, None)

@@ -1,0 +1,300 @@
+"""The loader: batches of ``(images, labels, indices)`` already on the target device.
+
+Two placements behind one API:
+
+- ``resident``: the whole split lives on the device as one uint8 tensor (decoded once
+  from the ``.beton``, cached beside it); a batch is a gather by a device-side index.
+  No worker processes and no host copies on the hot path. Right for <= 64 px data.
+- ``stream``: ffcv's ``Loader`` decodes JPEGs in its threads (random-resized-crop for
+  training, full image for evaluation) and moves uint8 batches to the device.
+
+Both then run the same on-device steps: stage-1 zero noise (confusion set),
+per-sample augmentation, normalisation to the training dtype in channels-last, and
+the label table lookup by sample index.
+
+Indices: the loader defines ``n`` training samples (the split, or a class-balanced
+subset of it); copy ``r`` of sample ``i`` in the confusion set has index ``r*n + i``,
+so ``indices % n`` is always the sample's position.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import ffcv_io
+from .cache import load_resident
+from .labels import LabelSpec, make_label_table
+from .manifest import Manifest
+from .noise import apply_zero_noise
+from .order import EpochOrder
+from .sources import DatasetError
+from .transforms import augment_keys, crop_flip, flip_only, normalize
+
+log = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+PLACEMENTS = ("auto", "resident", "stream")
+
+
+def balanced_subset(labels: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` samples taking classes in turn: class-balanced, deterministic."""
+    if n > len(labels):
+        raise DatasetError(f"subset of {n} asked from a split of {len(labels)} samples: lower the subset size")
+    rank_in_class = np.zeros(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        rank_in_class[where] = np.arange(len(where))
+    order = np.lexsort((np.arange(len(labels)), rank_in_class))
+    return np.sort(order[:n])
+
+
+@dataclass
+class _DeviceSteps:
+    """The on-device half shared by both placements."""
+
+    label_table: torch.Tensor  # on device, [n * replicas]
+    spec: LabelSpec
+    augment: bool
+    seed: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    dtype: torch.dtype
+    channels_last: bool
+
+    def __call__(self, images_u8: torch.Tensor, index: torch.Tensor, epoch: int, cropped: bool) -> Batch:
+        if self.spec.mode == "confusion" and self.spec.zero_ratio > 0:
+            apply_zero_noise(images_u8, index, self.spec.seed, self.spec.zero_ratio)
+        if self.augment:
+            keys = augment_keys(self.seed, epoch, index)
+            images_u8 = flip_only(images_u8, keys) if cropped else crop_flip(images_u8, keys)
+        x = normalize(images_u8, self.mean, self.std, self.dtype)
+        if not self.channels_last:
+            x = x.contiguous()
+        return x, self.label_table[index], index
+
+
+class DeviceLoader:
+    """Common surface of both placements: iterate for one epoch of batches."""
+
+    placement = "base"
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        true_labels: np.ndarray,
+        *,
+        batch_size: int,
+        device: torch.device,
+        labels: LabelSpec,
+        augment: bool,
+        train: bool,
+        dtype: torch.dtype,
+        seed: int,
+        rank: int,
+        world: int,
+        drop_last: bool,
+        channels_last: bool,
+        normalization: dict[str, list[float]] | None,
+    ):
+        self.manifest = manifest
+        self.device = device
+        self.labels_spec = labels
+        self.n = int(len(true_labels))
+        self.num_classes = manifest.num_classes
+        self.num_samples = self.n * labels.replicas
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.order = EpochOrder(self.num_samples, batch_size, seed, shuffle=train, drop_last=drop_last,
+                                rank=rank, world=world)
+        table = make_label_table(torch.from_numpy(true_labels), self.num_classes, labels)
+        norm = normalization or manifest.normalization
+        self.steps = _DeviceSteps(
+            label_table=table.to(device), spec=labels, augment=augment, seed=seed,
+            mean=norm["mean"], std=norm["std"], dtype=dtype, channels_last=channels_last,
+        )
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.epoch
+        yield from self._iterate(epoch)
+        self.epoch = epoch + 1
+
+    def _iterate(self, epoch: int) -> Iterator[Batch]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ResidentLoader(DeviceLoader):
+    placement = "resident"
+
+    def __init__(self, images: torch.Tensor, true_labels: np.ndarray, manifest: Manifest, **kw):
+        super().__init__(manifest, true_labels, **kw)
+        self.images = images  # uint8 [n, H, W, 3] on the device
+
+    def _iterate(self, epoch: int) -> Iterator[Batch]:
+        n = self.n
+        for idx in self.order.rank_batches(epoch):
+            v = idx.to(self.device, non_blocking=True)
+            imgs = self.images.index_select(0, v % n if self.labels_spec.replicas > 1 else v)
+            yield self.steps(imgs, v, epoch, cropped=False)
+
+
+class StreamLoader(DeviceLoader):
+    placement = "stream"
+
+    def __init__(self, beton: Path, positions: np.ndarray, true_labels: np.ndarray, manifest: Manifest,
+                 resolution: int, augment: bool, num_workers: int, **kw):
+        super().__init__(manifest, true_labels, augment=augment, **kw)
+        if self.order.world > 1 and kw["batch_size"] % self.order.world:
+            raise DatasetError(
+                f"stream placement needs the global batch size ({kw['batch_size']}) divisible by the world size "
+                f"({self.order.world})"
+            )
+        ffcv_io.import_ffcv()
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.transforms import ToDevice, ToTensor
+
+        self.positions = positions  # beton sample index of each of the n samples
+        self._epoch_order: dict[int, torch.Tensor] = {}
+        size = (resolution, resolution)
+        decoder = (RandomResizedCropRGBImageDecoder(size) if augment
+                   else CenterCropRGBImageDecoder(size, ratio=1.0))
+        to_dev = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
+        threads = torch.get_num_threads()  # ffcv's Loader resets torch's thread count
+        with ffcv_io.custom_order(self._ffcv_order) as key:
+            self.loader = Loader(
+                str(beton), batch_size=kw["batch_size"] // self.order.world, num_workers=num_workers,
+                order=key, drop_last=False, os_cache=True,
+                pipelines={
+                    "image": [decoder, ToTensor(), *to_dev],
+                    "label": [IntDecoder(), ToTensor(), *to_dev],
+                    "index": [IntDecoder(), ToTensor(), *to_dev],
+                },
+            )
+        torch.set_num_threads(threads)
+
+    def _rank_order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._epoch_order:
+            self._epoch_order = {epoch: torch.cat(self.order.rank_batches(epoch) or [torch.empty(0, dtype=torch.long)])}
+        return self._epoch_order[epoch]
+
+    def _ffcv_order(self, epoch: int) -> np.ndarray:
+        return self.positions[(self._rank_order(epoch) % self.n).numpy()]
+
+    def _iterate(self, epoch: int) -> Iterator[Batch]:
+        order = self._rank_order(epoch)
+        self.loader.next_epoch = epoch
+        start = 0
+        threads = torch.get_num_threads()
+        batches = iter(self.loader)
+        torch.set_num_threads(threads)
+        for imgs, _, _ in batches:
+            b = imgs.shape[0]
+            v = order[start : start + b].to(self.device, non_blocking=True)
+            start += b
+            # ffcv recycles its output buffers; the device steps write a fresh tensor.
+            yield self.steps(imgs.clone(), v, epoch, cropped=self.steps.augment)
+
+
+def _dist_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
+    if rank is not None and world is not None:
+        return rank, world
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def make_loader(
+    path: str | os.PathLike,
+    *,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    labels: LabelSpec | str = "true",
+    augment: bool = False,
+    train: bool = True,
+    placement: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    subset: int | None = None,
+    rank: int | None = None,
+    world: int | None = None,
+    drop_last: bool = False,
+    channels_last: bool = True,
+    normalization: dict[str, list[float]] | None = None,
+    num_workers: int | None = None,
+    show_progress: bool = False,
+) -> DeviceLoader:
+    """Open a ``.beton`` split as an iterable of on-device ``(images, labels, indices)``.
+
+    Args:
+        path: a ``<split>.beton`` written by ``python -m fastbgm.data prepare``.
+        batch_size: the *global* batch; with ``world`` ranks each rank gets a share.
+        device: where batches live (and, for ``resident``, the whole split).
+        labels: a :class:`LabelSpec` or a mode name (``true``, ``random``, ...).
+        augment: random crop (pad 4) + flip per sample (``resident``); random-resized
+            crop + flip (``stream``).
+        train: shuffle each epoch (``True``) or keep file order (evaluation).
+        placement: ``resident``, ``stream`` or ``auto`` (resident up to 64 px).
+        dtype: image dtype (e.g. ``torch.bfloat16``); labels are always int64.
+        seed: order and augmentation seed; the order depends only on (seed, epoch).
+        subset: keep only a class-balanced subset of this many samples.
+        rank, world: the shard to yield; default: from ``torch.distributed`` if initialised.
+        normalization: ``{"mean": [...], "std": [...]}``; default: the manifest's.
+    """
+    beton = Path(path)
+    if isinstance(labels, str):
+        labels = LabelSpec(mode=labels)
+    if placement not in PLACEMENTS:
+        raise DatasetError(f"placement {placement!r} is unknown: use one of {', '.join(PLACEMENTS)}")
+    if batch_size < 1:
+        raise DatasetError(f"batch_size must be >= 1, got {batch_size}")
+    manifest = Manifest.for_beton(beton)
+    dev = torch.device(device)
+    r, w = _dist_rank_world(rank, world)
+    res = manifest.resolution
+    if placement == "auto":
+        placement = "resident" if res is not None and max(res) <= 64 else "stream"
+    common = dict(batch_size=batch_size, device=dev, labels=labels, train=train, dtype=dtype,
+                  seed=seed, rank=r, world=w, drop_last=drop_last, channels_last=channels_last,
+                  normalization=normalization)
+    if placement == "resident":
+        arrays = load_resident(beton, show_progress=show_progress)
+        images, true_labels = arrays.images, arrays.labels
+        if subset is not None:
+            keep = balanced_subset(true_labels, subset)
+            images, true_labels = images[keep], true_labels[keep]
+        data = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+        return ResidentLoader(data, true_labels, manifest, augment=augment, **common)
+    if not beton.exists():
+        raise DatasetError(f"dataset file {beton} does not exist: write it with `python -m fastbgm.data prepare ...`")
+    ffcv_io.import_ffcv()
+    from ffcv.reader import Reader
+
+    stored = np.asarray(Reader(str(beton)).metadata["f1"], dtype=np.int64).reshape(-1)
+    positions = np.arange(len(stored)) if subset is None else balanced_subset(stored, subset)
+    resolution = max(res) if res else 224
+    workers = num_workers or max(1, min(os.cpu_count() or 1, 12))
+    return StreamLoader(beton, positions, stored[positions], manifest, resolution=resolution, augment=augment,
+                        num_workers=workers, **common)
+
+
+__all__ = ["make_loader", "DeviceLoader", "ResidentLoader", "StreamLoader", "balanced_subset"]

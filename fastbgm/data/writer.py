@@ -1,0 +1,162 @@
+"""Write :class:`~fastbgm.data.sources.SplitSource` splits to ``.beton`` + manifest.
+
+Images are read in ffcv's writer processes; each process records per-sample pixel
+sums and failures into small memory-mapped arrays, so the manifest's statistics are
+exact and an unreadable image is reported by name instead of hanging the writer.
+Outputs are written into a temporary folder and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..fileio import atomic_write_json, sha256_file
+from . import ffcv_io
+from .manifest import Manifest, beton_path, manifest_path
+from .sources import PRESETS, DatasetError, SplitSource
+
+log = logging.getLogger(__name__)
+
+
+class _WriterDataset:
+    """Indexable view ffcv's writer processes read from (forked, so no pickling)."""
+
+    def __init__(self, source: SplitSource, tmp: Path, fallback_shape: tuple[int, int, int]):
+        self.source = source
+        self.tmp = tmp
+        self.fallback_shape = fallback_shape
+        n = len(source)
+        np.lib.format.open_memmap(tmp / "stats.npy", mode="w+", dtype=np.float64, shape=(n, 8)).flush()
+        np.lib.format.open_memmap(tmp / "failed.npy", mode="w+", dtype=np.int8, shape=(n,)).flush()
+        self._stats: Any = None
+        self._failed: Any = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+        if self._stats is None:  # opened lazily in each writer process
+            self._stats = np.load(self.tmp / "stats.npy", mmap_mode="r+")
+            self._failed = np.load(self.tmp / "failed.npy", mmap_mode="r+")
+        try:
+            img = self.source.image(i)
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ValueError(f"decoded to shape {img.shape} {img.dtype}, expected HxWx3 uint8")
+        except Exception:
+            self._failed[i] = 1
+            img = np.zeros(self.fallback_shape, dtype=np.uint8)
+        else:
+            x = img.reshape(-1, 3).astype(np.float64) / 255.0
+            self._stats[i, 0:3] = x.sum(0)
+            self._stats[i, 3:6] = (x * x).sum(0)
+            self._stats[i, 6:8] = img.shape[:2]
+        return np.ascontiguousarray(img), int(self.source.labels[i]), int(i)
+
+
+def _report_failures(source: SplitSource, failed: np.ndarray) -> None:
+    bad = np.flatnonzero(failed)
+    if not len(bad):
+        return
+    first = bad[0]
+    try:
+        source.image(int(first))
+        reason = "failed in the writer process"
+    except Exception as e:  # re-raise the real reason in this process
+        reason = f"{type(e).__name__}: {e}"
+    raise DatasetError(
+        f"{len(bad)} image(s) of split {source.name!r} could not be read; the first is "
+        f"{source.name_of(int(first))} ({reason}). Remove or replace the file(s) and run prepare again"
+    )
+
+
+def prepare(
+    splits: dict[str, SplitSource],
+    out_dir: str | Path,
+    *,
+    image_format: str = "raw",
+    jpeg_quality: int = 90,
+    normalization: dict[str, list[float]] | None = None,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+    show_progress: bool = True,
+) -> dict[str, Manifest]:
+    """Write each split to ``out_dir/<split>.beton`` with ``<split>.manifest.json``."""
+    if image_format not in ("raw", "jpg"):
+        raise DatasetError(f"image format {image_format!r} is unknown: use raw or jpg")
+    out = Path(out_dir)
+    targets = [p for s in splits for p in (beton_path(out, s), manifest_path(beton_path(out, s)))]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise DatasetError(
+            f"output exists: {', '.join(existing)}. Pass --overwrite to replace it, or choose another --out"
+        )
+    ffcv_io.import_ffcv()
+    out.mkdir(parents=True, exist_ok=True)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    order = sorted(splits, key=lambda s: (s != "train", s))  # train first: it sets the normalisation
+    manifests: dict[str, Manifest] = {}
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not show_progress,
+    ) as progress:
+        for name in order:
+            src = splits[name]
+            task = progress.add_task(f"writing {name}", total=len(src))
+            res = src.resolution or 32
+            with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out) as tmpd:
+                tmp = Path(tmpd)
+                ds = _WriterDataset(src, tmp, (res, res, 3))
+                tmp_beton = tmp / f"{name}.beton"
+                ffcv_io.write_beton(
+                    tmp_beton, ds, image_format, jpeg_quality, num_workers,
+                    on_advance=lambda n, t=task: progress.advance(t, n),
+                )
+                _report_failures(src, np.load(tmp / "failed.npy"))
+                stats = np.load(tmp / "stats.npy")
+                pixels = float((stats[:, 6] * stats[:, 7]).sum())
+                mean = stats[:, 0:3].sum(0) / pixels
+                std = np.sqrt(np.maximum(stats[:, 3:6].sum(0) / pixels - mean**2, 0.0))
+                sizes = {tuple(int(v) for v in r) for r in stats[:, 6:8]}
+                if normalization is None:
+                    normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+                m = Manifest(
+                    split=name,
+                    num_samples=len(src),
+                    class_names=list(src.class_names),
+                    class_counts=[int(c) for c in np.bincount(src.labels, minlength=len(src.class_names))],
+                    resolution=list(next(iter(sizes))) if len(sizes) == 1 else None,
+                    mean=[float(v) for v in mean],
+                    std=[float(v) for v in std],
+                    normalization=normalization,
+                    image_format=image_format,
+                    source=src.description,
+                    sha256=sha256_file(tmp_beton),
+                    extra=src.extra,
+                )
+                final = beton_path(out, name)
+                shutil.move(str(tmp_beton), final)
+                atomic_write_json(manifest_path(final), m.to_json())
+                manifests[name] = m
+                log.info("wrote %s (%d samples, sha256 %s)", final, m.num_samples, m.sha256[:12])
+    return manifests
+
+
+def preset_normalization(preset: str | None) -> dict[str, list[float]] | None:
+    if preset is None:
+        return None
+    if preset not in PRESETS:
+        raise DatasetError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return {"mean": list(PRESETS[preset]["mean"]), "std": list(PRESETS[preset]["std"])}
+
+
+def default_format(resolution: int | None, requested: str | None, large: Sequence[int] = (64,)) -> str:
+    if requested:
+        return requested
+    return "jpg" if resolution and resolution > large[0] else "raw"
