@@ -266,3 +266,19 @@ def test_stream_placement_matches_resident_in_eval(tmp_path: Path) -> None:
                      num_workers=1)
     idx = torch.cat([i for _, _, i in tr])
     assert sorted(idx.tolist()) == list(range(240))  # confusion copies through ffcv too
+
+
+def test_precomputed_resident_paths_equal_per_batch_paths(synthetic_dir: Path) -> None:
+    # Materialised noise and padded/mirrored crop windows must give the very same
+    # batches as computing noise and crops per batch.
+    spec = LabelSpec("confusion", seed=4, copies=2, zero_ratio=0.1)
+    fast = make_loader(synthetic_dir / "train.beton", batch_size=100, labels=spec, augment=True, seed=9)
+    slow = make_loader(synthetic_dir / "train.beton", batch_size=100, labels=spec, augment=True, seed=9,
+                       precompute=False)
+    assert fast.noise_materialized and fast._windows is not None
+    assert not slow.noise_materialized and slow._windows is None
+    for epoch in (0, 3):
+        fast.set_epoch(epoch)
+        slow.set_epoch(epoch)
+        for (xa, ya, ia), (xb, yb, ib) in zip(fast, slow):
+            assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)

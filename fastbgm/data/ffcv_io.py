@@ -24,6 +24,8 @@ FFCV_MISSING = (
 
 
 def import_ffcv() -> Any:
+    # Importing ffcv calls torch.set_num_threads(1) as a side effect: undo it.
+    threads = torch.get_num_threads()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -33,6 +35,8 @@ def import_ffcv() -> Any:
             import ffcv.writer  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise ModuleNotFoundError(FFCV_MISSING) from e
+    finally:
+        torch.set_num_threads(threads)
     return ffcv
 
 

@@ -68,12 +68,21 @@ class _DeviceSteps:
     dtype: torch.dtype
     channels_last: bool
 
-    def __call__(self, images_u8: torch.Tensor, index: torch.Tensor, epoch: int, cropped: bool) -> Batch:
+    def add_noise(self, images_u8: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.spec.mode == "confusion" and self.spec.zero_ratio > 0:
             apply_zero_noise(images_u8, index, self.spec.seed, self.spec.zero_ratio)
+        return images_u8
+
+    def __call__(self, images_u8: torch.Tensor, index: torch.Tensor, epoch: int, cropped: bool,
+                 noised: bool = False) -> Batch:
+        if not noised:
+            images_u8 = self.add_noise(images_u8, index)
         if self.augment:
             keys = augment_keys(self.seed, epoch, index)
             images_u8 = flip_only(images_u8, keys) if cropped else crop_flip(images_u8, keys)
+        return self.finish(images_u8, index)
+
+    def finish(self, images_u8: torch.Tensor, index: torch.Tensor) -> Batch:
         x = normalize(images_u8, self.mean, self.std, self.dtype)
         if not self.channels_last:
             x = x.contiguous()
@@ -141,19 +150,82 @@ class DeviceLoader:
         raise NotImplementedError
 
 
-class ResidentLoader(DeviceLoader):
-    placement = "resident"
+def _memory_budget(device: torch.device) -> int:
+    """Bytes the resident store may use for its precomputed forms (noise, crops)."""
+    if device.type == "cuda":
+        return int(0.4 * torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 << 30
 
-    def __init__(self, images: torch.Tensor, true_labels: np.ndarray, manifest: Manifest, **kw):
+
+class ResidentLoader(DeviceLoader):
+    """The split on the device; batches are gathers, with two precomputations when
+    they fit the memory budget (results are identical either way, since noise and
+    crops are pure functions of the sample index):
+
+    - the confusion set's noised copies are materialised once (``n * R`` images), so
+      the hash-and-select of the zero positions is not paid every epoch;
+    - with augmentation, the store is kept zero-padded and mirrored, so a random
+      crop plus flip is one strided gather instead of per-pixel indexing.
+    """
+
+    placement = "resident"
+    PAD = 4
+
+    def __init__(self, images: torch.Tensor, true_labels: np.ndarray, manifest: Manifest,
+                 precompute: bool = True, **kw):
         super().__init__(manifest, true_labels, **kw)
-        self.images = images  # uint8 [n, H, W, 3] on the device
+        spec, budget = self.labels_spec, _memory_budget(self.device) if precompute else 0
+        per_image = images[0].numel() if len(images) else 0
+        self.noise_materialized = False
+        if spec.mode == "confusion" and spec.zero_ratio > 0 and self.num_samples * per_image <= budget:
+            images = self._materialize_noise(images)
+            self.noise_materialized = True
+        self.images = images  # uint8 [n or n*R, H, W, 3] on the device
+        self._windows: torch.Tensor | None = None
+        h, w = images.shape[1:3]
+        padded_bytes = 2 * len(images) * (h + 2 * self.PAD) * (w + 2 * self.PAD) * 3
+        if self.steps.augment and padded_bytes + images.numel() <= budget:
+            self._windows = self._crop_windows(images)
+
+    def _materialize_noise(self, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        out = torch.empty((self.num_samples, *images.shape[1:]), dtype=torch.uint8, device=self.device)
+        for start in range(0, self.num_samples, chunk):
+            v = torch.arange(start, min(start + chunk, self.num_samples), device=self.device)
+            out[v] = apply_zero_noise(images.index_select(0, v % self.n), v, self.labels_spec.seed,
+                                      self.labels_spec.zero_ratio)
+        return out
+
+    def _crop_windows(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.PAD
+        padded = torch.nn.functional.pad(images, (0, 0, p, p, p, p))
+        store = torch.stack([padded, padded.flip(2)])  # [2, M, H+2p, W+2p, 3]
+        s = store.stride()
+        span = 2 * p + 1
+        h, w = images.shape[1:3]
+        # windows[f, i, y, x] is the H x W crop at offset (y, x) of (mirrored) image i
+        return store.as_strided((2, len(images), span, span, h, w, 3), (s[0], s[1], s[2], s[3], s[2], s[3], s[4]))
 
     def _iterate(self, epoch: int) -> Iterator[Batch]:
-        n = self.n
+        n, spec = self.n, self.labels_spec
+        rows_are_copies = self.noise_materialized or spec.replicas == 1
+        span = 2 * self.PAD + 1
         for idx in self.order.rank_batches(epoch):
             v = idx.to(self.device, non_blocking=True)
-            imgs = self.images.index_select(0, v % n if self.labels_spec.replicas > 1 else v)
-            yield self.steps(imgs, v, epoch, cropped=False)
+            rows = v if rows_are_copies else v % n
+            if self._windows is not None:
+                keys = augment_keys(self.steps.seed, epoch, v)
+                oy, ox, flip = keys % span, (keys // span) % span, (keys // (span * span)) & 1
+                ox = torch.where(flip.bool(), 2 * self.PAD - ox, ox)  # a mirrored crop's offset
+                imgs = self._windows[flip, rows, oy, ox]
+                yield self.steps.finish(imgs, v)
+                continue
+            imgs = self.images.index_select(0, rows)
+            if not self.noise_materialized:
+                imgs = self.steps.add_noise(imgs, v)
+            yield self.steps(imgs, v, epoch, cropped=False, noised=True)
 
 
 class StreamLoader(DeviceLoader):
@@ -242,6 +314,7 @@ def make_loader(
     normalization: dict[str, list[float]] | None = None,
     num_workers: int | None = None,
     show_progress: bool = False,
+    precompute: bool = True,
 ) -> DeviceLoader:
     """Open a ``.beton`` split as an iterable of on-device ``(images, labels, indices)``.
 
@@ -259,6 +332,8 @@ def make_loader(
         subset: keep only a class-balanced subset of this many samples.
         rank, world: the shard to yield; default: from ``torch.distributed`` if initialised.
         normalization: ``{"mean": [...], "std": [...]}``; default: the manifest's.
+        precompute: ``resident`` only: materialise noised copies and padded crops
+            when they fit in memory (same batches, faster); ``False`` computes per batch.
     """
     beton = Path(path)
     if isinstance(labels, str):
@@ -283,7 +358,7 @@ def make_loader(
             keep = balanced_subset(true_labels, subset)
             images, true_labels = images[keep], true_labels[keep]
         data = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
-        return ResidentLoader(data, true_labels, manifest, augment=augment, **common)
+        return ResidentLoader(data, true_labels, manifest, augment=augment, precompute=precompute, **common)
     if not beton.exists():
         raise DatasetError(f"dataset file {beton} does not exist: write it with `python -m fastbgm.data prepare ...`")
     ffcv_io.import_ffcv()

@@ -1,0 +1,51 @@
+"""``python -m fastbgm.bench {loader,train,gpu} [options]``"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastbgm.bench", description=__doc__)
+    sub = p.add_subparsers(dest="what", required=True)
+    for name in ("loader", "train", "gpu"):
+        s = sub.add_parser(name)
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        s.add_argument("--data", type=Path, default=Path("bench-out/data"), help="where bench datasets are cached")
+        s.add_argument("--out", type=Path, default=None, help="folder for the JSON copy of the table")
+        s.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
+        s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+        if name == "loader":
+            s.add_argument("--batch-size", type=int, default=512)
+        if name == "train":
+            s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
+            s.add_argument("--batch-sizes", default="128,512")
+            s.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-fp32,compiled-bf16")
+            s.add_argument("--steps", type=int, default=10)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    if args.what == "loader":
+        from .loader import run
+
+        run(device, args.data, args.seconds, args.batch_size, args.out, args.workers)
+    elif args.what == "train":
+        from .train import run as run_train
+
+        run_train(device, args.data, args.models.split(","), [int(b) for b in args.batch_sizes.split(",")],
+                  args.modes.split(","), args.steps, args.out)
+    else:
+        from .gpu import run as run_gpu
+
+        run_gpu(device, args.data, args.out, args.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Shared helpers for the benchmarks: timing, data fixtures and the result table."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+
+@dataclass
+class Row:
+    name: str
+    images_per_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_images(run_once: Callable[[], int], device: torch.device, min_seconds: float, warmup: int = 1,
+                max_rounds: int = 1000) -> float:
+    """Call ``run_once`` (returns images processed) until ``min_seconds``; img/s."""
+    for _ in range(warmup):
+        run_once()
+    synchronize(device)
+    t0 = time.perf_counter()
+    images = 0
+    rounds = 0
+    while True:
+        images += run_once()
+        rounds += 1
+        synchronize(device)
+        if time.perf_counter() - t0 >= min_seconds or rounds >= max_rounds:
+            break
+    return images / (time.perf_counter() - t0)
+
+
+def synthetic_beton(root: Path, name: str, n: int, resolution: int, image_format: str) -> Path:
+    """A bench dataset written once and reused (with its resident cache)."""
+    from fastbgm.data.sources import synthetic_splits
+    from fastbgm.data.writer import prepare
+
+    out = root / name
+    if not (out / "train.beton").exists():
+        prepare(synthetic_splits(n, 0, 10, resolution, seed=0), out, image_format=image_format, show_progress=False)
+    return out / "train.beton"
+
+
+def print_table(title: str, columns: list[str], rows: Iterable[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right" if c not in ("loader", "model", "what", "case") else "left")
+    for r in rows:
+        t.add_row(*[f"{v:,.0f}" if isinstance(v, float) and v > 100 else
+                    (f"{v:.3g}" if isinstance(v, float) else str(v)) for v in r])
+    Console().print(t)
+
+
+def write_json(out: Path | None, name: str, payload: dict[str, Any]) -> None:
+    if out is None:
+        return
+    from fastbgm.fileio import atomic_write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / f"{name}.json", payload)
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    else:
+        import platform
+
+        info["name"] = platform.processor() or platform.machine()
+    return info
