@@ -19,6 +19,8 @@ so ``indices % n`` is always the sample's position.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -141,6 +143,15 @@ class DeviceLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
 
+    def eval_view(self) -> "DeviceLoader":
+        """The same samples and labels in file order, without augmentation, sharing
+        this loader's device memory (e.g. stage 1's accuracy check on its own set)."""
+        view = copy.copy(self)
+        view.order = dataclasses.replace(self.order, shuffle=False, drop_last=False)
+        view.steps = dataclasses.replace(self.steps, augment=False)
+        view.epoch = 0
+        return view
+
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         yield from self._iterate(epoch)
@@ -197,6 +208,11 @@ class ResidentLoader(DeviceLoader):
             out[v] = apply_zero_noise(images.index_select(0, v % self.n), v, self.labels_spec.seed,
                                       self.labels_spec.zero_ratio)
         return out
+
+    def eval_view(self) -> "ResidentLoader":
+        view = super().eval_view()
+        view._windows = None
+        return view
 
     def _crop_windows(self, images: torch.Tensor) -> torch.Tensor:
         p = self.PAD
@@ -263,6 +279,9 @@ class StreamLoader(DeviceLoader):
                 },
             )
         torch.set_num_threads(threads)
+
+    def eval_view(self) -> "DeviceLoader":
+        raise NotImplementedError("a stream loader's decode pipeline is fixed: open an eval loader with make_loader")
 
     def _rank_order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._epoch_order:

@@ -4,8 +4,9 @@ The global order of an epoch is a permutation that depends only on (seed, epoch)
 runs are reproducible and a resumed run continues the same order. ``batch_size`` is
 the *global* batch: each global batch is split into ``world`` contiguous shares
 (sizes differ by at most one), so every rank takes the same number of steps, shares
-are disjoint, and together they cover the epoch. A last batch smaller than the world
-size cannot give every rank a sample and is dropped (only when ``world > 1``).
+are disjoint, and together they cover the epoch. When shuffling (training), a last
+batch smaller than the world size cannot give every rank a sample and is dropped;
+in file order (evaluation) nothing is dropped and a rank's last share may be empty.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class EpochOrder:
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_items, self.batch_size)
-        if rest and not self.drop_last and rest >= self.world:
+        if rest and not self.drop_last and (rest >= self.world or not self.shuffle):
             return full + 1
         return full
 

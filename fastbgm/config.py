@@ -1,0 +1,191 @@
+"""Typed configs: dataclasses read from TOML (or dicts), with dotted overrides.
+
+``load(RunConfig, "run.toml", ["--optim.lr=0.05"])`` builds the dataclass tree,
+coercing TOML and command-line strings to each field's type. An unknown key is an
+error naming the closest valid one; a bad value is an error naming its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, TypeVar, Union
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key and what is wrong."""
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for name in _fields(cls):
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            out.extend(_all_keys(t, f"{prefix}{name}."))
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def unknown_key_error(key: str, valid: Iterable[str]) -> ConfigError:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:
+        tail = key.rsplit(".", 1)[-1]
+        close = [v for v in valid if v.rsplit(".", 1)[-1] == tail][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot parse {value!r}")
+    if origin in (list, tuple):
+        (inner,) = args[:1] or (str,)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.strip("[]").split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from nested dicts, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = _fields(cls)
+    kwargs: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise unknown_key_error(key, [f"{prefix}{x}" for x in _all_keys(cls)] if not prefix
+                                    else [f"{prefix}{x}" for x in _all_keys(cls)])
+        t = hints[k]
+        kwargs[k] = from_dict(t, v, f"{key}.") if dataclasses.is_dataclass(t) else _coerce(v, t, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(prefix) or not prefix else f"{prefix}{msg}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def parse_overrides(args: Iterable[str]) -> dict[str, str]:
+    """``--a.b=c`` / ``a.b=c`` / ``--a.b c`` -> {"a.b": "c"}."""
+    out: dict[str, str] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        a = items[i]
+        key = a[2:] if a.startswith("--") else a
+        if "=" in key:
+            k, v = key.split("=", 1)
+        elif i + 1 < len(items):
+            k, v = key, items[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"override '{a}' has no value: write --{key}=VALUE")
+        out[k] = v
+        i += 1
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, str], cls: type) -> dict[str, Any]:
+    valid = _all_keys(cls)
+    for key, value in overrides.items():
+        if key not in valid:
+            raise unknown_key_error(key, valid)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return data
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p} is not valid TOML: {e}") from None
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
+         base: dict[str, Any] | None = None) -> T:
+    data = dict(base or {})
+    if path is not None:
+        data.update(read_toml(path))
+    return from_dict(cls, apply_overrides(data, parse_overrides(overrides), cls))
+
+
+def check(cond: bool, key: str, message: str) -> None:
+    """Raise ConfigError('key: message') unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"{key}: {message}")

@@ -1,0 +1,46 @@
+"""``python -m fastbgm.train --config FILE [--run-dir DIR] [--section.key=value ...]``
+
+Runs one training run. Works as one plain process, under ``torchrun`` (one process
+per device) and inside a Slurm job (submitit exports the same variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastbgm.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, help="a run config (TOML); any key can be overridden")
+    p.add_argument("--run-dir", type=Path, help="the run folder (default: runs/<name>)")
+    p.add_argument("--quiet", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    from rich.logging import RichHandler
+
+    from .config import ConfigError, load
+    from .trainer import RunConfig, Trainer
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False)])
+    try:
+        cfg = load(RunConfig, args.config, rest)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or Path("runs") / cfg.name
+    try:
+        result = Trainer(cfg, run_dir).run()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{run_dir}: {result.get('status')}"
+          + (f" ({result.get('reason')})" if result.get("status") == "failed" else ""))
+    return 0 if result.get("status") == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""What a run folder holds, and how checkpoints are saved and restored.
+
+run_dir/config.json     the resolved RunConfig
+run_dir/env.json        provenance: code version, device, torch, dataset checksums
+run_dir/metrics.jsonl   one line per epoch
+run_dir/init.pt         the weights the run started from (for distance-from-init)
+run_dir/last.pt         written every epoch: model, optimizer, scheduler, epoch, RNG, loader
+run_dir/final.pt        the final model
+run_dir/result.json     status (running / done / failed + reason) and final numbers
+Every file is written to a temp file and renamed (see fastbgm.fileio).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CONFIG = "config.json"
+ENV = "env.json"
+METRICS = "metrics.jsonl"
+INIT = "init.pt"
+LAST = "last.pt"
+FINAL = "final.pt"
+RESULT = "result.json"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except TypeError:  # pragma: no cover - torch without weights_only
+        return torch.load(path, map_location=map_location)
+
+
+def resolve_init(path: str | Path) -> Path:
+    """``init_from`` may name a checkpoint file or a finished run folder (its final.pt)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / FINAL
+    if not p.exists():
+        raise FileNotFoundError(
+            f"init_from: {p} does not exist; point it at a checkpoint or at a finished run folder (with {FINAL})"
+        )
+    return p
+
+
+def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Weights *and* BatchNorm running statistics (the full module state)."""
+    return ckpt["model"]

@@ -1,0 +1,458 @@
+"""One training run, from a resolved :class:`RunConfig` and a run folder.
+
+The trainer knows nothing of experiments, stages or Slurm: stage 2 is simply a run
+with ``init_from`` pointing at stage 1. Read :meth:`Trainer.run` top to bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import __version__
+from .. import distributed as D
+from ..config import ConfigError, to_dict
+from ..data import LabelSpec, Manifest, make_loader
+from ..data.loader import DeviceLoader
+from ..fileio import append_line, atomic_torch_save, atomic_write_json, read_jsonl
+from ..models import build_model, count_parameters
+from . import checkpoint as C
+from .config import RunConfig
+from .measures import complexity, peak_flops, train_flops_per_image
+
+log = logging.getLogger("fastbgm.trainer")
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+    """The resolved speed switches (what config.json records)."""
+
+    device: str
+    compile: bool
+    channels_last: bool
+    precision: str
+    cudnn_benchmark: bool
+    threads: int
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+
+def resolve_speed(cfg: RunConfig, device: torch.device) -> Speed:
+    gpu = device.type == "cuda"
+
+    def flag(v: str) -> bool:
+        return gpu if v == "auto" else v == "true"
+
+    precision = cfg.speed.precision if cfg.speed.precision != "auto" else ("bf16" if gpu else "fp32")
+    return Speed(device.type, flag(cfg.speed.compile), flag(cfg.speed.channels_last), precision,
+                 flag(cfg.speed.cudnn_benchmark), cfg.speed.threads or torch.get_num_threads())
+
+
+def lr_factor(cfg: RunConfig, epoch: int) -> float:
+    """LR multiplier for (0-based) ``epoch``: warmup, then multistep / cosine / constant."""
+    o = cfg.optim
+    if o.warmup_epochs and epoch < o.warmup_epochs:
+        return (epoch + 1) / o.warmup_epochs
+    if o.schedule == "multistep":
+        return o.gamma ** sum(epoch >= m for m in o.milestones)
+    if o.schedule == "cosine":
+        span = max(1, cfg.stop.max_epochs - o.warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
+    return 1.0
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Trainer:
+    """Runs one run. Callable (``Trainer(cfg, run_dir)()``), so submitit can pickle it."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+
+    def __call__(self) -> dict[str, Any]:
+        return self.run()
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        done = self.finished_result()
+        if done is not None:
+            log.info("%s is already done; nothing to do", self.run_dir)
+            return done
+        env = D.setup(self.cfg.speed.device)
+        self.env = env
+        try:
+            return self._run(env)
+        finally:
+            D.teardown()
+
+    def finished_result(self) -> dict[str, Any] | None:
+        p = self.run_dir / C.RESULT
+        if p.exists():
+            res = json.loads(p.read_text())
+            if res.get("status") == "done":
+                return res
+        return None
+
+    def _run(self, env: D.DistEnv) -> dict[str, Any]:
+        cfg = self.cfg
+        speed = resolve_speed(cfg, env.device)
+        self.speed = speed
+        if speed.device == "cpu" and cfg.speed.threads:
+            torch.set_num_threads(cfg.speed.threads)
+        torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._check_or_write_config(speed)
+        D.barrier()
+
+        train, train_eval, test = self._loaders(env, speed)
+        self.input_shape = tuple(next(iter(train_eval))[0].shape[1:]) if len(train_eval) else (3, 32, 32)
+        module = self._build_model(train.num_classes, env, speed)
+        init = self._initial_weights(module, env)
+        optimizer = self._optimizer(module)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
+        scaler = torch.amp.GradScaler("cuda") if speed.precision == "fp16" and env.device.type == "cuda" else None
+        start_epoch = self._resume(module, optimizer, scheduler, scaler, train, env)
+        model = self._wrap(module, env, speed)
+        flops = train_flops_per_image(module, self.input_shape, env.device) if cfg.mfu else None
+        peak = peak_flops(env.device, speed.precision)
+        if env.is_main:
+            atomic_write_json(self.run_dir / C.ENV, self._provenance(env, speed, module, flops))
+            self._write_result({"status": "running", "epoch": start_epoch})
+
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch, cfg.stop.max_epochs):
+                scheduler_lr = optimizer.param_groups[0]["lr"]
+                train.set_epoch(epoch)
+                t0 = time.perf_counter()
+                loss, acc, n = self._train_epoch(model, train, optimizer, scaler, epoch, env, speed)
+                dt = time.perf_counter() - t0
+                scheduler.step()
+                ips = n / dt
+                row: dict[str, Any] = {"epoch": epoch + 1, "lr": scheduler_lr, "train_loss": loss,
+                                       "train_acc": acc, "images_per_s": ips, "epoch_seconds": dt}
+                if flops and peak:
+                    row["mfu"] = flops * ips / env.world / peak
+                row.update(complexity(module, init, self.input_shape))
+                last = epoch + 1 == cfg.stop.max_epochs
+                stop = False
+                if (epoch + 1) % cfg.stop.train_eval_every == 0 or last:
+                    row["train_eval_loss"], row["train_eval_acc"] = self._evaluate(module, train_eval, speed)
+                    stop = cfg.stop.target_train_acc > 0 and row["train_eval_acc"] >= cfg.stop.target_train_acc
+                if test is not None and ((epoch + 1) % cfg.stop.test_eval_every == 0 or last or stop):
+                    row["test_loss"], row["test_acc"] = self._evaluate(module, test, speed)
+                row["eval_seconds"] = time.perf_counter() - t0 - dt
+                if env.is_main:
+                    append_line(self.run_dir / C.METRICS, json.dumps(row))
+                    self._save_last(module, optimizer, scheduler, scaler, train, epoch + 1)
+                    self._log_epoch(row)
+                D.barrier()
+                if stop:
+                    log.info("target train accuracy %.4f reached at epoch %d", cfg.stop.target_train_acc, epoch + 1)
+                    break
+        except NonFiniteLoss as e:
+            result = {"status": "failed", "reason": str(e), "epoch": e.epoch, "step": e.step}
+            if env.is_main:
+                self._write_result(result)
+            log.error("%s: %s", self.run_dir, e)
+            return result
+        except Exception as e:
+            if env.is_main:
+                self._write_result({"status": "failed", "reason": f"{type(e).__name__}: {e}", "epoch": epoch + 1})
+            raise
+        result = self._finish(module, env, speed)
+        return result
+
+    # ------------------------------------------------------------------ pieces
+    def _check_or_write_config(self, speed: Speed) -> None:
+        cfg_dict = to_dict(self.resolved_config(speed))
+        p = self.run_dir / C.CONFIG
+        if p.exists():
+            old = json.loads(p.read_text())
+            if _without_speed(old) != _without_speed(cfg_dict):
+                diff = sorted(k for k in set(_flat(old)) | set(_flat(cfg_dict))
+                              if _flat(old).get(k) != _flat(cfg_dict).get(k) and not k.startswith("speed."))
+                raise ConfigError(
+                    f"{self.run_dir} holds a run with a different config (differs in {', '.join(diff)}); "
+                    "choose a new run folder, or delete this one to start over"
+                )
+        atomic_write_json(p, cfg_dict)
+
+    def resolved_config(self, speed: Speed) -> RunConfig:
+        b = lambda v: "true" if v else "false"  # noqa: E731
+        s = dataclasses.replace(self.cfg.speed, device=speed.device, compile=b(speed.compile),
+                                channels_last=b(speed.channels_last), precision=speed.precision,
+                                cudnn_benchmark=b(speed.cudnn_benchmark), threads=speed.threads)
+        return dataclasses.replace(self.cfg, speed=s)
+
+    def _loaders(self, env: D.DistEnv, speed: Speed) -> tuple[DeviceLoader, DeviceLoader, DeviceLoader | None]:
+        d = self.cfg.data
+        spec = LabelSpec(d.labels, seed=d.label_seed, fraction=d.noise_fraction,
+                         copies=d.copies if d.labels == "confusion" else 1,
+                         zero_ratio=d.zero_ratio if d.labels == "confusion" else 0.0)
+        img_dtype = torch.bfloat16 if speed.precision == "bf16" else torch.float32
+        common = dict(device=env.device, dtype=img_dtype, placement=d.placement, rank=env.rank, world=env.world,
+                      channels_last=speed.channels_last, subset=d.subset or None)
+        train = make_loader(d.train, batch_size=self.cfg.optim.batch_size, labels=spec, augment=d.augment,
+                            train=True, seed=d.seed, **common)
+        try:
+            train_eval = train.eval_view()
+        except NotImplementedError:
+            train_eval = make_loader(d.train, batch_size=self.cfg.optim.batch_size, labels=spec, train=False, **common)
+        test = None
+        if d.test:
+            norm = train.manifest.normalization  # the training split's statistics, always
+            test = make_loader(d.test, batch_size=max(self.cfg.optim.batch_size, 256), train=False,
+                               normalization=norm, **{**common, "subset": None})
+        return train, train_eval, test
+
+    def _build_model(self, num_classes: int, env: D.DistEnv, speed: Speed) -> nn.Module:
+        m = self.cfg.model
+        torch.manual_seed(self.cfg.seed)  # the same init on every rank
+        module = build_model(m.name, num_classes, m.bn_init, **m.kwargs())
+        if self.cfg.init_from:
+            ckpt = C.load(C.resolve_init(self.cfg.init_from))
+            try:
+                module.load_state_dict(C.model_state(ckpt))  # weights + BN running statistics
+            except RuntimeError as e:
+                raise ConfigError(f"init_from: {self.cfg.init_from} does not fit model {m.name!r}: {e}") from None
+        if m.sync_bn and env.distributed:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        module = module.to(env.device)
+        if speed.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+        log.info("model %s: %.2f M parameters", m.name, count_parameters(module) / 1e6)
+        return module
+
+    def _initial_weights(self, module: nn.Module, env: D.DistEnv) -> dict[str, torch.Tensor]:
+        p = self.run_dir / C.INIT
+        if p.exists():
+            return C.load(p)["params"]
+        init = {k: v.detach().cpu().clone() for k, v in module.named_parameters()}
+        if env.is_main:
+            atomic_torch_save({"params": init, "model": module.state_dict()}, p)
+        return init
+
+    def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        if o.wd_exclude_bn_bias and o.weight_decay:
+            decay = [p for p in module.parameters() if p.ndim > 1]
+            no_decay = [p for p in module.parameters() if p.ndim <= 1]
+            groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        else:
+            groups = [{"params": list(module.parameters()), "weight_decay": o.weight_decay}]
+        return torch.optim.SGD(groups, lr=o.peak_lr, momentum=o.momentum, nesterov=o.nesterov)
+
+    def _resume(self, module, optimizer, scheduler, scaler, train, env) -> int:
+        p = self.run_dir / C.LAST
+        if not p.exists():
+            if env.is_main and (self.run_dir / C.METRICS).exists():
+                (self.run_dir / C.METRICS).unlink()  # rows of a run that never checkpointed
+            return 0
+        ckpt = C.load(p)
+        module.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        train.load_state_dict(ckpt["loader"])
+        C.set_rng_state(ckpt["rng"])
+        epoch = int(ckpt["epoch"])
+        if env.is_main:  # drop metric rows written after the checkpoint we resume from
+            rows = [r for r in read_jsonl(self.run_dir / C.METRICS) if r.get("epoch", 0) <= epoch]
+            from ..fileio import atomic_write_text
+
+            atomic_write_text(self.run_dir / C.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+        log.info("resuming %s after epoch %d", self.run_dir, epoch)
+        return epoch
+
+    def _wrap(self, module: nn.Module, env: D.DistEnv, speed: Speed) -> nn.Module:
+        model: nn.Module = module
+        if env.distributed:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        if speed.compile:
+            model = torch.compile(model)
+        return model
+
+    def _autocast(self, speed: Speed) -> contextlib.AbstractContextManager:
+        if speed.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=speed.device, dtype=speed.amp_dtype)
+
+    def _train_epoch(self, model, loader: DeviceLoader, optimizer, scaler, epoch: int, env: D.DistEnv,
+                     speed: Speed) -> tuple[float, float, int]:
+        model.train()
+        dev = env.device
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count
+        bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        sizes = loader.order.global_batch_sizes()
+        with self._progress(f"epoch {epoch + 1}", len(loader), env) as advance:
+            for step, (x, y, _) in enumerate(loader):
+                with self._autocast(speed):
+                    out = model(x)
+                loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+                # sum / global batch x world: DDP's gradient average then equals the
+                # gradient of the mean loss over the whole global batch.
+                loss = loss_sum * (env.world / sizes[step])
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                with torch.no_grad():
+                    finite = torch.isfinite(loss_sum)
+                    bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
+                    sums += torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double(),
+                                         torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
+                if step % 20 == 19 or step == len(loader) - 1:
+                    flag = D.all_reduce_sum(torch.stack([(bad_step >= 0).long(), bad_step.clamp(min=0)]))
+                    if flag[0] > 0:
+                        raise NonFiniteLoss(epoch + 1, int(flag[1]) // int(flag[0]))
+                advance(1)
+        D.all_reduce_sum(sums)
+        loss_mean, acc, n = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), int(sums[2].item())
+        return loss_mean, acc, n
+
+    @torch.no_grad()
+    def _evaluate(self, module: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[float, float]:
+        was_training = module.training
+        module.eval()
+        dev = next(module.parameters()).device
+        sums = torch.zeros(3, dtype=torch.float64, device=dev)
+        for x, y, _ in loader:
+            if len(y) == 0:
+                continue
+            with self._autocast(speed):
+                out = module(x)
+            sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
+                                 (out.argmax(1) == y).sum().double(),
+                                 torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
+        D.all_reduce_sum(sums)
+        module.train(was_training)
+        return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+
+    def _save_last(self, module, optimizer, scheduler, scaler, train: DeviceLoader, epoch: int) -> None:
+        atomic_torch_save({
+            "model": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+            "rng": C.rng_state(), "loader": {"epoch": epoch},
+        }, self.run_dir / C.LAST)
+
+    def _finish(self, module: nn.Module, env: D.DistEnv, speed: Speed) -> dict[str, Any]:
+        rows = read_jsonl(self.run_dir / C.METRICS) if env.is_main else []
+        result: dict[str, Any] = {"status": "done"}
+        if env.is_main:
+            atomic_torch_save({"model": module.state_dict(), "config": to_dict(self.cfg)}, self.run_dir / C.FINAL)
+            last = rows[-1] if rows else {}
+            first_full = next((r["epoch"] for r in rows if r.get("train_acc", 0) >= 1.0), None)
+            result.update({
+                "epochs": last.get("epoch"),
+                "train_acc": last.get("train_eval_acc", last.get("train_acc")),
+                "train_loss": last.get("train_eval_loss", last.get("train_loss")),
+                "test_acc": last.get("test_acc"),
+                "test_loss": last.get("test_loss"),
+                "epochs_to_100_train": first_full,
+                "target_reached": bool(self.cfg.stop.target_train_acc)
+                and last.get("train_eval_acc", 0) >= self.cfg.stop.target_train_acc,
+                "wall_seconds": sum(r.get("epoch_seconds", 0) + r.get("eval_seconds", 0) for r in rows),
+                "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
+                "speed": dataclasses.asdict(speed),
+            })
+            self._write_result(result)
+        D.barrier()
+        return result
+
+    def _write_result(self, result: dict[str, Any]) -> None:
+        atomic_write_json(self.run_dir / C.RESULT, {"name": self.cfg.name, **result})
+
+    def _provenance(self, env: D.DistEnv, speed: Speed, module: nn.Module, flops: float | None) -> dict[str, Any]:
+        def manifest(path: str) -> dict[str, Any] | None:
+            try:
+                m = Manifest.for_beton(path)
+                return {"path": str(path), "sha256": m.sha256, "num_samples": m.num_samples, "source": m.source}
+            except (FileNotFoundError, ValueError):
+                return None
+
+        dev_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
+        return {
+            "fastbgm": __version__, "git_commit": git_commit(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": sys.version.split()[0], "device": dev_name, "world": env.world,
+            "speed": dataclasses.asdict(speed), "bn_init": self.cfg.model.bn_init, "seed": self.cfg.seed,
+            "label_seed": self.cfg.data.label_seed, "data_seed": self.cfg.data.seed,
+            "parameters": count_parameters(module), "train_flops_per_image": flops,
+            "train_data": manifest(self.cfg.data.train), "test_data": manifest(self.cfg.data.test) if self.cfg.data.test else None,
+        }
+
+    @contextlib.contextmanager
+    def _progress(self, label: str, total: int, env: D.DistEnv) -> Iterator[Any]:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if not env.is_main or not console.is_terminal:
+            yield lambda n: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn(f"[bold]{self.cfg.name}[/] {label}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(label, total=total)
+            yield lambda n: progress.advance(task, n)
+
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        parts = [f"{self.cfg.name} epoch {row['epoch']}", f"lr {row['lr']:.4g}", f"loss {row['train_loss']:.4f}",
+                 f"acc {row['train_acc']:.4f}", f"{row['images_per_s']:,.0f} img/s"]
+        if "mfu" in row:
+            parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        if "train_eval_acc" in row:
+            parts.append(f"train-eval acc {row['train_eval_acc']:.4f}")
+        if "test_acc" in row:
+            parts.append(f"test acc {row['test_acc']:.4f}")
+        log.info(" | ".join(parts))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _without_speed(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != "speed"}
