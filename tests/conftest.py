@@ -31,3 +31,31 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     prepare(synthetic_splits(600, 200, 10, 32, seed=0), out, show_progress=False, num_workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 16 px dataset for training tests."""
+    from fastbgm.data.sources import synthetic_splits
+    from fastbgm.data.writer import prepare
+
+    out = tmp_path_factory.mktemp("tiny")
+    prepare(synthetic_splits(256, 128, 10, 16, seed=1), out, show_progress=False, num_workers=2)
+    from fastbgm.data.cache import load_resident
+
+    load_resident(out / "train.beton")
+    load_resident(out / "test.beton")
+    return out
+
+
+def run_config(data_dir: Path, **overrides: object):
+    """A RunConfig on the tiny set; overrides as dotted keys."""
+    from fastbgm.config import load
+    from fastbgm.trainer import RunConfig
+
+    base = {"data": {"train": str(data_dir / "train.beton"), "test": str(data_dir / "test.beton")},
+            "model": {"name": "small_cnn", "width": 16, "depth": 3},
+            "optim": {"lr": 0.05, "batch_size": 64, "milestones": []},
+            "stop": {"max_epochs": 4, "train_eval_every": 2, "test_eval_every": 2},
+            "speed": {"threads": 2}}
+    return load(RunConfig, None, [f"--{k}={v}" for k, v in overrides.items()], base=base)

@@ -1,0 +1,199 @@
+"""The training engine on the CPU: memorisation, handoff, resume, DDP, compile, failures, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbgm.config import ConfigError, load
+from fastbgm.fileio import read_jsonl
+from fastbgm.models import build_model, count_parameters
+from fastbgm.trainer import RunConfig, Trainer, lr_factor
+from fastbgm.trainer import checkpoint as C
+
+from .conftest import REPO, run_config
+
+
+def test_memorises_random_labels_and_stops_by_target(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = run_config(tiny_dir, **{"data.labels": "random", "data.test": "", "stop.max_epochs": 200,
+                                  "stop.target_train_acc": 1.0, "stop.train_eval_every": 5,
+                                  "optim.momentum": 0.9, "model.width": 32})
+    res = Trainer(cfg, tmp_path / "run").run()
+    assert res["status"] == "done" and res["train_acc"] == 1.0 and res["target_reached"]
+    rows = read_jsonl(tmp_path / "run" / C.METRICS)
+    assert rows[-1]["epoch"] == res["epochs"] < 200 and res["epochs"] % 5 == 0  # stopped at a check
+    assert all("train_eval_acc" in r for r in rows if r["epoch"] % 5 == 0)
+    assert rows[-1]["train_eval_acc"] == 1.0 and all(r["train_eval_acc"] < 1.0 for r in rows[:-1] if "train_eval_acc" in r)
+    for key in ("lr", "train_loss", "train_acc", "images_per_s", "epoch_seconds", "param_l2", "dist_from_init",
+                "path_l1", "path_l2"):
+        assert key in rows[0], key
+    assert rows[0]["dist_from_init"] > 0 and rows[-1]["dist_from_init"] > rows[0]["dist_from_init"]
+    saved = json.loads((tmp_path / "run" / C.CONFIG).read_text())
+    assert saved["speed"]["compile"] == "false" and saved["speed"]["precision"] == "fp32"  # resolved, recorded
+    assert saved["model"]["bn_init"] == "ones"
+    # a finished run started again does nothing
+    mtime = (tmp_path / "run" / C.FINAL).stat().st_mtime_ns
+    assert Trainer(cfg, tmp_path / "run").run()["status"] == "done"
+    assert (tmp_path / "run" / C.FINAL).stat().st_mtime_ns == mtime
+
+
+def test_stage2_handoff_keeps_bn_stats_and_resets_optimizer(tiny_dir: Path, tmp_path: Path) -> None:
+    s1 = run_config(tiny_dir, **{"data.labels": "confusion", "data.copies": 2, "data.zero_ratio": 0.1,
+                                 "optim.momentum": 0.9, "stop.max_epochs": 2})
+    assert Trainer(s1, tmp_path / "s1").run()["status"] == "done"
+    stage1 = C.load(tmp_path / "s1" / C.FINAL)["model"]
+    assert any("running_mean" in k for k in stage1)
+    assert C.load(tmp_path / "s1" / C.LAST)["optimizer"]["state"]  # stage 1 has momentum buffers
+    s2 = run_config(tiny_dir, **{"init_from": str(tmp_path / "s1"), "stop.max_epochs": 1})
+    trainer = Trainer(s2, tmp_path / "s2")
+    assert trainer.run()["status"] == "done"
+    start = C.load(tmp_path / "s2" / C.INIT)["model"]
+    assert start.keys() == stage1.keys()
+    for k in stage1:  # weights *and* BN running statistics carried over
+        assert torch.equal(start[k], stage1[k]), k
+    # momentum 0 in stage 2: had stage 1's optimizer been carried, its buffers would be here
+    assert not any(s.get("momentum_buffer") is not None
+                   for s in C.load(tmp_path / "s2" / C.LAST)["optimizer"]["state"].values())
+    first = read_jsonl(tmp_path / "s2" / C.METRICS)[0]
+    assert first["dist_from_init"] > 0  # measured from the stage-1 weights it started at
+
+
+def _spawn_train(run_dir: Path, overrides: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "fastbgm.train", "--run-dir", str(run_dir), "--quiet",
+                             "--speed.threads=1", *overrides], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _overrides(tiny_dir: Path, **kw: object) -> list[str]:
+    base = {"data.train": tiny_dir / "train.beton", "data.test": tiny_dir / "test.beton", "model.width": 16,
+            "model.depth": 3, "optim.batch_size": 32, "optim.lr": 0.05, "optim.momentum": 0.9,
+            "optim.milestones": "3", "stop.max_epochs": 6, "stop.train_eval_every": 3, "stop.test_eval_every": 3,
+            "data.labels": "confusion", "data.copies": 2, "data.zero_ratio": 0.1, "data.augment": "true"}
+    base.update(kw)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:
+    ref = _spawn_train(tmp_path / "ref", _overrides(tiny_dir))
+    assert ref.wait(timeout=240) == 0, ref.stderr.read()[-3000:]
+    run = tmp_path / "killed"
+    p = _spawn_train(run, _overrides(tiny_dir))
+    deadline = time.time() + 200
+    while time.time() < deadline and len(read_jsonl(run / C.METRICS)) < 2:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)  # mid-run, no chance to clean up
+    p.wait(timeout=30)
+    done_before = len(read_jsonl(run / C.METRICS))
+    assert 2 <= done_before < 6
+    assert json.loads((run / C.RESULT).read_text())["status"] == "running"
+    again = _spawn_train(run, _overrides(tiny_dir))
+    assert again.wait(timeout=240) == 0, again.stderr.read()[-3000:]
+    a, b = read_jsonl(tmp_path / "ref" / C.METRICS), read_jsonl(run / C.METRICS)
+    assert [r["epoch"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "train_acc", "test_acc", "param_l2", "dist_from_init"):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["epoch"], k)
+    wa = C.load(tmp_path / "ref" / C.FINAL)["model"]
+    wb = C.load(run / C.FINAL)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_two_gloo_processes_equal_one_process_on_the_combined_batch(tiny_dir: Path, tmp_path: Path) -> None:
+    # No BatchNorm: with BN, per-rank batch statistics differ by design (use model.sync_bn on GPUs).
+    ov = _overrides(tiny_dir, **{"model.batchnorm": "false", "stop.max_epochs": 2, "data.augment": "true"})
+    one = _spawn_train(tmp_path / "one", ov)
+    assert one.wait(timeout=240) == 0, one.stderr.read()[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fastbgm.train", "--run-dir", str(tmp_path / "two"), "--quiet", "--speed.threads=1",
+                          *ov], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    wa = C.load(tmp_path / "one" / C.FINAL)["model"]
+    wb = C.load(tmp_path / "two" / C.FINAL)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)  # float summation order only
+    ra, rb = read_jsonl(tmp_path / "one" / C.METRICS), read_jsonl(tmp_path / "two" / C.METRICS)
+    assert rb[-1]["train_acc"] == pytest.approx(ra[-1]["train_acc"], abs=1e-9)  # all-reduced: same numbers
+    assert json.loads((tmp_path / "two" / C.ENV).read_text())["world"] == 2
+
+
+def test_compiled_bf16_channels_last_epoch_on_cpu(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = run_config(tiny_dir, **{"speed.compile": "true", "speed.channels_last": "true",
+                                  "speed.precision": "bf16", "stop.max_epochs": 3, "optim.momentum": 0.9})
+    res = Trainer(cfg, tmp_path / "c").run()
+    assert res["status"] == "done" and res["speed"]["compile"] and res["speed"]["precision"] == "bf16"
+    rows = read_jsonl(tmp_path / "c" / C.METRICS)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] < 3.0  # it learns
+    eager = run_config(tiny_dir, **{"speed.compile": "false", "speed.channels_last": "true",
+                                    "speed.precision": "bf16", "stop.max_epochs": 3, "optim.momentum": 0.9})
+    Trainer(eager, tmp_path / "e").run()
+    ref = read_jsonl(tmp_path / "e" / C.METRICS)
+    for a, b in zip(rows, ref):  # the compiled graph computes what eager computes (bf16 tolerance)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.03)
+
+
+def test_nan_loss_fails_with_epoch_and_step(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = run_config(tiny_dir, **{"optim.lr": 1e12, "model.batchnorm": "false", "stop.max_epochs": 3})
+    res = Trainer(cfg, tmp_path / "nan").run()
+    assert res["status"] == "failed" and "non-finite loss" in res["reason"]
+    saved = json.loads((tmp_path / "nan" / C.RESULT).read_text())
+    assert saved["status"] == "failed" and saved["epoch"] >= 1 and saved["step"] >= 0
+    assert f"epoch {saved['epoch']}, step {saved['step']}" in saved["reason"]
+
+
+def test_paper_model_parameter_counts() -> None:
+    expect = {"vgg16_bn": 14.7e6, "resnet18": 11.2e6, "resnet50": 23.5e6, "densenet40_bc": 176e3}
+    for name, n in expect.items():
+        got = count_parameters(build_model(name, 10))
+        assert abs(got - n) / n < 0.01, (name, got)
+    x = torch.zeros(2, 3, 32, 32)
+    assert build_model("resnet18", 7)(x).shape == (2, 7)
+    assert build_model("imagenet_resnet18", 9)(torch.zeros(2, 3, 64, 64)).shape == (2, 9)
+    u = build_model("resnet18", 10, bn_init="uniform")
+    w = u.stem[1].weight
+    assert 0 <= w.min() and w.max() <= 1 and w.std() > 0.1  # U(0,1), not ones
+    assert torch.equal(build_model("densenet40_bc", 10, bn_init="uniform").bn.weight,
+                       torch.ones_like(build_model("densenet40_bc", 10).bn.weight))  # authors' explicit init
+
+
+def test_bad_config_names_the_key(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'; did you mean 'optim.lr'\?"):
+        run_config(tiny_dir, **{"optim.lrr": 0.1})
+    with pytest.raises(ConfigError, match=r"optim.momentum: must be in \[0, 1\)"):
+        run_config(tiny_dir, **{"optim.momentum": 1.5})
+    with pytest.raises(ConfigError, match="optim.lr: expected a number"):
+        run_config(tiny_dir, **{"optim.lr": "fast"})
+    with pytest.raises(ConfigError, match="model.name: unknown model 'resnet19'"):
+        run_config(tiny_dir, **{"model.name": "resnet19"})
+    toml = tmp_path / "bad.toml"
+    toml.write_text('[optim]\nlr = 0.1\nmomentun = 0.9\n')
+    with pytest.raises(ConfigError, match="did you mean 'optim.momentum'"):
+        load(RunConfig, toml, ["--data.train=x.beton"])
+    out = subprocess.run([sys.executable, "-m", "fastbgm.train", "--config", str(toml), "--data.train=x.beton"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "optim.momentum" in out.stderr
+
+
+def test_changed_config_on_existing_run_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1}), tmp_path / "r").run()
+    with pytest.raises(ConfigError, match="different config.*optim.lr"):
+        Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1, "optim.lr": 0.2}), tmp_path / "r")._run(
+            __import__("fastbgm.distributed", fromlist=["setup"]).setup("cpu"))
+
+
+def test_lr_schedules() -> None:
+    cfg = load(RunConfig, None, ["--data.train=x", "--optim.milestones=150,250"])
+    assert [lr_factor(cfg, e) for e in (0, 149, 150, 249, 250, 349)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    cos = load(RunConfig, None, ["--data.train=x", "--optim.schedule=cosine", "--stop.max_epochs=10"])
+    assert lr_factor(cos, 0) == 1 and lr_factor(cos, 5) == pytest.approx(0.5) and lr_factor(cos, 9) < 0.03
