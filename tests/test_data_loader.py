@@ -282,3 +282,17 @@ def test_precomputed_resident_paths_equal_per_batch_paths(synthetic_dir: Path) -
         slow.set_epoch(epoch)
         for (xa, ya, ia), (xb, yb, ib) in zip(fast, slow):
             assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def test_loader_from_arrays_matches_file_loader(synthetic_dir: Path) -> None:
+    from fastbgm.data import loader_from_arrays
+
+    arr = load_resident(synthetic_dir / "train.beton")
+    spec = LabelSpec("confusion", seed=1, copies=2, zero_ratio=0.1)
+    a = make_loader(synthetic_dir / "train.beton", batch_size=128, labels=spec, augment=True)
+    b = loader_from_arrays(arr.images, arr.labels, batch_size=128, label_spec=spec, augment=True,
+                           num_classes=10, normalization=a.manifest.normalization)
+    for (xa, ya, ia), (xb, yb, ib) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+    with pytest.raises(DatasetError, match="uint8"):
+        loader_from_arrays(arr.images.astype(np.float32), arr.labels, batch_size=8)

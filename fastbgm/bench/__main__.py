@@ -23,13 +23,18 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
         if name == "loader":
             s.add_argument("--batch-size", type=int, default=512)
+        if name == "gpu":
+            s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
         if name == "train":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--batch-sizes", default="128,512")
             s.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-fp32,compiled-bf16")
             s.add_argument("--steps", type=int, default=10)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if args.what == "gpu" else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_path=False)])
     device = torch.device(args.device)
     if args.what == "loader":
         from .loader import run
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .gpu import run as run_gpu
 
-        run_gpu(device, args.data, args.out, args.seconds)
+        run_gpu(device, args.data, args.out, args.seconds, args.budget)
     return 0
 
 

@@ -62,7 +62,10 @@ def print_table(title: str, columns: list[str], rows: Iterable[list[Any]]) -> No
     for r in rows:
         t.add_row(*[f"{v:,.0f}" if isinstance(v, float) and v > 100 else
                     (f"{v:.3g}" if isinstance(v, float) else str(v)) for v in r])
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and files: do not squeeze the table to 80 columns
+    console.print(t)
 
 
 def write_json(out: Path | None, name: str, payload: dict[str, Any]) -> None:

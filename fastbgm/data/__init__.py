@@ -18,12 +18,13 @@ a ``.beton`` is read or written.
 """
 
 from .labels import LABEL_MODES, LabelSpec, make_label_table
-from .loader import DeviceLoader, ResidentLoader, StreamLoader, balanced_subset, make_loader
+from .loader import DeviceLoader, ResidentLoader, StreamLoader, balanced_subset, loader_from_arrays, make_loader
 from .manifest import Manifest, beton_path, manifest_path
 from .sources import DatasetError
 
 __all__ = [
     "make_loader",
+    "loader_from_arrays",
     "LabelSpec",
     "LABEL_MODES",
     "make_label_table",

@@ -391,4 +391,52 @@ def make_loader(
                         num_workers=workers, **common)
 
 
-__all__ = ["make_loader", "DeviceLoader", "ResidentLoader", "StreamLoader", "balanced_subset"]
+def loader_from_arrays(
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int,
+    num_classes: int | None = None,
+    normalization: dict[str, list[float]] | None = None,
+    device: str | torch.device = "cpu",
+    label_spec: LabelSpec | str = "true",
+    augment: bool = False,
+    train: bool = True,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    rank: int | None = None,
+    world: int | None = None,
+    drop_last: bool = False,
+    channels_last: bool = True,
+    precompute: bool = True,
+) -> ResidentLoader:
+    """A resident loader over in-memory uint8 ``[N, H, W, 3]`` images (no files, no ffcv).
+
+    Same batches and options as :func:`make_loader`; the normalisation defaults to the
+    images' own per-channel statistics.
+    """
+    x = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3 or len(x) != len(y):
+        raise DatasetError(f"images must be uint8 [N, H, W, 3] with one label each; got {x.dtype} {x.shape}, "
+                           f"{len(y)} labels")
+    y = y.astype(np.int64)
+    k = int(num_classes or (int(y.max()) + 1 if len(y) else 1))
+    flat = x.reshape(-1, 3)
+    mean = (flat.mean(0, dtype=np.float64) / 255.0).tolist()
+    std = (flat.std(0, dtype=np.float64) / 255.0).tolist()
+    manifest = Manifest(split="memory", num_samples=len(y), class_names=[str(c) for c in range(k)],
+                        class_counts=np.bincount(y, minlength=k).tolist(), resolution=list(x.shape[1:3]),
+                        mean=mean, std=std, normalization=normalization or {"mean": mean, "std": std},
+                        image_format="array", source={"format": "in-memory arrays"})
+    if isinstance(label_spec, str):
+        label_spec = LabelSpec(mode=label_spec)
+    r, w = _dist_rank_world(rank, world)
+    dev = torch.device(device)
+    data = (images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).to(dev)
+    return ResidentLoader(data, y, manifest, precompute=precompute, augment=augment, batch_size=batch_size,
+                          device=dev, labels=label_spec, train=train, dtype=dtype, seed=seed, rank=r, world=w,
+                          drop_last=drop_last, channels_last=channels_last, normalization=None)
+
+
+__all__ = ["make_loader", "loader_from_arrays", "DeviceLoader", "ResidentLoader", "StreamLoader", "balanced_subset"]
