@@ -296,3 +296,10 @@ def test_loader_from_arrays_matches_file_loader(synthetic_dir: Path) -> None:
         assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
     with pytest.raises(DatasetError, match="uint8"):
         loader_from_arrays(arr.images.astype(np.float32), arr.labels, batch_size=8)
+
+
+def test_hash_follows_the_device_of_its_tensor_parts() -> None:
+    # Regression: ints first used to pin the hash to the CPU, moving GPU indices to the host.
+    idx = torch.arange(4, device="meta")
+    assert hash_keys(3, idx, 7).device.type == "meta"
+    assert augment_keys(1, 2, idx).device.type == "meta"

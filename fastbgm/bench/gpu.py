@@ -56,12 +56,12 @@ def _two_gpu_section(out: Path) -> list[list[Any]]:
         return [["ddp", "resnet18 on 2 processes", float("nan"), "skipped: only one GPU"]]
     code = ("import os, torch; from fastbgm.bench.train import measure; import torch.distributed as d;"
             "d.init_process_group('nccl'); r=d.get_rank(); torch.cuda.set_device(r);"
-            "m=measure('resnet18', 512, 'compiled-bf16', torch.device('cuda', r), 30, {'without': None})[0];"
+            "m=measure('resnet18', 512, 'cudagraphs-bf16', torch.device('cuda', r), 30, {'without': None})[0];"
             "print('IPS', m['images_per_s']) if r==0 else None")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-c", code], capture_output=True, text=True, timeout=400)
     ips = next((float(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("IPS")), float("nan"))
-    return [["ddp", "resnet18 compiled-bf16 batch 512/GPU, 2 processes (per GPU)", ips,
+    return [["ddp", "resnet18 cudagraphs-bf16 batch 512/GPU, 2 processes (per GPU)", ips,
              "ok" if res.returncode == 0 else res.stderr[-300:]]]
 
 
@@ -95,7 +95,8 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int) 
         steady = [r for r in m[1:]] or m
         ips = sum(r["images_per_s"] for r in steady) / max(1, len(steady))
         mfu = [r["mfu"] for r in steady if r.get("mfu")]
-        rows.append(["two-stage", f"{name}: resnet18 compiled bf16, {len(m)} epochs", ips,
+        rows.append(["two-stage", f"{name}: resnet18 compiled ({res.get('speed', {}).get('compile_mode')}) bf16, "
+                     f"{len(m)} epochs", ips,
                      f"train loss {m[0]['train_loss']:.3f} -> {m[-1]['train_loss']:.3f}, "
                      f"train acc {res.get('train_acc', float('nan')):.3f}, test acc {res.get('test_acc') or float('nan'):.3f}, "
                      + (f"MFU {100 * sum(mfu) / len(mfu):.1f}%, " if mfu else "") + f"wall {wall:.0f}s"])
@@ -130,10 +131,11 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     def train_rows() -> list[list[Any]]:
         from .train import run as run_train
 
-        res = run_train(device, data, ["resnet18", "vgg16_bn"], [512], ["eager-bf16", "compiled-bf16"], 40, out,
-                        loader_modes=("without", "with"), deadline=deadline - 150)
-        res2 = run_train(device, data, ["resnet18", "vgg16_bn"], [128], ["compiled-bf16"], 60, None,
-                         loader_modes=("without",), deadline=deadline - 150)
+        res = run_train(device, data, ["resnet18", "vgg16_bn"], [512],
+                        ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"], 40, out,
+                        loader_modes=("without", "with"), deadline=deadline - 120)
+        res2 = run_train(device, data, ["resnet18", "vgg16_bn"], [128], ["cudagraphs-bf16"], 60, None,
+                         loader_modes=("without",), deadline=deadline - 120)
         out_rows = []
         for r in res["rows"] + res2["rows"]:
             note = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "MFU -"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fastbgm.models import build_model
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
+from fastbgm.trainer.trainer import make_sgd
 
 from .common import device_info, print_table, synchronize, write_json
 
@@ -33,13 +34,15 @@ def synthetic_arrays(n: int, resolution: int = 32, seed: int = 0) -> tuple[np.nd
 def measure(name: str, batch_size: int, mode: str, device: torch.device, steps: int,
             loaders: dict[str, Any | None], input_shape: tuple[int, int, int] = (3, 32, 32)) -> list[dict[str, Any]]:
     """Build and (maybe) compile the model once, then time each entry of ``loaders``
-    (``None`` = one pre-made batch on the device)."""
-    compiled, precision = mode.split("-")
+    (``None`` = one pre-made batch on the device). ``mode`` is ``<how>-<precision>``:
+    how = eager | compiled (inductor) | cudagraphs (inductor + CUDA graphs)."""
+    how, precision = mode.split("-")
     torch.manual_seed(0)
     model = build_model(name, 10).to(device).to(memory_format=torch.channels_last)
     flops = train_flops_per_image(model, input_shape, device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    fwd = torch.compile(model) if compiled == "compiled" else model
+    opt = make_sgd([{"params": list(model.parameters()), "weight_decay": 5e-4}], 0.01, 0.9, False, device)
+    fwd = {"eager": lambda m: m, "compiled": torch.compile,
+           "cudagraphs": lambda m: torch.compile(m, mode="reduce-overhead")}[how](model)
     x0 = torch.randn(batch_size, *input_shape, device=device).to(memory_format=torch.channels_last)
     if precision == "bf16":
         x0 = x0.to(torch.bfloat16)
@@ -92,7 +95,8 @@ def make_bench_loader(device: torch.device, batch_size: int, precision: str, n: 
     from fastbgm.data import loader_from_arrays
 
     images, labels = synthetic_arrays(n)
-    return loader_from_arrays(images, labels, batch_size=batch_size, device=device, augment=True,
+    # drop_last: a smaller last batch would make a compiled model recompile inside the timing
+    return loader_from_arrays(images, labels, batch_size=batch_size, device=device, augment=True, drop_last=True,
                               dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
 

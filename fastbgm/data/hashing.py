@@ -32,13 +32,13 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def hash_keys(*parts: torch.Tensor | int) -> torch.Tensor:
-    """Hash a sequence of int64 tensors/ints (broadcast together) into [0, 2**32)."""
+    """Hash a sequence of int64 tensors/ints (broadcast together) into [0, 2**32),
+    on the device of the tensor parts (plain ints follow them there)."""
+    device = next((p.device for p in parts if isinstance(p, torch.Tensor)), torch.device("cpu"))
     h: torch.Tensor | None = None
     for p in parts:
-        if h is None:
-            h = mix32(torch.as_tensor(p, dtype=torch.int64))
-        else:
-            h = mix32(h ^ (torch.as_tensor(p, dtype=torch.int64, device=h.device) & _M32))
+        t = torch.as_tensor(p, dtype=torch.int64, device=device)
+        h = mix32(t) if h is None else mix32(h ^ (t & _M32))
     assert h is not None
     return h
 

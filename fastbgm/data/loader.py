@@ -152,6 +152,14 @@ class DeviceLoader:
         view.epoch = 0
         return view
 
+    def _device_batches(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's index batches for ``epoch``, moved to the device in one copy."""
+        batches = self.order.rank_batches(epoch)
+        if not batches:
+            return []
+        flat = torch.cat(batches).to(self.device)
+        return list(torch.split(flat, [len(b) for b in batches]))
+
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
         yield from self._iterate(epoch)
@@ -228,8 +236,7 @@ class ResidentLoader(DeviceLoader):
         n, spec = self.n, self.labels_spec
         rows_are_copies = self.noise_materialized or spec.replicas == 1
         span = 2 * self.PAD + 1
-        for idx in self.order.rank_batches(epoch):
-            v = idx.to(self.device, non_blocking=True)
+        for v in self._device_batches(epoch):
             rows = v if rows_are_copies else v % n
             if self._windows is not None:
                 keys = augment_keys(self.steps.seed, epoch, v)

@@ -109,6 +109,7 @@ class SpeedConfig:
 
     device: str = "auto"  # auto | cpu | cuda
     compile: str = "auto"  # auto | true | false
+    compile_mode: str = "auto"  # auto (reduce-overhead = CUDA graphs on GPU, default on CPU) | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     channels_last: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 uses a GradScaler)
     cudnn_benchmark: str = "auto"
@@ -121,6 +122,8 @@ class SpeedConfig:
         check(self.precision in ("auto", "fp32", "bf16", "fp16"), "speed.precision",
               f"must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         check(self.device in ("auto", "cpu", "cuda"), "speed.device", f"must be auto, cpu or cuda, got {self.device!r}")
+        modes = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+        check(self.compile_mode in modes, "speed.compile_mode", f"must be one of {', '.join(modes)}, got {self.compile_mode!r}")
 
 
 @dataclass
