@@ -84,11 +84,11 @@ class _DeviceSteps:
             images_u8 = flip_only(images_u8, keys) if cropped else crop_flip(images_u8, keys)
         return self.finish(images_u8, index)
 
-    def finish(self, images_u8: torch.Tensor, index: torch.Tensor) -> Batch:
+    def finish(self, images_u8: torch.Tensor, index: torch.Tensor, labels: torch.Tensor | None = None) -> Batch:
         x = normalize(images_u8, self.mean, self.std, self.dtype)
         if not self.channels_last:
             x = x.contiguous()
-        return x, self.label_table[index], index
+        return x, self.label_table[index] if labels is None else labels, index
 
 
 class DeviceLoader:
@@ -151,14 +151,6 @@ class DeviceLoader:
         view.steps = dataclasses.replace(self.steps, augment=False)
         view.epoch = 0
         return view
-
-    def _device_batches(self, epoch: int) -> list[torch.Tensor]:
-        """This rank's index batches for ``epoch``, moved to the device in one copy."""
-        batches = self.order.rank_batches(epoch)
-        if not batches:
-            return []
-        flat = torch.cat(batches).to(self.device)
-        return list(torch.split(flat, [len(b) for b in batches]))
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch
@@ -235,20 +227,31 @@ class ResidentLoader(DeviceLoader):
     def _iterate(self, epoch: int) -> Iterator[Batch]:
         n, spec = self.n, self.labels_spec
         rows_are_copies = self.noise_materialized or spec.replicas == 1
-        span = 2 * self.PAD + 1
-        for v in self._device_batches(epoch):
-            rows = v if rows_are_copies else v % n
-            if self._windows is not None:
-                keys = augment_keys(self.steps.seed, epoch, v)
-                oy, ox, flip = keys % span, (keys // span) % span, (keys // (span * span)) & 1
-                ox = torch.where(flip.bool(), 2 * self.PAD - ox, ox)  # a mirrored crop's offset
-                imgs = self._windows[flip, rows, oy, ox]
-                yield self.steps.finish(imgs, v)
-                continue
+        batches = self.order.rank_batches(epoch)
+        if not batches:
+            return
+        sizes = [len(b) for b in batches]
+        # Everything per-sample for the whole epoch in a few large kernels, so a batch
+        # costs ~4 launches (launch overhead bounds CIFAR-size steps on GPUs).
+        v_all = torch.cat(batches).to(self.device)
+        rows_all = v_all if rows_are_copies else v_all % n
+        labels_all = self.steps.label_table[v_all]
+        if self._windows is not None:
+            span = 2 * self.PAD + 1
+            keys = augment_keys(self.steps.seed, epoch, v_all)
+            oy, ox, flip = keys % span, (keys // span) % span, (keys // (span * span)) & 1
+            ox = torch.where(flip.bool(), 2 * self.PAD - ox, ox)  # a mirrored crop's offset
+            parts = zip(*(t.split(sizes) for t in (v_all, rows_all, labels_all, flip, oy, ox)))
+            for v, rows, y, f, yy, xx in parts:
+                yield self.steps.finish(self._windows[f, rows, yy, xx], v, y)
+            return
+        for v, rows, y in zip(v_all.split(sizes), rows_all.split(sizes), labels_all.split(sizes)):
             imgs = self.images.index_select(0, rows)
             if not self.noise_materialized:
                 imgs = self.steps.add_noise(imgs, v)
-            yield self.steps(imgs, v, epoch, cropped=False, noised=True)
+            if self.steps.augment:
+                imgs = crop_flip(imgs, augment_keys(self.steps.seed, epoch, v))
+            yield self.steps.finish(imgs, v, y)
 
 
 class StreamLoader(DeviceLoader):
