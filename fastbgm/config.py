@@ -71,6 +71,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{key}: cannot parse {value!r}")
     if origin in (list, tuple):
         (inner,) = args[:1] or (str,)
+        if dataclasses.is_dataclass(inner):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list of tables, got {value!r}")
+            return [from_dict(inner, v, f"{key}[{i}].") for i, v in enumerate(value)]
         if isinstance(value, str):
             value = [v for v in (s.strip() for s in value.strip("[]").split(",")) if v]
         if not isinstance(value, (list, tuple)):
@@ -117,8 +121,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in fields:
-            raise unknown_key_error(key, [f"{prefix}{x}" for x in _all_keys(cls)] if not prefix
-                                    else [f"{prefix}{x}" for x in _all_keys(cls)])
+            raise unknown_key_error(key, [f"{prefix}{x}" for x in _all_keys(cls)])
         t = hints[k]
         kwargs[k] = from_dict(t, v, f"{key}.") if dataclasses.is_dataclass(t) else _coerce(v, t, key)
     try:
@@ -168,9 +171,17 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, str], cls: type) 
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config (or a JSON one, such as a run folder's config.json)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
+    if p.suffix == ".json":
+        import json
+
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p} is not valid JSON: {e}") from None
     try:
         return tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
