@@ -53,7 +53,6 @@ def synthetic_beton(root: Path, name: str, n: int, resolution: int, image_format
 
 
 def print_table(title: str, columns: list[str], rows: Iterable[list[Any]]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=title)
@@ -62,10 +61,9 @@ def print_table(title: str, columns: list[str], rows: Iterable[list[Any]]) -> No
     for r in rows:
         t.add_row(*[f"{v:,.0f}" if isinstance(v, float) and v > 100 else
                     (f"{v:.3g}" if isinstance(v, float) else str(v)) for v in r])
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)  # logs and files: do not squeeze the table to 80 columns
-    console.print(t)
+    from fastbgm.ui import console
+
+    console().print(t)
 
 
 def write_json(out: Path | None, name: str, payload: dict[str, Any]) -> None:

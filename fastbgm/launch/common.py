@@ -1,0 +1,105 @@
+"""What both executors share: deciding what to do with each run, the live table,
+and the closing report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..experiment import RunSpec, run_status
+from ..fileio import read_jsonl
+
+
+class LaunchError(RuntimeError):
+    """A launch that cannot go ahead; the message says why and what to do."""
+
+
+@dataclass
+class Decision:
+    run: RunSpec
+    status: str  # on disk: pending | running | done | failed | cancelled
+    action: str  # skip (done) | submit | resume | retry | keep-failed | blocked | queued
+    reason: str = ""
+
+
+def decide(runs: list[RunSpec], retry_failed: bool, queued: set[str] = frozenset()) -> list[Decision]:
+    """What to do with each run, in dependency order (stage 1 first)."""
+    out: list[Decision] = []
+    by_key: dict[str, Decision] = {}
+    for r in sorted(runs, key=lambda r: r.stage):
+        status, res = run_status(r.run_dir)
+        if status == "done":
+            d = Decision(r, status, "skip")
+        elif r.key in queued:
+            d = Decision(r, status, "queued")
+        elif status == "failed":
+            d = Decision(r, status, "retry" if retry_failed else "keep-failed", res.get("reason", ""))
+        else:
+            d = Decision(r, status, "resume" if status == "running" else "submit")
+        for dep in r.depends_on:
+            parent = by_key.get(dep)
+            if parent is not None and parent.action in ("keep-failed", "blocked") and d.action != "skip":
+                d = Decision(r, status, "blocked", f"its stage-1 run {dep} failed")
+        by_key[r.key] = d
+        out.append(d)
+    return out
+
+
+def will_run(d: Decision) -> bool:
+    return d.action in ("submit", "resume", "retry")
+
+
+def live_row(r: RunSpec, state: str) -> list[str]:
+    rows = read_jsonl(r.run_dir / "metrics.jsonl") if state in ("running", "done", "failed") else []
+    last = rows[-1] if rows else {}
+    test = next((x["test_acc"] for x in reversed(rows) if "test_acc" in x), None)
+    return [r.key, state, str(last.get("epoch", "")), f"{last['train_acc']:.3f}" if "train_acc" in last else "",
+            f"{test:.3f}" if test is not None else ""]
+
+
+def table(runs: Iterable[RunSpec], states: dict[str, str], title: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in ("run", "state", "epoch", "train acc", "test acc"):
+        t.add_column(c)
+    colors = {"done": "green", "failed": "red", "cancelled": "red", "running": "yellow"}
+    for r in runs:
+        row = live_row(r, states.get(r.key, "pending"))
+        st = row[1]
+        row[1] = f"[{colors.get(st, 'white')}]{st}[/]"
+        t.add_row(*row)
+    return t
+
+
+def closing_report(runs: list[RunSpec], console: Any, retry_cmd: str) -> bool:
+    """Print what failed and why; True when every run is done."""
+    bad = []
+    for r in runs:
+        status, res = run_status(r.run_dir)
+        if status != "done":
+            bad.append((r, status, res.get("reason", "")))
+    if not bad:
+        console.print(f"[green]all {len(runs)} runs done[/]")
+        return True
+    for r, status, reason in bad:
+        console.print(f"[red]{status}[/] {r.key}" + (f": {reason}" if reason else ""))
+    console.print(f"{len(bad)} of {len(runs)} runs not done. Re-launch to resume unfinished runs; "
+                  f"to retry failed ones: {retry_cmd} --retry-failed")
+    return False
+
+
+def mark_cancelled(r: RunSpec, reason: str) -> None:
+    from ..fileio import atomic_write_json
+
+    r.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(r.run_dir / "result.json", {"name": r.key, "status": "cancelled", "reason": reason})
+
+
+def read_json(p: Path) -> dict[str, Any]:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

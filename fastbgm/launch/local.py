@@ -1,0 +1,84 @@
+"""Run an experiment's DAG on this machine, in dependency order, one run per local
+device (the CPU, or each visible GPU), with no Slurm."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import to_dict
+from ..experiment import RunSpec, run_status
+from ..fileio import atomic_write_json
+from .common import Decision, mark_cancelled, table, will_run
+
+PLANNED = "planned-config.json"
+
+
+def _devices() -> list[str | None]:
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [str(i) for i in range(n)] or [None]
+
+
+def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, live: bool = True,
+              poll_s: float = 0.5) -> None:
+    todo = [d.run for d in decisions if will_run(d)]
+    states = {d.run.key: d.status for d in decisions}
+    for d in decisions:
+        if d.action == "blocked":
+            mark_cancelled(d.run, d.reason)
+            states[d.run.key] = "cancelled"
+    free = _devices()
+    running: dict[str, tuple[subprocess.Popen, str | None, RunSpec]] = {}
+    from rich.live import Live
+
+    with Live(table(all_runs, states, "fastbgm local"), console=console, refresh_per_second=2,
+              transient=not live, disable=not live) as view:
+        while todo or running:
+            for key, (proc, dev, r) in list(running.items()):
+                if proc.poll() is not None:
+                    del running[key]
+                    free.append(dev)
+                    states[key] = run_status(r.run_dir)[0]
+                    if states[key] not in ("done", "failed"):  # died before it could say why
+                        atomic_write_json(r.run_dir / "result.json", {
+                            "name": key, "status": "failed",
+                            "reason": f"exited with code {proc.returncode}; see {r.run_dir / 'train.log'}"})
+                        states[key] = "failed"
+                    if states[key] != "done":
+                        for child in [x for x in todo if key in x.depends_on]:
+                            todo.remove(child)
+                            mark_cancelled(child, f"its stage-1 run {key} failed")
+                            states[child.key] = "cancelled"
+            ready = [r for r in todo if all(states.get(dep) == "done" for dep in r.depends_on)]
+            while ready and free:
+                r = ready.pop(0)
+                todo.remove(r)
+                dev = free.pop(0)
+                running[r.key] = (_start(r, dev), dev, r)
+                states[r.key] = "running"
+            if not running and todo and not ready:  # waiting on something that will never finish
+                for r in todo:
+                    mark_cancelled(r, "a dependency did not finish")
+                    states[r.key] = "cancelled"
+                todo = []
+            view.update(table(all_runs, states, "fastbgm local"))
+            time.sleep(poll_s)
+        view.update(table(all_runs, states, "fastbgm local"))
+
+
+def _start(r: RunSpec, device: str | None) -> subprocess.Popen:
+    r.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(r.run_dir / PLANNED, to_dict(r.config))
+    env = dict(os.environ)
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    log = open(r.run_dir / "train.log", "a")
+    return subprocess.Popen([sys.executable, "-m", "fastbgm.train", "--config", str(r.run_dir / PLANNED),
+                             "--run-dir", str(r.run_dir)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
