@@ -38,7 +38,12 @@ class RunSpec:
 
 
 def experiment_dir(exp: ExperimentConfig) -> Path:
-    return Path(exp.runs_dir) / exp.name
+    # absolute: jobs may start in another working directory
+    return Path(exp.runs_dir).resolve() / exp.name
+
+
+def _abs(path: str) -> str:
+    return str(Path(path).resolve()) if path else ""
 
 
 def _ratio(z: float) -> str:
@@ -56,7 +61,7 @@ def plan(exp: ExperimentConfig) -> list[RunSpec]:
                 key1 = f"{base}/stage1-R{s1.copies}-z{_ratio(s1.zero_ratio)}"
                 model_cfg = dataclasses.replace(exp.model, name=model)
                 common = {"seed": seed, "model": to_dict(model_cfg), "speed": to_dict(exp.speed)}
-                data = {"train": ds.train, "test": ds.test, "subset": ds.subset, "placement": ds.placement,
+                data = {"train": _abs(ds.train), "test": _abs(ds.test), "subset": ds.subset, "placement": ds.placement,
                         "seed": seed}
                 cfg1 = from_dict(RunConfig, {
                     **common, "name": key1,

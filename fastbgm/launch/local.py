@@ -25,8 +25,7 @@ def _devices() -> list[str | None]:
     return [str(i) for i in range(n)] or [None]
 
 
-def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, live: bool = True,
-              poll_s: float = 0.5) -> None:
+def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, poll_s: float = 0.5) -> None:
     todo = [d.run for d in decisions if will_run(d)]
     states = {d.run.key: d.status for d in decisions}
     for d in decisions:
@@ -37,8 +36,7 @@ def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, 
     running: dict[str, tuple[subprocess.Popen, str | None, RunSpec]] = {}
     from rich.live import Live
 
-    with Live(table(all_runs, states, "fastbgm local"), console=console, refresh_per_second=2,
-              transient=not live, disable=not live) as view:
+    with Live(table(all_runs, states, "fastbgm local"), console=console, refresh_per_second=2) as view:
         while todo or running:
             for key, (proc, dev, r) in list(running.items()):
                 if proc.poll() is not None:

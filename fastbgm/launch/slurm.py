@@ -150,6 +150,8 @@ def wait(runs: list[RunSpec], jobs: dict[str, Any], console: Any, poll_s: float 
                 job = jobs.get(key)
                 if job is not None:
                     slurm_state = job.get_info().get("State", "UNKNOWN").split()[0]
+                    if slurm_state == "UNKNOWN" and st not in ("done", "failed", "cancelled"):
+                        slurm_state = "PENDING"  # just submitted: not in sacct yet
                     if slurm_state in ACTIVE:
                         active += 1
                         if st not in ("done", "failed"):
