@@ -1,0 +1,103 @@
+"""Read an experiment's run folders: every run the plan names (so missing ones show),
+or every folder with a config when there is no plan. Reads only; writes nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..experiment.plan import run_status
+from ..fileio import read_jsonl
+
+
+@dataclass
+class Run:
+    key: str
+    stage: int
+    dataset: str
+    model: str
+    seed: int
+    init: str
+    mode: str
+    status: str  # done | failed | running | pending | cancelled | missing
+    result: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    env: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics[-1] if self.metrics else {}
+
+    def last(self, key: str) -> float | None:
+        for row in reversed(self.metrics):
+            if key in row and row[key] is not None and not (isinstance(row[key], float) and math.isnan(row[key])):
+                return row[key]
+        return None
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.last("test_acc")
+
+    @property
+    def train_acc(self) -> float | None:
+        """Eval-mode accuracy on the training set when measured, else the running one."""
+        return self.last("train_eval_acc") if self.last("train_eval_acc") is not None else self.last("train_acc")
+
+    @property
+    def epochs(self) -> int | None:
+        return self.final.get("epoch")
+
+    @property
+    def epochs_to_100(self) -> int | None:
+        """First epoch whose running (train-mode) training accuracy reached 100%."""
+        return next((r["epoch"] for r in self.metrics if r.get("train_acc", 0) >= 1.0), None)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _parse_key(key: str) -> dict[str, Any]:
+    parts = key.split("/")
+    info: dict[str, Any] = {"dataset": parts[0] if len(parts) > 3 else "", "model": parts[1] if len(parts) > 3 else "",
+                            "seed": 0, "stage": 0, "init": "", "mode": ""}
+    if len(parts) > 3 and parts[2].startswith("seed"):
+        info["seed"] = int(parts[2][4:] or 0)
+    leaf = parts[-1]
+    if leaf.startswith("stage1"):
+        info["stage"] = 1
+    elif leaf.startswith("stage2-"):
+        _, init, mode = leaf.split("-", 2)
+        info.update(stage=2, init=init, mode=mode.replace("_", "+"))
+    return info
+
+
+def collect(exp_dir: str | Path) -> tuple[list[Run], dict[str, Any]]:
+    root = Path(exp_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not an experiment folder (expected runs/<experiment>)")
+    plan = _read(root / "experiment.json")
+    entries = plan.get("runs") or [
+        {"key": str(p.parent.relative_to(root)), **_parse_key(str(p.parent.relative_to(root)))}
+        for p in sorted(root.rglob("config.json")) if ".submitit" not in p.parts
+    ]
+    if not entries:
+        raise FileNotFoundError(f"{root} holds no runs (no experiment.json and no run folders with config.json)")
+    runs = []
+    for e in entries:
+        d = root / e["key"]
+        status, result = run_status(d)
+        if status == "pending" and not d.exists():
+            status = "missing"
+        runs.append(Run(key=e["key"], stage=e["stage"], dataset=e["dataset"], model=e["model"], seed=e["seed"],
+                        init=e.get("init", ""), mode=e.get("mode", ""), status=status, result=result,
+                        metrics=read_jsonl(d / "metrics.jsonl"), env=_read(d / "env.json"),
+                        config=_read(d / "config.json")))
+    return runs, plan.get("config", {})
