@@ -14,8 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastbgm.data", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="write .beton splits + manifests from a dataset on disk")
-    prep.add_argument("source", choices=["cifar10", "cifar100", "imagefolder", "restricted-imagenet", "synthetic"])
-    prep.add_argument("--src", type=Path, help="input folder (not used by synthetic)")
+    prep.add_argument("source", choices=["cifar10", "cifar100", "imagefolder", "restricted-imagenet", "synthetic", "digits"])
+    prep.add_argument("--src", type=Path, help="input folder (not used by synthetic and digits)")
     prep.add_argument("--out", type=Path, required=True, help="output folder for <split>.beton + manifests")
     prep.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     prep.add_argument("--download", action="store_true", help="cifar: download with torchvision into --src")
@@ -45,11 +45,12 @@ def _download_cifar(src: Path, variant: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
-    from .sources import DatasetError, cifar_splits, imagefolder_splits, restricted_imagenet_splits, synthetic_splits
+    from .sources import (DatasetError, cifar_splits, digits_splits, imagefolder_splits, restricted_imagenet_splits,
+                          synthetic_splits)
     from .writer import default_format, preset_normalization, prepare
 
     try:
-        if args.source != "synthetic" and args.src is None:
+        if args.source not in ("synthetic", "digits") and args.src is None:
             raise DatasetError(f"{args.source} needs --src DIR (the dataset on disk)")
         norm = None
         if args.source in ("cifar10", "cifar100"):
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.source == "restricted-imagenet":
             splits = restricted_imagenet_splits(args.src, args.resolution or 224)
             fmt = args.format or "jpg"
+        elif args.source == "digits":
+            splits = digits_splits(args.resolution or 16, seed=args.seed)
+            fmt = args.format or "raw"
         else:
             splits = synthetic_splits(args.train_size, args.test_size, args.num_classes, args.resolution or 32,
                                       args.seed, args.noise)

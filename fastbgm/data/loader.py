@@ -183,11 +183,11 @@ class ResidentLoader(DeviceLoader):
     """
 
     placement = "resident"
-    PAD = 4
 
     def __init__(self, images: torch.Tensor, true_labels: np.ndarray, manifest: Manifest,
-                 precompute: bool = True, **kw):
+                 precompute: bool = True, pad: int = 4, **kw):
         super().__init__(manifest, true_labels, **kw)
+        self.PAD = pad
         spec, budget = self.labels_spec, _memory_budget(self.device) if precompute else 0
         per_image = images[0].numel() if len(images) else 0
         self.noise_materialized = False
@@ -250,7 +250,7 @@ class ResidentLoader(DeviceLoader):
             if not self.noise_materialized:
                 imgs = self.steps.add_noise(imgs, v)
             if self.steps.augment:
-                imgs = crop_flip(imgs, augment_keys(self.steps.seed, epoch, v))
+                imgs = crop_flip(imgs, augment_keys(self.steps.seed, epoch, v), self.PAD)
             yield self.steps.finish(imgs, v, y)
 
 
@@ -344,6 +344,7 @@ def make_loader(
     num_workers: int | None = None,
     show_progress: bool = False,
     precompute: bool = True,
+    pad: int = 4,
 ) -> DeviceLoader:
     """Open a ``.beton`` split as an iterable of on-device ``(images, labels, indices)``.
 
@@ -363,6 +364,7 @@ def make_loader(
         normalization: ``{"mean": [...], "std": [...]}``; default: the manifest's.
         precompute: ``resident`` only: materialise noised copies and padded crops
             when they fit in memory (same batches, faster); ``False`` computes per batch.
+        pad: ``resident`` augmentation: zero padding of the random crop (the paper: 4 at 32 px).
     """
     beton = Path(path)
     if isinstance(labels, str):
@@ -387,7 +389,7 @@ def make_loader(
             keep = balanced_subset(true_labels, subset)
             images, true_labels = images[keep], true_labels[keep]
         data = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
-        return ResidentLoader(data, true_labels, manifest, augment=augment, precompute=precompute, **common)
+        return ResidentLoader(data, true_labels, manifest, augment=augment, precompute=precompute, pad=pad, **common)
     if not beton.exists():
         raise DatasetError(f"dataset file {beton} does not exist: write it with `python -m fastbgm.data prepare ...`")
     ffcv_io.import_ffcv()
@@ -419,6 +421,7 @@ def loader_from_arrays(
     drop_last: bool = False,
     channels_last: bool = True,
     precompute: bool = True,
+    pad: int = 4,
 ) -> ResidentLoader:
     """A resident loader over in-memory uint8 ``[N, H, W, 3]`` images (no files, no ffcv).
 
@@ -444,7 +447,7 @@ def loader_from_arrays(
     r, w = _dist_rank_world(rank, world)
     dev = torch.device(device)
     data = (images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).to(dev)
-    return ResidentLoader(data, y, manifest, precompute=precompute, augment=augment, batch_size=batch_size,
+    return ResidentLoader(data, y, manifest, precompute=precompute, pad=pad, augment=augment, batch_size=batch_size,
                           device=dev, labels=label_spec, train=train, dtype=dtype, seed=seed, rank=r, world=w,
                           drop_last=drop_last, channels_last=channels_last, normalization=None)
 

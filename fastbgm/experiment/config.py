@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import ConfigError, check
 from ..models import MODELS
@@ -51,8 +52,13 @@ class DatasetEntry:
     test: str = ""  # the test .beton
     subset: int = 0  # class-balanced subset of the training set (0 = all)
     placement: str = "auto"
+    crop_padding: int = 4  # DA's zero padding: the paper's 4 at 32 px (2 keeps that fraction at 16 px)
+    prepare: str = ""  # a source that needs no input files (digits, synthetic): written when missing
+    prepare_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of that source
 
     def __post_init__(self) -> None:
+        check(self.prepare in ("", "digits", "synthetic"), "datasets.prepare",
+              f"must be digits or synthetic (sources that need no files), got {self.prepare!r}")
         check(bool(self.name) and "/" not in self.name, "datasets.name", "each dataset needs a name without '/'")
         check(bool(self.train), "datasets.train", f"dataset {self.name!r} needs a train .beton path")
 

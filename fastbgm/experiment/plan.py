@@ -62,6 +62,7 @@ def plan(exp: ExperimentConfig) -> list[RunSpec]:
                 model_cfg = dataclasses.replace(exp.model, name=model)
                 common = {"seed": seed, "model": to_dict(model_cfg), "speed": to_dict(exp.speed)}
                 data = {"train": _abs(ds.train), "test": _abs(ds.test), "subset": ds.subset, "placement": ds.placement,
+                        "crop_padding": ds.crop_padding,
                         "seed": seed}
                 cfg1 = from_dict(RunConfig, {
                     **common, "name": key1,

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="resubmit runs whose result says failed")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return instead of following the jobs")
     p.add_argument("--timeout", type=float, default=None, help="slurm: stop following after this many seconds")
+    p.add_argument("--no-report", action="store_true", help="do not build the report when the runs end")
     return p
 
 
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] {e}")
         return 2
     runs = plan(exp)
+    if not args.dry_run:
+        try:
+            _prepare_missing_data(exp, console)
+        except ConfigError as e:
+            console.print(f"[red]error:[/] {e}")
+            return 2
     from .slurm import slurm_available
 
     executor = args.executor
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if executor == "local":
             from .local import run_local
 
-            run_local(decisions, runs, console)
+            run_local(decisions, runs, console, exp.resources.cpus_per_task)
         else:
             import submitit
 
@@ -100,7 +107,30 @@ def main(argv: list[str] | None = None) -> int:
     except (LaunchError, ConfigError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
-    return 0 if closing_report(runs, console, retry_cmd.replace(" --retry-failed", "")) else 1
+    ok = closing_report(runs, console, retry_cmd.replace(" --retry-failed", ""))
+    if not args.no_report and not args.no_wait:
+        from ..report.__main__ import main as report_main
+
+        report_main([str(experiment_dir(exp))])
+    return 0 if ok else 1
+
+
+def _prepare_missing_data(exp, console: Console) -> None:
+    """Write datasets that a config marks as embedded (``prepare = "digits"``) when missing."""
+    from ..data.sources import digits_splits, synthetic_splits
+    from ..data.writer import prepare
+
+    for ds in exp.datasets:
+        if not ds.prepare or Path(ds.train).exists():
+            continue
+        out = Path(ds.train).parent
+        console.print(f"preparing {ds.name} ({ds.prepare}, {ds.prepare_options or 'defaults'}) into {out}")
+        make = digits_splits if ds.prepare == "digits" else synthetic_splits
+        try:
+            splits = make(**ds.prepare_options)
+        except TypeError as e:
+            raise ConfigError(f"datasets.prepare_options of {ds.name!r}: {e}") from None
+        prepare(splits, out, image_format="raw", overwrite=False)
 
 
 def _print_plan(console: Console, exp, decisions, executor: str) -> None:

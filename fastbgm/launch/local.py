@@ -1,5 +1,6 @@
-"""Run an experiment's DAG on this machine, in dependency order, one run per local
-device (the CPU, or each visible GPU), with no Slurm."""
+"""Run an experiment's DAG on this machine, in dependency order, with no Slurm: one run
+per visible GPU, or on a CPU-only machine ``cores // cpus_per_task`` runs side by side,
+each pinned to ``cpus_per_task`` threads (small CPU runs scale poorly across threads)."""
 
 from __future__ import annotations
 
@@ -20,19 +21,23 @@ from .common import Decision, mark_cancelled, table, will_run
 PLANNED = "planned-config.json"
 
 
-def _devices() -> list[str | None]:
+def _slots(cpus_per_task: int) -> list[str | None]:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [str(i) for i in range(n)] or [None]
+    if n:
+        return [str(i) for i in range(n)]
+    return [None] * max(1, (os.cpu_count() or 1) // max(1, cpus_per_task))
 
 
-def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, poll_s: float = 0.5) -> None:
+def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, cpus_per_task: int = 0,
+              poll_s: float = 0.5) -> None:
     todo = [d.run for d in decisions if will_run(d)]
     states = {d.run.key: d.status for d in decisions}
     for d in decisions:
         if d.action == "blocked":
             mark_cancelled(d.run, d.reason)
             states[d.run.key] = "cancelled"
-    free = _devices()
+    cpus = cpus_per_task or (os.cpu_count() or 1)
+    free = _slots(cpus)
     running: dict[str, tuple[subprocess.Popen, str | None, RunSpec]] = {}
     from rich.live import Live
 
@@ -58,7 +63,7 @@ def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, 
                 r = ready.pop(0)
                 todo.remove(r)
                 dev = free.pop(0)
-                running[r.key] = (_start(r, dev), dev, r)
+                running[r.key] = (_start(r, dev, cpus), dev, r)
                 states[r.key] = "running"
             if not running and todo and not ready:  # waiting on something that will never finish
                 for r in todo:
@@ -70,13 +75,16 @@ def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, 
         view.update(table(all_runs, states, "fastbgm local"))
 
 
-def _start(r: RunSpec, device: str | None) -> subprocess.Popen:
+def _start(r: RunSpec, device: str | None, threads: int) -> subprocess.Popen:
     r.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(r.run_dir / PLANNED, to_dict(r.config))
     env = dict(os.environ)
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
+    else:
+        env["OMP_NUM_THREADS"] = str(threads)  # runs side by side must not oversubscribe the cores
     log = open(r.run_dir / "train.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "fastbgm.train", "--config", str(r.run_dir / PLANNED),
-                             "--run-dir", str(r.run_dir)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "fastbgm.train", "--config", str(r.run_dir / PLANNED), "--run-dir", str(r.run_dir)]
+    if device is None and not r.config.speed.threads:
+        cmd.append(f"--speed.threads={threads}")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

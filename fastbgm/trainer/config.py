@@ -18,7 +18,8 @@ class DataConfig:
     noise_fraction: float = 0.0  # labels = noisy: fraction replaced
     copies: int = 1  # labels = confusion: R copies per image
     zero_ratio: float = 0.0  # labels = confusion: fraction of uint8 values zeroed per copy
-    augment: bool = False  # DA: random crop (pad 4) + horizontal flip
+    augment: bool = False  # DA: random crop (zero padding crop_padding) + horizontal flip
+    crop_padding: int = 4  # the paper's 4 at 32 px; keep the same fraction at other sizes
     subset: int = 0  # train on a class-balanced subset of this many images (0 = all)
     placement: str = "auto"  # auto | resident | stream
     seed: int = 0  # order and augmentation seed
@@ -29,6 +30,7 @@ class DataConfig:
         check(0 <= self.zero_ratio < 1, "data.zero_ratio", f"must be in [0, 1), got {self.zero_ratio}")
         check(0 <= self.noise_fraction <= 1, "data.noise_fraction", f"must be in [0, 1], got {self.noise_fraction}")
         check(self.subset >= 0, "data.subset", f"must be >= 0, got {self.subset}")
+        check(self.crop_padding >= 0, "data.crop_padding", f"must be >= 0, got {self.crop_padding}")
         check(self.placement in ("auto", "resident", "stream"), "data.placement",
               f"must be auto, resident or stream, got {self.placement!r}")
         if self.labels != "confusion":

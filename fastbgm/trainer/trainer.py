@@ -240,7 +240,7 @@ class Trainer:
         common = dict(device=env.device, dtype=img_dtype, placement=d.placement, rank=env.rank, world=env.world,
                       channels_last=speed.channels_last, subset=d.subset or None)
         train = make_loader(d.train, batch_size=self.cfg.optim.batch_size, labels=spec, augment=d.augment,
-                            train=True, seed=d.seed, **common)
+                            train=True, seed=d.seed, pad=d.crop_padding, **common)
         try:
             train_eval = train.eval_view()
         except NotImplementedError:
