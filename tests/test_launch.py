@@ -68,19 +68,6 @@ time = "00:20:00"
 """
 
 
-@pytest.fixture(scope="module")
-def mini_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fastbgm.data.cache import load_resident
-    from fastbgm.data.sources import synthetic_splits
-    from fastbgm.data.writer import prepare
-
-    out = tmp_path_factory.mktemp("mini")
-    prepare(synthetic_splits(256, 128, 10, 16, seed=0), out, show_progress=False, num_workers=2)
-    load_resident(out / "train.beton")
-    load_resident(out / "test.beton")
-    return out
-
-
 def write_experiment(tmp: Path, data: Path, name: str = "mini", modes: str = '["vanilla", "da+l2+m"]',
                      inits: str = '["random", "adversarial"]', epochs: int = 6, stage1_lr: float = 0.05,
                      tasks: int = 0, batchnorm: str = "true") -> Path:
@@ -125,8 +112,8 @@ def test_modes_and_plan(tmp_path: Path) -> None:
 
 @needs_slurm
 @pytest.mark.timeout(600)
-def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(mini_data: Path, tmp_path: Path) -> None:
-    cfg = write_experiment(tmp_path, mini_data)
+def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = write_experiment(tmp_path, tiny_dir)
     out = launch("--config", str(cfg), "--executor", "slurm", "--timeout", "250")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     root = tmp_path / "runs" / "mini"
@@ -145,7 +132,7 @@ def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(mini_da
     assert again.returncode == 0 and "nothing to submit" in again.stdout
     assert sacct_count() == before
     # the same experiment without Slurm gives the same results
-    local_cfg = write_experiment(tmp_path / "local", mini_data) if (tmp_path / "local").mkdir() is None else None
+    local_cfg = write_experiment(tmp_path / "local", tiny_dir) if (tmp_path / "local").mkdir() is None else None
     loc = launch("--config", str(local_cfg), "--executor", "local")
     assert loc.returncode == 0, loc.stdout[-3000:]
     lres = results(tmp_path / "local" / "runs" / "mini")
@@ -157,8 +144,8 @@ def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(mini_da
 
 @needs_slurm
 @pytest.mark.timeout(300)
-def test_two_task_job_trains_with_gloo_ddp(mini_data: Path, tmp_path: Path) -> None:
-    cfg = write_experiment(tmp_path, mini_data, name="ddp", modes='["vanilla"]', inits='["random"]', tasks=2,
+def test_two_task_job_trains_with_gloo_ddp(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = write_experiment(tmp_path, tiny_dir, name="ddp", modes='["vanilla"]', inits='["random"]', tasks=2,
                            epochs=2)
     out = launch("--config", str(cfg), "--executor", "slurm", "--timeout", "250")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -169,10 +156,10 @@ def test_two_task_job_trains_with_gloo_ddp(mini_data: Path, tmp_path: Path) -> N
 
 @needs_slurm
 @pytest.mark.timeout(400)
-def test_preempted_job_requeues_and_matches_uninterrupted(mini_data: Path, tmp_path: Path) -> None:
+def test_preempted_job_requeues_and_matches_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:
     import submitit
 
-    cfg = write_experiment(tmp_path, mini_data, name="pre", modes='["vanilla"]', inits='["random"]', epochs=14)
+    cfg = write_experiment(tmp_path, tiny_dir, name="pre", modes='["vanilla"]', inits='["random"]', epochs=14)
     out = launch("--config", str(cfg), "--executor", "slurm", "--no-wait")
     assert out.returncode == 0, out.stdout[-2000:]
     run = tmp_path / "runs/pre/synthetic/small_cnn/seed0/stage2-random-vanilla"
@@ -188,7 +175,7 @@ def test_preempted_job_requeues_and_matches_uninterrupted(mini_data: Path, tmp_p
     assert json.loads((run / "slurm-job.json").read_text())["job_id"] == job_id  # same job, requeued
     log = "".join(p.read_text() for p in (tmp_path / "runs/pre/.submitit").rglob("*_log.*"))
     assert "resuming" in log  # the requeued job resumed from last.pt
-    ref_cfg = write_experiment(tmp_path / "ref", mini_data, name="pre", modes='["vanilla"]', inits='["random"]',
+    ref_cfg = write_experiment(tmp_path / "ref", tiny_dir, name="pre", modes='["vanilla"]', inits='["random"]',
                                epochs=14) if (tmp_path / "ref").mkdir() is None else None
     ref = launch("--config", str(ref_cfg), "--executor", "local")
     assert ref.returncode == 0
@@ -202,8 +189,8 @@ def test_preempted_job_requeues_and_matches_uninterrupted(mini_data: Path, tmp_p
 
 @needs_slurm
 @pytest.mark.timeout(300)
-def test_failed_stage1_cancels_dependents_and_is_reported(mini_data: Path, tmp_path: Path) -> None:
-    cfg = write_experiment(tmp_path, mini_data, name="fail", modes='["vanilla"]', stage1_lr=1e12,
+def test_failed_stage1_cancels_dependents_and_is_reported(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = write_experiment(tmp_path, tiny_dir, name="fail", modes='["vanilla"]', stage1_lr=1e12,
                            batchnorm="false", epochs=2)
     out = launch("--config", str(cfg), "--executor", "slurm", "--timeout", "250")
     assert out.returncode == 1
@@ -222,8 +209,8 @@ def test_failed_stage1_cancels_dependents_and_is_reported(mini_data: Path, tmp_p
 
 @needs_slurm
 @pytest.mark.timeout(120)
-def test_impossible_request_is_rejected_before_anything_waits(mini_data: Path, tmp_path: Path) -> None:
-    cfg = write_experiment(tmp_path, mini_data, name="big")
+def test_impossible_request_is_rejected_before_anything_waits(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = write_experiment(tmp_path, tiny_dir, name="big")
     before = sacct_count()
     t0 = time.time()
     out = launch("--config", str(cfg), "--executor", "slurm", "--cpus-per-task", "512")

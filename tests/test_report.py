@@ -16,7 +16,7 @@ from fastbgm.fileio import atomic_write_json
 from fastbgm.report import build_report
 
 from .conftest import REPO
-from .test_launch import launch, mini_data, write_experiment  # noqa: F401  (fixture)
+from .test_launch import launch, write_experiment
 
 
 def _panels(rep: dict, kind: str) -> int:
@@ -24,8 +24,8 @@ def _panels(rep: dict, kind: str) -> int:
 
 
 @pytest.mark.timeout(400)
-def test_report_of_a_real_small_experiment(mini_data: Path, tmp_path: Path) -> None:  # noqa: F811
-    cfg = write_experiment(tmp_path, mini_data, name="real")
+def test_report_of_a_real_small_experiment(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = write_experiment(tmp_path, tiny_dir, name="real")
     out = launch("--config", str(cfg), "--executor", "local")
     assert out.returncode == 0, out.stdout[-3000:]
     root = tmp_path / "runs" / "real"

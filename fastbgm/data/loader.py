@@ -187,7 +187,7 @@ class ResidentLoader(DeviceLoader):
     def __init__(self, images: torch.Tensor, true_labels: np.ndarray, manifest: Manifest,
                  precompute: bool = True, pad: int = 4, **kw):
         super().__init__(manifest, true_labels, **kw)
-        self.PAD = pad
+        self.pad = pad
         spec, budget = self.labels_spec, _memory_budget(self.device) if precompute else 0
         per_image = images[0].numel() if len(images) else 0
         self.noise_materialized = False
@@ -197,7 +197,7 @@ class ResidentLoader(DeviceLoader):
         self.images = images  # uint8 [n or n*R, H, W, 3] on the device
         self._windows: torch.Tensor | None = None
         h, w = images.shape[1:3]
-        padded_bytes = 2 * len(images) * (h + 2 * self.PAD) * (w + 2 * self.PAD) * 3
+        padded_bytes = 2 * len(images) * (h + 2 * self.pad) * (w + 2 * self.pad) * 3
         if self.steps.augment and padded_bytes + images.numel() <= budget:
             self._windows = self._crop_windows(images)
 
@@ -215,7 +215,7 @@ class ResidentLoader(DeviceLoader):
         return view
 
     def _crop_windows(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.PAD
+        p = self.pad
         padded = torch.nn.functional.pad(images, (0, 0, p, p, p, p))
         store = torch.stack([padded, padded.flip(2)])  # [2, M, H+2p, W+2p, 3]
         s = store.stride()
@@ -237,10 +237,10 @@ class ResidentLoader(DeviceLoader):
         rows_all = v_all if rows_are_copies else v_all % n
         labels_all = self.steps.label_table[v_all]
         if self._windows is not None:
-            span = 2 * self.PAD + 1
+            span = 2 * self.pad + 1
             keys = augment_keys(self.steps.seed, epoch, v_all)
             oy, ox, flip = keys % span, (keys // span) % span, (keys // (span * span)) & 1
-            ox = torch.where(flip.bool(), 2 * self.PAD - ox, ox)  # a mirrored crop's offset
+            ox = torch.where(flip.bool(), 2 * self.pad - ox, ox)  # a mirrored crop's offset
             parts = zip(*(t.split(sizes) for t in (v_all, rows_all, labels_all, flip, oy, ox)))
             for v, rows, y, f, yy, xx in parts:
                 yield self.steps.finish(self._windows[f, rows, yy, xx], v, y)
@@ -250,7 +250,7 @@ class ResidentLoader(DeviceLoader):
             if not self.noise_materialized:
                 imgs = self.steps.add_noise(imgs, v)
             if self.steps.augment:
-                imgs = crop_flip(imgs, augment_keys(self.steps.seed, epoch, v), self.PAD)
+                imgs = crop_flip(imgs, augment_keys(self.steps.seed, epoch, v), self.pad)
             yield self.steps.finish(imgs, v, y)
 
 

@@ -22,6 +22,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> tuple[Path, int]:
+    """Write the PNG and close the figure; returns the path and the number of panels."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    panels = len(fig.axes)
+    _plt().close(fig)
+    return path, panels
+
+
 def _mean_curve(runs: list[Run], key: str) -> tuple[list[int], list[float]]:
     by_epoch: dict[int, list[float]] = defaultdict(list)
     for r in runs:
@@ -53,11 +62,7 @@ def curves(runs: list[Run], dataset: str, model: str, out: Path) -> tuple[Path, 
     axes[1, 0].set_ylabel("train accuracy (%)")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"{dataset} / {model}: stage 2 from random vs adversarial init")
-    fig.tight_layout()
-    path = out / f"curves-{dataset}-{model}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path, len(fig.axes)
+    return _save(fig, out / f"curves-{dataset}-{model}.png")
 
 
 def gap_bars(rows: list[Row], dataset: str, model: str, out: Path) -> tuple[Path, int]:
@@ -72,11 +77,7 @@ def gap_bars(rows: list[Row], dataset: str, model: str, out: Path) -> tuple[Path
     ax.set_xticks(xs, [r.mode for r in sel], rotation=45, ha="right")
     ax.set_ylabel("gap: random - adversarial (test acc points)")
     ax.set_title(f"{dataset} / {model}")
-    fig.tight_layout()
-    path = out / f"gap-{dataset}-{model}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path, len(fig.axes)
+    return _save(fig, out / f"gap-{dataset}-{model}.png")
 
 
 def complexity(runs: list[Run], dataset: str, model: str, out: Path) -> tuple[Path, int]:
@@ -99,8 +100,4 @@ def complexity(runs: list[Run], dataset: str, model: str, out: Path) -> tuple[Pa
             ax.set_yscale("log")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"{dataset} / {model}: complexity measures (vanilla bold, other modes faint)")
-    fig.tight_layout()
-    path = out / f"complexity-{dataset}-{model}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path, len(fig.axes)
+    return _save(fig, out / f"complexity-{dataset}-{model}.png")

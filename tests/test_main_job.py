@@ -1,0 +1,94 @@
+"""The pieces of the main job and the GPU check that can be checked on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastbgm.config import ConfigError, load
+from fastbgm.experiment import ExperimentConfig, plan
+
+from .conftest import REPO
+
+
+def test_digits_writer_is_real_embedded_data(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from fastbgm.data.__main__ import main as data_main
+    from fastbgm.data.cache import load_resident
+    from fastbgm.data import Manifest
+
+    assert data_main(["prepare", "digits", "--out", str(tmp_path), "--resolution", "8", "--quiet"]) == 0
+    train, test = Manifest.for_beton(tmp_path / "train.beton"), Manifest.for_beton(tmp_path / "test.beton")
+    assert train.num_samples + test.num_samples == 1797 and train.resolution == [8, 8]
+    assert min(test.class_counts) >= 55  # stratified: a third of every class
+    arr = load_resident(tmp_path / "train.beton")
+    assert (arr.images[..., 0] == arr.images[..., 2]).all()  # grey, replicated to 3 channels
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    first = np.clip(d.images[0] * 255 / 16, 0, 255).astype(np.uint8)
+    assert any((im[..., 0] == first).all() for im in arr.images[:20])  # the real pixels, not a re-draw
+
+
+def test_shipped_experiment_configs_parse_and_plan() -> None:
+    sizes = {}
+    for p in sorted((REPO / "configs").glob("*.toml")):
+        exp = load(ExperimentConfig, p)
+        sizes[p.stem] = len(plan(exp))
+    assert sizes["paper-mini"] == 15 and sizes["cifar10-cpu"] == 15
+    assert sizes["cifar10-paper"] == 3 * 4 * (1 + 16)  # seeds x models x (stage 1 + 8 modes x 2 inits)
+    exp = load(ExperimentConfig, REPO / "configs/restricted-imagenet.toml")
+    assert exp.resources.gpus == 8 and all(m.startswith("imagenet_") for m in exp.models)
+
+
+def test_prepare_options_errors_name_the_key(tmp_path: Path) -> None:
+    toml = tmp_path / "e.toml"
+    toml.write_text('[[datasets]]\nname = "s"\ntrain = "x.beton"\nprepare = "cifar"\n')
+    with pytest.raises(ConfigError, match="datasets\\[0\\].prepare: must be digits or synthetic"):
+        load(ExperimentConfig, toml)
+
+
+@pytest.mark.timeout(300)
+def test_launch_prepares_embedded_data_and_reports(tmp_path: Path) -> None:
+    from .test_launch import launch
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(f'''
+name = "tiny"
+runs_dir = "{tmp_path / 'runs'}"
+models = ["small_cnn"]
+modes = ["vanilla"]
+inits = ["random"]
+[[datasets]]
+name = "gen"
+train = "{tmp_path / 'data/train.beton'}"
+test = "{tmp_path / 'data/test.beton'}"
+prepare = "synthetic"
+prepare_options = {{ num_train = 128, num_test = 64, resolution = 8 }}
+[model]
+width = 8
+depth = 2
+[stage2]
+max_epochs = 2
+eval_every = 1
+milestones = []
+[resources]
+gpus = 0
+cpus_per_task = 1
+''')
+    out = launch("--config", str(toml), "--executor", "local")
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert (tmp_path / "data/train.beton").exists() and (tmp_path / "runs/tiny/report/report.md").exists()
+    assert "test accuracy" in out.stdout  # the report's table was printed at the end
+
+
+def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:
+    from fastbgm.bench.gpu import _trainer_section, _two_gpu_section
+
+    rows = _trainer_section(torch.device("cpu"), tmp_path, tmp_path / "work", 1)
+    assert rows[0][0] == "two-stage" and "skipped: no" in rows[0][3]
+    if torch.cuda.device_count() < 2:
+        assert "skipped: only one GPU" in _two_gpu_section(tmp_path)[0][3]
