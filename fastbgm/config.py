@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -132,7 +133,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as e:
         msg = str(e)
-        raise ConfigError(msg if msg.startswith(prefix) or not prefix else f"{prefix}{msg}") from None
+        if prefix and not msg.startswith(prefix):
+            # checks name their key by section ("datasets.train"); say which table it was
+            section = re.sub(r"\[\d+\]$", "", prefix.rstrip("."))
+            msg = prefix + (msg[len(section) + 1:] if msg.startswith(section + ".") else msg)
+        raise ConfigError(msg) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
 

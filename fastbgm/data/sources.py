@@ -291,7 +291,8 @@ def digits_splits(resolution: int = 16, test_fraction: float = 0.33, seed: int =
 
     d = load_digits()
     x8 = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-    imgs = np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BILINEAR)) for im in x8])
+    imgs = x8 if resolution == 8 else np.stack(
+        [np.asarray(Image.fromarray(im).resize((resolution, resolution), Image.BILINEAR)) for im in x8])
     imgs = np.repeat(imgs[..., None], 3, axis=3)
     y = d.target.astype(np.int64)
     rng = np.random.default_rng(seed)
