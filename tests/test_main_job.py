@@ -93,3 +93,28 @@ def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:
     assert rows[0][0] == "two-stage" and "skipped: no" in rows[0][3]
     if torch.cuda.device_count() < 2:
         assert "skipped: only one GPU" in _two_gpu_section(tmp_path)[0][3]
+
+
+def test_cache_only_prepare_trains_without_ffcv(tmp_path: Path) -> None:
+    """What a GPU box without ffcv does: images -> manifest + resident cache -> training."""
+    import subprocess
+    import sys
+
+    from fastbgm.data.__main__ import main as data_main
+
+    assert data_main(["prepare", "synthetic", "--out", str(tmp_path / "d"), "--train-size", "200", "--test-size", "50",
+                      "--resolution", "8", "--cache-only", "--limit-per-class", "5"]) == 0
+    assert not (tmp_path / "d/train.beton").exists() and (tmp_path / "d/train.resident.npz").exists()
+    code = (
+        "import sys; sys.modules['ffcv'] = None\n"
+        "from fastbgm.config import load\nfrom fastbgm.trainer import RunConfig, Trainer\n"
+        f"cfg = load(RunConfig, None, ['--data.train={tmp_path}/d/train.beton', '--data.test={tmp_path}/d/test.beton',"
+        " '--model.width=8', '--model.depth=2', '--stop.max_epochs=1'])\n"
+        f"r = Trainer(cfg, {str(tmp_path / 'run')!r}).run()\nprint('STATUS', r['status'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "STATUS done" in out.stdout, out.stderr[-2000:]
+    from fastbgm.data import Manifest
+
+    m = Manifest.for_beton(tmp_path / "d/train.beton")
+    assert m.num_samples == 50 and m.class_counts == [5] * 10 and m.extra["cache_only"]

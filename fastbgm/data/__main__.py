@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     prep.add_argument("--workers", type=int, help="writer processes (default: all cores)")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.add_argument("--cache-only", action="store_true",
+                      help="write manifest + resident cache without ffcv (no .beton): for machines without ffcv")
+    prep.add_argument("--limit-per-class", type=int, default=0, help="with --cache-only: keep N images per class")
     return p
 
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
     from .sources import (DatasetError, cifar_splits, digits_splits, imagefolder_splits, restricted_imagenet_splits,
                           synthetic_splits)
-    from .writer import default_format, preset_normalization, prepare
+    from .writer import default_format, prepare, prepare_cache_only, preset_normalization
 
     try:
         if args.source not in ("synthetic", "digits") and args.src is None:
@@ -74,9 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             splits = synthetic_splits(args.train_size, args.test_size, args.num_classes, args.resolution or 32,
                                       args.seed, args.noise)
             fmt = args.format or "raw"
-        manifests = prepare(splits, args.out, image_format=fmt, jpeg_quality=args.jpeg_quality,
-                            normalization=norm, overwrite=args.overwrite, num_workers=args.workers,
-                            show_progress=not args.quiet)
+        if args.cache_only:
+            manifests = prepare_cache_only(splits, args.out, normalization=norm, overwrite=args.overwrite,
+                                           limit_per_class=args.limit_per_class)
+        else:
+            manifests = prepare(splits, args.out, image_format=fmt, jpeg_quality=args.jpeg_quality,
+                                normalization=norm, overwrite=args.overwrite, num_workers=args.workers,
+                                show_progress=not args.quiet)
     except (DatasetError, ModuleNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

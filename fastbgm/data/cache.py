@@ -64,7 +64,8 @@ def load_resident(beton: str | Path, rebuild: bool = False, show_progress: bool 
     if cached is not None:
         meta, z = cached
         if not beton.exists():
-            log.warning("%s is missing; using its resident cache %s unverified", beton, cpath)
+            if not meta.get("cache_only"):
+                log.warning("%s is missing; using its resident cache %s unverified", beton, cpath)
             return ResidentArrays(z["images"], z["labels"], z["indices"], meta["beton_sha256"])
         key = _stat_key(beton)
         if key == meta.get("beton_stat") or sha256_file(beton) == meta["beton_sha256"]:

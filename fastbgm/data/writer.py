@@ -148,6 +148,66 @@ def prepare(
     return manifests
 
 
+def prepare_cache_only(
+    splits: dict[str, SplitSource],
+    out_dir: str | Path,
+    *,
+    normalization: dict[str, list[float]] | None = None,
+    overwrite: bool = False,
+    limit_per_class: int = 0,
+) -> dict[str, Manifest]:
+    """Write each split as manifest + resident cache only, without ffcv: for machines
+    where ffcv cannot be built (a GPU box). The resident loader reads these as it
+    reads a cache beside a ``.beton``; there is no ``.beton`` (and so no stream placement).
+    ``limit_per_class`` keeps the first N images of each class (0: all)."""
+    import json
+
+    from ..fileio import atomic_path
+    from .cache import CACHE_VERSION, cache_path
+
+    out = Path(out_dir)
+    targets = [p for s in splits for p in (manifest_path(beton_path(out, s)), cache_path(beton_path(out, s)))]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise DatasetError(f"output exists: {', '.join(existing)}. Pass --overwrite to replace it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    manifests: dict[str, Manifest] = {}
+    for name in sorted(splits, key=lambda s: (s != "train", s)):
+        src = splits[name]
+        keep = np.arange(len(src))
+        if limit_per_class:
+            keep = np.concatenate([np.flatnonzero(src.labels == c)[:limit_per_class]
+                                   for c in range(len(src.class_names))])
+            keep.sort()
+        images = []
+        for i in keep:
+            try:
+                images.append(src.image(int(i)))
+            except Exception as e:
+                raise DatasetError(f"{src.name_of(int(i))} could not be read ({e}); remove or replace it") from e
+        sizes = {im.shape for im in images}
+        if len(sizes) != 1:
+            raise DatasetError(f"split {name!r} has images of sizes {sorted(sizes)[:3]}...: pass --resolution")
+        arr = np.stack(images)
+        labels = src.labels[keep].astype(np.int64)
+        x = arr.reshape(-1, 3).astype(np.float64) / 255.0
+        mean, std = x.mean(0), x.std(0)
+        if normalization is None:
+            normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+        m = Manifest(split=name, num_samples=len(labels), class_names=list(src.class_names),
+                     class_counts=[int(c) for c in np.bincount(labels, minlength=len(src.class_names))],
+                     resolution=list(arr.shape[1:3]), mean=[float(v) for v in mean], std=[float(v) for v in std],
+                     normalization=normalization, image_format="raw", source=src.description, sha256="",
+                     extra={**src.extra, "cache_only": True, "kept_per_class": limit_per_class or None})
+        meta = {"version": CACHE_VERSION, "beton_sha256": "", "beton_stat": None, "cache_only": True}
+        with atomic_path(cache_path(beton_path(out, name))) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, images=arr, labels=labels, indices=keep.astype(np.int64), meta=np.array(json.dumps(meta)))
+        atomic_write_json(manifest_path(beton_path(out, name)), m.to_json())
+        manifests[name] = m
+    return manifests
+
+
 def preset_normalization(preset: str | None) -> dict[str, list[float]] | None:
     if preset is None:
         return None
