@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastbgm.data import DatasetError, Manifest
+from fastbgm.data import Manifest
 from fastbgm.data.__main__ import main as data_main
 from fastbgm.data.cache import load_resident
 from fastbgm.data.imagenet import RESTRICTED_CLASSES, synsets

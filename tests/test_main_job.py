@@ -118,3 +118,21 @@ def test_cache_only_prepare_trains_without_ffcv(tmp_path: Path) -> None:
 
     m = Manifest.for_beton(tmp_path / "d/train.beton")
     assert m.num_samples == 50 and m.class_counts == [5] * 10 and m.extra["cache_only"]
+
+
+def test_bad_prepare_options_are_a_clear_error(tmp_path: Path) -> None:
+    from .test_launch import launch
+
+    toml = tmp_path / "bad.toml"
+    toml.write_text(f'''
+name = "bad"
+runs_dir = "{tmp_path / 'runs'}"
+models = ["small_cnn"]
+[[datasets]]
+name = "gen"
+train = "{tmp_path / 'data/train.beton'}"
+prepare = "synthetic"
+prepare_options = {{ num_trian = 10 }}
+''')
+    out = launch("--config", str(toml), "--executor", "local")
+    assert out.returncode == 2 and "prepare_options of 'gen'" in out.stdout and "num_trian" in out.stdout

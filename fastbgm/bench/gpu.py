@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ def _loader_section(device: torch.device, seconds: float) -> list[list[Any]]:
         L = loader_from_arrays(images, labels, batch_size=bs, device=device, label_spec=spec, augment=True,
                                dtype=torch.bfloat16)
         setup = time.perf_counter() - t0
-        ips = time_images(lambda: sum(len(y) for _, y, _ in L), device, seconds)
+        ips = time_images(lambda loader=L: sum(len(y) for _, y, _ in loader), device, seconds)
         rows.append(["loader", f"resident confusion R=4 + crop/flip, bf16, batch {bs}", ips,
                      f"setup {setup:.1f}s (80k noised copies)"])
     if not ffcv_available():

@@ -6,7 +6,6 @@ the authors' code uses (torchvision's CIFAR-10 dataset with PIL transforms in a
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +85,8 @@ def run(device: torch.device, data_root: Path, seconds: float, batch_size: int, 
             n += len(x)
         return n
 
+    # non-persistent workers exit when each epoch's iterator ends: none linger into the next timing
     base = time_images(base_epoch, device, seconds)
-    del dl  # no worker processes may linger into the next measurement
     rows.append([f"baseline: {base_ds.kind} DataLoader ({workers} workers)", base, 1.0])
     results["baseline"] = base
 

@@ -61,15 +61,15 @@ def measure(name: str, batch_size: int, mode: str, device: torch.device, steps: 
         opt.step()
 
     rows = []
-    for label, loader in loaders.items():
-        def batches():
-            while True:
-                if loader is None:
-                    yield x0, y0
-                else:
-                    yield from ((x, y) for x, y, _ in loader)
+    def batches(loader: Any | None):
+        while True:
+            if loader is None:
+                yield x0, y0
+            else:
+                yield from ((x, y) for x, y, _ in loader)
 
-        it = batches()
+    for label, loader in loaders.items():
+        it = batches(loader)
         t0 = time.perf_counter()
         for _ in range(3):  # warm-up (and, the first time, compilation)
             step(*next(it))

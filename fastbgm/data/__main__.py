@@ -41,7 +41,7 @@ def _download_cifar(src: Path, variant: str) -> None:
     try:
         import torchvision.datasets as tvd
     except Exception as e:
-        raise SystemExit(f"--download needs torchvision ({e}); download the python batches by hand into --src")
+        raise SystemExit(f"--download needs torchvision ({e}); download the python batches by hand into --src") from e
     (tvd.CIFAR10 if variant == "cifar10" else tvd.CIFAR100)(str(src), train=True, download=True)
 
 

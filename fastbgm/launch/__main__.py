@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prepare_missing_data(exp, console: Console) -> None:
     """Write datasets that a config marks as embedded (``prepare = "digits"``) when missing."""
+    from ..config import ConfigError
     from ..data.sources import digits_splits, synthetic_splits
     from ..data.writer import prepare
 

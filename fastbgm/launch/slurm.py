@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
