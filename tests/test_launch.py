@@ -108,6 +108,12 @@ def test_modes_and_plan(tmp_path: Path) -> None:
     van = next(r for r in runs if r.mode == "vanilla")
     assert not van.config.data.augment and van.config.optim.momentum == 0 and van.config.optim.weight_decay == 0
     assert runs[0].config.data.labels == "confusion" and runs[0].config.stop.target_train_acc == 1.0
+    from fastbgm.experiment.plan import parse_run_key
+
+    for r in runs:  # the report reads back exactly what the plan wrote
+        info = parse_run_key(r.key)
+        assert (info["dataset"], info["model"], info["seed"], info["stage"], info["init"], info["mode"]) == \
+            (r.dataset, r.model, r.seed, r.stage, r.init, r.mode)
 
 
 @needs_slurm

@@ -92,7 +92,8 @@ def build_cache(beton: Path, show_progress: bool = False) -> ResidentArrays:
             log.warning("%s does not match the checksum in its manifest; was it rewritten without prepare?", beton)
     except FileNotFoundError:
         pass
-    heights, widths = ffcv_io.beton_resolutions(beton)
+    cols = ffcv_io.beton_columns(beton)
+    heights, widths = cols["height"], cols["width"]
     if len(set(heights.tolist())) > 1 or len(set(widths.tolist())) > 1:
         raise DatasetError(
             f"{beton} holds images of different sizes, so it cannot be resident: use placement='stream', "

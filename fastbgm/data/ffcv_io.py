@@ -132,12 +132,15 @@ def read_beton_arrays(
     return images, labels, indices
 
 
-def beton_resolutions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def beton_columns(path: Path) -> dict[str, np.ndarray]:
+    """Per-sample metadata of a fastbgm ``.beton``, read without decoding any image:
+    image ``height`` and ``width`` and the stored ``label``."""
     import_ffcv()
     from ffcv.reader import Reader
 
-    meta = Reader(str(path)).metadata
-    return meta["f0"]["height"], meta["f0"]["width"]
+    meta = Reader(str(path)).metadata  # fields in write order: image, label, index
+    return {"height": meta["f0"]["height"], "width": meta["f0"]["width"],
+            "label": np.asarray(meta["f1"], dtype=np.int64).reshape(-1)}
 
 
 @contextlib.contextmanager

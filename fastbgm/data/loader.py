@@ -122,6 +122,7 @@ class DeviceLoader:
         self.num_samples = self.n * labels.replicas
         self.batch_size = batch_size
         self.epoch = 0
+        self.image_shape: tuple[int, int, int] = (3, 0, 0)  # (C, H, W) of a batch's images; set by each placement
         self.order = EpochOrder(self.num_samples, batch_size, seed, shuffle=train, drop_last=drop_last,
                                 rank=rank, world=world)
         table = make_label_table(torch.from_numpy(true_labels), self.num_classes, labels)
@@ -195,6 +196,7 @@ class ResidentLoader(DeviceLoader):
             images = self._materialize_noise(images)
             self.noise_materialized = True
         self.images = images  # uint8 [n or n*R, H, W, 3] on the device
+        self.image_shape = (images.shape[3], images.shape[1], images.shape[2])
         self._windows: torch.Tensor | None = None
         h, w = images.shape[1:3]
         padded_bytes = 2 * len(images) * (h + 2 * self.pad) * (w + 2 * self.pad) * 3
@@ -272,6 +274,7 @@ class StreamLoader(DeviceLoader):
         from ffcv.transforms import ToDevice, ToTensor
 
         self.positions = positions  # beton sample index of each of the n samples
+        self.image_shape = (3, resolution, resolution)
         self._epoch_order: dict[int, torch.Tensor] = {}
         size = (resolution, resolution)
         decoder = (RandomResizedCropRGBImageDecoder(size) if augment
@@ -392,10 +395,7 @@ def make_loader(
         return ResidentLoader(data, true_labels, manifest, augment=augment, precompute=precompute, pad=pad, **common)
     if not beton.exists():
         raise DatasetError(f"dataset file {beton} does not exist: write it with `python -m fastbgm.data prepare ...`")
-    ffcv_io.import_ffcv()
-    from ffcv.reader import Reader
-
-    stored = np.asarray(Reader(str(beton)).metadata["f1"], dtype=np.int64).reshape(-1)
+    stored = ffcv_io.beton_columns(beton)["label"]
     positions = np.arange(len(stored)) if subset is None else balanced_subset(stored, subset)
     resolution = max(res) if res else 224
     workers = num_workers or max(1, min(os.cpu_count() or 1, 12))

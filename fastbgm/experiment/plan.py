@@ -46,8 +46,30 @@ def _abs(path: str) -> str:
     return str(Path(path).resolve()) if path else ""
 
 
-def _ratio(z: float) -> str:
-    return f"{z:g}"
+def stage1_key(dataset: str, model: str, seed: int, copies: int, zero_ratio: float) -> str:
+    return f"{dataset}/{model}/seed{seed}/stage1-R{copies}-z{zero_ratio:g}"
+
+
+def stage2_key(dataset: str, model: str, seed: int, init: str, mode: str) -> str:
+    return f"{dataset}/{model}/seed{seed}/stage2-{init}-{mode.replace('+', '_')}"
+
+
+def parse_run_key(key: str) -> dict[str, Any]:
+    """The inverse of :func:`stage1_key` / :func:`stage2_key` (for run folders found
+    without an experiment.json)."""
+    parts = key.split("/")
+    nested = len(parts) > 3
+    info: dict[str, Any] = {"dataset": parts[0] if nested else "", "model": parts[1] if nested else "",
+                            "seed": 0, "stage": 0, "init": "", "mode": ""}
+    if nested and parts[2].startswith("seed"):
+        info["seed"] = int(parts[2][4:] or 0)
+    leaf = parts[-1]
+    if leaf.startswith("stage1"):
+        info["stage"] = 1
+    elif leaf.startswith("stage2-"):
+        _, init, mode = leaf.split("-", 2)
+        info.update(stage=2, init=init, mode=mode.replace("_", "+"))
+    return info
 
 
 def plan(exp: ExperimentConfig) -> list[RunSpec]:
@@ -56,9 +78,8 @@ def plan(exp: ExperimentConfig) -> list[RunSpec]:
     for ds in exp.datasets:
         for model in exp.models:
             for seed in exp.seeds:
-                base = f"{ds.name}/{model}/seed{seed}"
                 s1 = exp.stage1
-                key1 = f"{base}/stage1-R{s1.copies}-z{_ratio(s1.zero_ratio)}"
+                key1 = stage1_key(ds.name, model, seed, s1.copies, s1.zero_ratio)
                 model_cfg = dataclasses.replace(exp.model, name=model)
                 common = {"seed": seed, "model": to_dict(model_cfg), "speed": to_dict(exp.speed)}
                 data = {"train": _abs(ds.train), "test": _abs(ds.test), "subset": ds.subset, "placement": ds.placement,
@@ -80,7 +101,7 @@ def plan(exp: ExperimentConfig) -> list[RunSpec]:
                 for init in exp.inits:
                     for mode in exp.modes:
                         regs = parse_mode(mode)
-                        key2 = f"{base}/stage2-{init}-{mode.replace('+', '_')}"
+                        key2 = stage2_key(ds.name, model, seed, init, mode)
                         cfg2 = from_dict(RunConfig, {
                             **common, "name": key2,
                             "init_from": str(root / key1) if init == "adversarial" else "",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..experiment.plan import run_status
+from ..experiment.plan import parse_run_key, run_status
 from ..fileio import read_jsonl
 
 
@@ -64,28 +64,13 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _parse_key(key: str) -> dict[str, Any]:
-    parts = key.split("/")
-    info: dict[str, Any] = {"dataset": parts[0] if len(parts) > 3 else "", "model": parts[1] if len(parts) > 3 else "",
-                            "seed": 0, "stage": 0, "init": "", "mode": ""}
-    if len(parts) > 3 and parts[2].startswith("seed"):
-        info["seed"] = int(parts[2][4:] or 0)
-    leaf = parts[-1]
-    if leaf.startswith("stage1"):
-        info["stage"] = 1
-    elif leaf.startswith("stage2-"):
-        _, init, mode = leaf.split("-", 2)
-        info.update(stage=2, init=init, mode=mode.replace("_", "+"))
-    return info
-
-
 def collect(exp_dir: str | Path) -> tuple[list[Run], dict[str, Any]]:
     root = Path(exp_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not an experiment folder (expected runs/<experiment>)")
     plan = _read(root / "experiment.json")
     entries = plan.get("runs") or [
-        {"key": str(p.parent.relative_to(root)), **_parse_key(str(p.parent.relative_to(root)))}
+        {"key": str(p.parent.relative_to(root)), **parse_run_key(str(p.parent.relative_to(root)))}
         for p in sorted(root.rglob("config.json")) if ".submitit" not in p.parts
     ]
     if not entries:

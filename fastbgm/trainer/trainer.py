@@ -150,7 +150,7 @@ class Trainer:
         D.barrier()
 
         train, train_eval, test = self._loaders(env, speed)
-        self.input_shape = tuple(next(iter(train_eval))[0].shape[1:]) if len(train_eval) else (3, 32, 32)
+        self.input_shape = train.image_shape
         module = self._build_model(train.num_classes, env, speed)
         init = self._initial_weights(module, env)
         optimizer = self._optimizer(module)
@@ -214,9 +214,9 @@ class Trainer:
         p = self.run_dir / C.CONFIG
         if p.exists():
             old = json.loads(p.read_text())
-            if _without_speed(old) != _without_speed(cfg_dict):
-                diff = sorted(k for k in set(_flat(old)) | set(_flat(cfg_dict))
-                              if _flat(old).get(k) != _flat(cfg_dict).get(k) and not k.startswith("speed."))
+            was, now = _flat(old), _flat(cfg_dict)
+            diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k) and not k.startswith("speed."))
+            if diff:
                 raise ConfigError(
                     f"{self.run_dir} holds a run with a different config (differs in {', '.join(diff)}); "
                     "choose a new run folder, or delete this one to start over"
@@ -469,6 +469,3 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[f"{prefix}{k}"] = v
     return out
 
-
-def _without_speed(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if k != "speed"}
