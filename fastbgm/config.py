@@ -146,6 +146,24 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, skipping keys under
+    the ``ignore`` prefixes (such as ``speed.``: how fast a run goes is not what it is)."""
+    was, now = flatten(old), flatten(new)
+    return sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k) and not k.startswith(ignore))
+
+
 def parse_overrides(args: Iterable[str]) -> dict[str, str]:
     """``--a.b=c`` / ``a.b=c`` / ``--a.b c`` -> {"a.b": "c"}."""
     out: dict[str, str] = {}

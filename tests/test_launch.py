@@ -108,6 +108,10 @@ def test_modes_and_plan(tmp_path: Path) -> None:
     van = next(r for r in runs if r.mode == "vanilla")
     assert not van.config.data.augment and van.config.optim.momentum == 0 and van.config.optim.weight_decay == 0
     assert runs[0].config.data.labels == "confusion" and runs[0].config.stop.target_train_acc == 1.0
+    assert (van.config.stop.train_eval_every, van.config.stop.test_eval_every) == (3, 3)
+    exp2 = load(ExperimentConfig, write_experiment(tmp_path, tmp_path / "d"), ["--stage2.check_every=1"])
+    van2 = next(r for r in plan(exp2) if r.mode == "vanilla")
+    assert (van2.config.stop.train_eval_every, van2.config.stop.test_eval_every) == (1, 3)
     from fastbgm.experiment.plan import parse_run_key
 
     for r in runs:  # the report reads back exactly what the plan wrote

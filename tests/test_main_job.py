@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,15 @@ cpus_per_task = 1
     assert out.returncode == 0, out.stdout[-3000:]
     assert (tmp_path / "data/train.beton").exists() and (tmp_path / "runs/tiny/report/report.md").exists()
     assert "test accuracy" in out.stdout  # the report's table was printed at the end
+
+    # a longer stage 2 in the same experiment: the finished run must not be reused
+    toml.write_text(toml.read_text().replace("max_epochs = 2", "max_epochs = 3"))
+    out = launch("--config", str(toml), "--executor", "local")
+    assert out.returncode != 0
+    assert "stage2-random-vanilla: stop.max_epochs" in out.stderr + out.stdout
+    assert "new name" in out.stderr + out.stdout
+    res = json.loads((tmp_path / "runs/tiny/gen/small_cnn/seed0/stage2-random-vanilla/result.json").read_text())
+    assert res["status"] == "done" and res["epochs"] == 2  # untouched
 
 
 def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:

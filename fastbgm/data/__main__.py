@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             fmt = default_format(args.resolution, args.format)
         elif args.source == "restricted-imagenet":
             splits = restricted_imagenet_splits(args.src, args.resolution or 224)
-            fmt = args.format or "jpg"
+            fmt = default_format(args.resolution or 224, args.format)
         elif args.source == "digits":
             splits = digits_splits(args.resolution or 16, seed=args.seed)
             fmt = args.format or "raw"

@@ -94,11 +94,16 @@ class Stage2Config:
     schedule: str = "multistep"
     milestones: list[int] = field(default_factory=lambda: [150, 250])
     max_epochs: int = 350
-    eval_every: int = 25
+    eval_every: int = 25  # test-set evaluation, every K epochs
     target_train_acc: float = 0.0  # the authors' code never stops stage 2 early
+    check_every: int = 0  # full-train-set check for target_train_acc every K epochs (0: = eval_every)
     weight_decay: float = 5e-4
     momentum: float = 0.9
     wd_exclude_bn_bias: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.eval_every >= 1, "stage2.eval_every", f"must be >= 1, got {self.eval_every}")
+        check(self.check_every >= 0, "stage2.check_every", f"must be >= 0 (0: same as eval_every), got {self.check_every}")
 
 
 @dataclass

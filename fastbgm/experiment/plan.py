@@ -112,7 +112,8 @@ def plan(exp: ExperimentConfig) -> list[RunSpec]:
                                       "weight_decay": s2.weight_decay if "l2" in regs else 0.0,
                                       "wd_exclude_bn_bias": s2.wd_exclude_bn_bias},
                             "stop": {"max_epochs": s2.max_epochs, "target_train_acc": s2.target_train_acc,
-                                     "train_eval_every": s2.eval_every, "test_eval_every": s2.eval_every},
+                                     "train_eval_every": s2.check_every or s2.eval_every,
+                                     "test_eval_every": s2.eval_every},
                         })
                         runs.append(RunSpec(key2, root / key2, cfg2, 2, ds.name, model, seed, init, mode,
                                             [key1] if init == "adversarial" else []))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..config import config_diff, to_dict
 from ..experiment import RunSpec, run_status
 from ..fileio import read_jsonl
 
@@ -24,8 +25,34 @@ class Decision:
     reason: str = ""
 
 
+def check_configs(runs: list[RunSpec]) -> None:
+    """Refuse to launch when a run folder on disk holds a different run than the plan.
+
+    Otherwise a finished run would be skipped and reported under a config it was not
+    trained with (say, after lengthening stage 2 in the experiment file)."""
+    clashes = []
+    for r in runs:
+        p = r.run_dir / "config.json"
+        if not p.exists():
+            continue
+        try:
+            old = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue  # a run that never wrote its config fully: the trainer rewrites it
+        diff = config_diff(old, to_dict(r.config), ignore=("speed.",))
+        if diff:
+            clashes.append(f"  {r.key}: {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
+    if clashes:
+        raise LaunchError(
+            f"{len(clashes)} run folder(s) hold runs made with a different config than this experiment file:\n"
+            + "\n".join(clashes[:20]) + ("\n  ..." if len(clashes) > 20 else "")
+            + "\nGive the experiment a new name (name = ...), or move those folders away to run them again."
+        )
+
+
 def decide(runs: list[RunSpec], retry_failed: bool, queued: set[str] = frozenset()) -> list[Decision]:
     """What to do with each run, in dependency order (stage 1 first)."""
+    check_configs(runs)
     out: list[Decision] = []
     by_key: dict[str, Decision] = {}
     for r in sorted(runs, key=lambda r: r.stage):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from .. import distributed as D
-from ..config import ConfigError, to_dict
+from ..config import ConfigError, config_diff, to_dict
 from ..data import LabelSpec, Manifest, make_loader
 from ..data.loader import DeviceLoader
 from ..fileio import append_line, atomic_torch_save, atomic_write_json, read_jsonl
@@ -214,8 +214,7 @@ class Trainer:
         p = self.run_dir / C.CONFIG
         if p.exists():
             old = json.loads(p.read_text())
-            was, now = _flat(old), _flat(cfg_dict)
-            diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k) and not k.startswith("speed."))
+            diff = config_diff(old, cfg_dict, ignore=("speed.",))
             if diff:
                 raise ConfigError(
                     f"{self.run_dir} holds a run with a different config (differs in {', '.join(diff)}); "
@@ -458,14 +457,3 @@ class Trainer:
         if "test_acc" in row:
             parts.append(f"test acc {row['test_acc']:.4f}")
         log.info(" | ".join(parts))
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
