@@ -147,11 +147,15 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    """``{"a": {"b": 1}, "t": [{"c": 2}]}`` -> ``{"a.b": 1, "t.0.c": 2}`` (lists of
+    tables are indexed; other lists stay values)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(flatten(x, f"{prefix}{k}.{i}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

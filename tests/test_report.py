@@ -66,9 +66,10 @@ def _hand_run(root: Path, key: str, status: str | None, test_acc: float | None, 
         atomic_write_json(d / "result.json", {"status": status, **({"reason": reason} if reason else {})})
 
 
-def _hand_experiment(tmp_path: Path, gaps: dict[str, list[float]], extra: list[tuple] = ()) -> Path:
+def _hand_experiment(tmp_path: Path, gaps: dict[str, list[float]], extra: list[tuple] = (),
+                     config: dict | None = None, name: str = "hand") -> Path:
     """One stage-2 pair per (mode, seed) with the given random-minus-adversarial gaps."""
-    root = tmp_path / "hand"
+    root = tmp_path / name
     runs = [{"key": "ds/net/seed0/stage1-R2-z0.1", "stage": 1, "dataset": "ds", "model": "net", "seed": 0,
              "init": "", "mode": "", "depends_on": []}]
     _hand_run(root, runs[0]["key"], "done", None, train_acc=1.0, epochs=3)
@@ -88,7 +89,7 @@ def _hand_experiment(tmp_path: Path, gaps: dict[str, list[float]], extra: list[t
                   reason=reason, epochs=2)
         if status == "running":
             atomic_write_json(root / key / "result.json", {"status": "running", "epoch": 2})
-    atomic_write_json(root / "experiment.json", {"config": {}, "runs": runs})
+    atomic_write_json(root / "experiment.json", {"config": config or {}, "runs": runs})
     return root
 
 
@@ -153,3 +154,26 @@ def test_report_errors_name_the_problem(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "fastbgm.report", str(tmp_path / "empty")], capture_output=True,
                          text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2 and "holds no runs" in out.stdout
+
+
+def test_comparison_names_what_the_experiments_varied(tmp_path: Path) -> None:
+    base = {"name": "r4", "seeds": [0, 1], "stage1": {"copies": 4, "lr": 0.05}, "speed": {"threads": 1},
+            "datasets": [{"name": "ds", "subset": 1000}]}
+    r8 = {**base, "name": "r8", "seeds": [0], "stage1": {"copies": 8, "lr": 0.05}, "speed": {"threads": 2}}
+    a = _hand_experiment(tmp_path, {"vanilla": [0.05, 0.07]}, config=base, name="r4")
+    b = _hand_experiment(tmp_path, {"vanilla": [0.12], "da": [0.01]}, config=r8, name="r8")
+    out = subprocess.run([sys.executable, "-m", "fastbgm.report", str(a), str(b), "--out", str(tmp_path / "cmp")],
+                         capture_output=True, text=True, cwd=REPO, timeout=200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    md = (tmp_path / "cmp/comparison.md").read_text()
+    assert "differ between the experiments: `stage1.copies`." in md  # not name, seeds or speed
+    assert "| r4 | stage1.copies=4 | ds / net | vanilla |" in md and "| 6.0 ± 1.4 (n=2) |" in md
+    assert "| r8 | stage1.copies=8 | ds / net | vanilla |" in md and "| 12.0 (n=1) |" in md
+    assert "| r8 | stage1.copies=8 | ds / net | da |" in md
+    rows = list(csv.DictReader((tmp_path / "cmp/comparison.csv").open()))
+    assert [(r["experiment"], r["stage1.copies"], r["mode"]) for r in rows] == \
+        [("r4", "4", "vanilla"), ("r8", "8", "vanilla"), ("r8", "8", "da")]
+    assert abs(float(rows[1]["gap"]) - 0.12) < 1e-9
+    with Image.open(tmp_path / "cmp/comparison-gaps.png") as im:
+        im.verify()
+    assert (a / "report/report.md").exists() and (b / "report/report.md").exists()

@@ -1,7 +1,9 @@
-"""``python -m fastbgm.report runs/<experiment> [--min-gap POINTS]``
+"""``python -m fastbgm.report runs/<experiment> [runs/<other> ...] [--min-gap POINTS] [--out DIR]``
 
 Writes runs/<experiment>/report/ (report.md, results.csv, figures) and prints the
-table and the claim checks."""
+table and the claim checks. Given several experiments (a study that varies one thing
+at a time), it also writes a comparison (comparison.md/.csv and a gap figure) into
+``--out``, labelling each row with the config keys that differ between them."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbgm.report", description=__doc__)
-    p.add_argument("experiment", type=Path, help="the experiment folder, e.g. runs/cifar10-paper")
+    p.add_argument("experiments", type=Path, nargs="+", help="experiment folder(s), e.g. runs/cifar10-paper")
+    p.add_argument("--out", type=Path, default=Path("runs/comparison"),
+                   help="where the comparison of several experiments goes (default: runs/comparison)")
     p.add_argument("--min-gap", type=float, default=1.0, help="smallest gap (points) that counts as harm")
     p.add_argument("--converged", type=float, default=99.0,
                    help="final train accuracy (%%) both inits need before a gap counts")
@@ -23,18 +27,39 @@ def main(argv: list[str] | None = None) -> int:
     from .build import build_report
 
     console = make_console()
-    try:
-        rep = build_report(args.experiment, args.min_gap / 100, args.converged / 100)
-    except FileNotFoundError as e:
-        console.print(f"[red]error:[/] {e}")
-        return 2
+    for exp in args.experiments:
+        try:
+            rep = build_report(exp, args.min_gap / 100, args.converged / 100)
+        except FileNotFoundError as e:
+            console.print(f"[red]error:[/] {e}")
+            return 2
+        _print_report(console, rep)
+    if len(args.experiments) > 1:
+        from .compare import label, write_comparison
+
+        points, out = write_comparison(args.experiments, args.out)
+        t = Table(title="comparison: test accuracy (%) and gap (points), mean ± std over seeds")
+        for c in ("experiment", "its values of the differing keys", "dataset / model", "mode", "random init",
+                  "adversarial init", "gap", "train acc rnd / adv"):
+            t.add_column(c)
+        for pt in points:
+            r = pt.row
+            t.add_row(pt.experiment, label(pt), f"{r.dataset} / {r.model}", r.mode,
+                      r.test["random"].fmt(), r.test["adversarial"].fmt(), r.gap.fmt(), r.train_pct())
+        console.print(t)
+        console.print(f"comparison: {out / 'comparison.md'}")
+    return 0
+
+
+def _print_report(console, rep: dict) -> None:
+    from rich.table import Table
+
     for ds, model in sorted({(r.dataset, r.model) for r in rep["rows"]}):
         t = Table(title=f"{ds} / {model}: test accuracy (%), mean ± std over seeds")
         for c in ("mode", "random init", "adversarial init", "gap (points)", "train acc rnd / adv", "not done"):
             t.add_column(c)
         for r in (x for x in rep["rows"] if (x.dataset, x.model) == (ds, model)):
-            tr = " / ".join("-" if r.train[i].mean is None else f"{100 * r.train[i].mean:.1f}"
-                            for i in ("random", "adversarial"))
+            tr = r.train_pct()
             nd = "; ".join(f"{i}: {', '.join(v)}" for i, v in r.not_done.items() if v)
             t.add_row(r.mode, r.test["random"].fmt(), r.test["adversarial"].fmt(), r.gap.fmt(), tr, nd)
         console.print(t)
@@ -42,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         mark = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]N/A[/]"}[c.passed]
         console.print(f"{mark} {c.text}")
     console.print(f"report: {rep['dir'] / 'report.md'}")
-    return 0
 
 
 if __name__ == "__main__":

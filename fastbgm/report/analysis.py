@@ -59,6 +59,11 @@ class Row:
     gap: Stat  # paired, in accuracy units (0-1)
     not_done: dict[str, list[str]]  # init -> statuses of runs that are not done
 
+    def train_pct(self) -> str:
+        """Final train accuracy, random / adversarial, in percent."""
+        return " / ".join("-" if self.train[i].mean is None else f"{100 * self.train[i].mean:.1f}"
+                          for i in ("random", "adversarial"))
+
 
 def mode_order(modes: list[str]) -> list[str]:
     canon = expand_modes(["all"])
