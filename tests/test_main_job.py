@@ -40,7 +40,13 @@ def test_shipped_experiment_configs_parse_and_plan() -> None:
     for p in sorted((REPO / "configs").glob("*.toml")):
         exp = load(ExperimentConfig, p)
         sizes[p.stem] = len(plan(exp))
-    assert sizes["paper-mini"] == 15 and sizes["cifar10-cpu"] == 15
+    assert sizes["paper-mini"] == 15 and sizes["cifar10-cpu"] == 15 and sizes["rimagenet-cpu"] == 15
+    assert sizes["cifar10-study"] == 3  # stage 1 + vanilla from both inits
+    study = plan(load(ExperimentConfig, REPO / "configs/cifar10-study.toml",
+                      ["--name=study-R8", "--stage1.copies=8"]))
+    assert study[0].key.endswith("stage1-R8-z0.1") and study[0].config.data.copies == 8
+    cpu = next(r for r in plan(load(ExperimentConfig, REPO / "configs/cifar10-cpu.toml")) if r.stage == 2)
+    assert (cpu.config.stop.target_train_acc, cpu.config.stop.train_eval_every) == (1.0, 5)
     assert sizes["cifar10-paper"] == 3 * 4 * (1 + 16)  # seeds x models x (stage 1 + 8 modes x 2 inits)
     exp = load(ExperimentConfig, REPO / "configs/restricted-imagenet.toml")
     assert exp.resources.gpus == 8 and all(m.startswith("imagenet_") for m in exp.models)
