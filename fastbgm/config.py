@@ -188,13 +188,38 @@ def parse_overrides(args: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _table_list_item(cls: type, name: str) -> type | None:
+    """The element dataclass when field ``name`` of ``cls`` is a list of tables."""
+    t = typing.get_type_hints(cls).get(name)
+    if typing.get_origin(t) is list:
+        (item,) = typing.get_args(t) or (None,)
+        if item is not None and dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, str], cls: type) -> dict[str, Any]:
     valid = _all_keys(cls)
     for key, value in overrides.items():
+        parts = key.split(".")
+        item = _table_list_item(cls, parts[0]) if len(parts) >= 3 and parts[1].isdigit() else None
+        if item is not None:  # --datasets.0.subset=4000: one field of one table in a list
+            rest = ".".join(parts[2:])
+            if rest not in _all_keys(item):
+                raise unknown_key_error(rest, _all_keys(item))
+            tables = data.get(parts[0]) or []
+            i = int(parts[1])
+            if i >= len(tables):
+                raise ConfigError(f"override '{key}': the config has {len(tables)} [[{parts[0]}]] table(s), "
+                                  f"numbered from 0")
+            node = tables[i]
+            for p in parts[2:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+            continue
         if key not in valid:
             raise unknown_key_error(key, valid)
         node = data
-        parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value

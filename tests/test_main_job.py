@@ -45,6 +45,14 @@ def test_shipped_experiment_configs_parse_and_plan() -> None:
     study = plan(load(ExperimentConfig, REPO / "configs/cifar10-study.toml",
                       ["--name=study-R8", "--stage1.copies=8"]))
     assert study[0].key.endswith("stage1-R8-z0.1") and study[0].config.data.copies == 8
+    n4k = load(ExperimentConfig, REPO / "configs/cifar10-study.toml", ["--datasets.0.subset=4000"])
+    assert n4k.datasets[0].subset == 4000 and n4k.datasets[0].name == "cifar10-jpeg"
+    with pytest.raises(ConfigError, match=r"has 1 \[\[datasets\]\] table\(s\)"):
+        load(ExperimentConfig, REPO / "configs/cifar10-study.toml", ["--datasets.1.subset=4000"])
+    with pytest.raises(ConfigError, match="unknown config key 'subst'; did you mean 'subset'"):
+        load(ExperimentConfig, REPO / "configs/cifar10-study.toml", ["--datasets.0.subst=4000"])
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.subset: expected an integer"):
+        load(ExperimentConfig, REPO / "configs/cifar10-study.toml", ["--datasets.0.subset=many"])
     cpu = next(r for r in plan(load(ExperimentConfig, REPO / "configs/cifar10-cpu.toml")) if r.stage == 2)
     assert (cpu.config.stop.target_train_acc, cpu.config.stop.train_eval_every) == (1.0, 5)
     assert sizes["cifar10-paper"] == 3 * 4 * (1 + 16)  # seeds x models x (stage 1 + 8 modes x 2 inits)

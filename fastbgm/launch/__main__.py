@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = load(ExperimentConfig, args.config, overrides)
     except ConfigError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     runs = plan(exp)
     if not args.dry_run:
         try:
             _prepare_missing_data(exp, console)
         except ConfigError as e:
-            console.print(f"[red]error:[/] {e}")
+            console.print(f"[red]error:[/] {escape(str(e))}")
             return 2
     from .slurm import slurm_available
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             wait(runs, jobs, console, timeout_s=args.timeout)
     except (LaunchError, ConfigError) as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     ok = closing_report(runs, console, retry_cmd.replace(" --retry-failed", ""))
     if not args.no_report and not args.no_wait:

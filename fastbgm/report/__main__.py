@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich.markup import escape
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbgm.report", description=__doc__)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rep = build_report(exp, args.min_gap / 100, args.converged / 100)
         except FileNotFoundError as e:
-            console.print(f"[red]error:[/] {e}")
+            console.print(f"[red]error:[/] {escape(str(e))}")
             return 2
         _print_report(console, rep)
     if len(args.experiments) > 1:
