@@ -119,11 +119,14 @@ def test_restricted_imagenet_ranges_and_drops(tmp_path: Path) -> None:
     assert m.num_samples == 11
     assert m.extra["dropped_images"] == 4 and m.extra["dropped_wnids"] == [wn[500]]
     assert set(m.extra["empty_classes"]) == {"turtle", "bird", "primate", "fish", "crab", "insect"}
-    assert m.image_format == "jpg" and m.resolution == [24, 24]
+    assert m.image_format == "raw" and m.resolution == [24, 24]  # raw up to 64 px, as --help says
     arr = load_resident(out / "train.beton")
     assert arr.images.shape == (11, 24, 24, 3)
     v = Manifest.for_beton(out / "val.beton")
     assert v.num_samples == 2 and v.normalization == m.normalization
+    assert data_main(["prepare", "restricted-imagenet", "--src", str(src), "--out", str(tmp_path / "big"),
+                      "--resolution", "72", "--quiet"]) == 0
+    assert Manifest.for_beton(tmp_path / "big/train.beton").image_format == "jpg"  # jpg above 64 px
 
 
 def test_restricted_imagenet_labels_follow_canonical_order_not_folder_order(tmp_path: Path) -> None:

@@ -152,6 +152,43 @@ def test_nan_loss_fails_with_epoch_and_step(tiny_dir: Path, tmp_path: Path) -> N
     assert f"epoch {saved['epoch']}, step {saved['step']}" in saved["reason"]
 
 
+def test_error_while_being_requeued_is_not_recorded_as_failure(tiny_dir: Path, tmp_path: Path) -> None:
+    """A scheduler's preemption handler (submitit's, via RunJob.checkpoint) marks the
+    process before requeueing; if the requeue machinery then raises inside the loop,
+    the run stays resumable instead of being recorded as failed."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    from fastbgm.trainer import mark_preempted
+
+    run = tmp_path / "pre"
+    cfg = run_config(tiny_dir, **{"stop.max_epochs": 40})
+
+    def handler(signum, frame):  # what submitit's handler does when scontrol is killed
+        mark_preempted()
+        raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "1"])
+
+    def fire_after_first_checkpoint() -> None:
+        while not (run / C.LAST).exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        threading.Thread(target=fire_after_first_checkpoint, daemon=True).start()
+        with pytest.raises(subprocess.CalledProcessError):
+            Trainer(cfg, run).run()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert json.loads((run / C.RESULT).read_text())["status"] == "running"
+    assert (run / C.LAST).exists()
+    cfg = run_config(tiny_dir, **{"stop.max_epochs": 40})
+    res = Trainer(cfg, run).run()  # the requeued job: resumes, and a later failure would count again
+    assert res["status"] == "done" and res["epochs"] == 40
+
+
 def test_paper_model_parameter_counts() -> None:
     expect = {"vgg16_bn": 14.7e6, "resnet18": 11.2e6, "resnet50": 23.5e6, "densenet40_bc": 176e3}
     for name, n in expect.items():

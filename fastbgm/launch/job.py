@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,27 @@ log = logging.getLogger(__name__)
 
 class RunFailed(RuntimeError):
     """The run ended with status failed (so the Slurm job fails and afterok dependents are cancelled)."""
+
+
+def _requeue_ignoring_sigterm(self: Any, countdown: int) -> None:
+    """submitit's ``scontrol requeue``, made robust: a preemption sends SIGTERM and then
+    the requeue signal, and under load the SIGTERM can reach the job's processes after
+    submitit has already started scontrol, killing it before the request is sent (the
+    job then ends instead of being requeued)."""
+    rc = 0
+    # runs in submitit's signal handler, in the main thread; SIG_IGN (unlike a Python
+    # handler) is inherited by scontrol across fork + exec. submitit only logs SIGTERM.
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        for _ in range(3):
+            rc = subprocess.call(["scontrol", "requeue", str(self.job_id)], timeout=60)
+            if rc >= 0:
+                break  # ran to completion (rc < 0: killed by a signal; try again)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, ["scontrol", "requeue", str(self.job_id)])
+    log.info("requeued job %s (%d remaining timeouts)", self.job_id, countdown)
 
 
 class RunJob:
@@ -32,6 +55,8 @@ class RunJob:
         import torch
 
         env = submitit.JobEnvironment()
+        if hasattr(type(env), "_requeue") and type(env).__name__ == "SlurmJobEnvironment":
+            type(env)._requeue = _requeue_ignoring_sigterm
         if env.num_tasks > 1:
             # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from submitit (no hand-parsed SLURM_*)
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -50,5 +75,10 @@ class RunJob:
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
 
+        from ..trainer import mark_preempted
+
+        # submitit requeues right after this returns; the requeue kills this job, and a
+        # failure raised meanwhile must not be recorded as the run failing
+        mark_preempted()
         log.info("requeueing %s; it resumes from its last.pt", self.run_dir)
         return submitit.helpers.DelayedSubmission(RunJob(self.config, self.run_dir, self.threads))

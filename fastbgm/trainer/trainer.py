@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +35,17 @@ from .config import RunConfig
 from .measures import complexity, peak_flops, train_flops_per_image
 
 log = logging.getLogger("fastbgm.trainer")
+
+# Set by a scheduler's preemption handler just before it requeues the job. Requeueing
+# kills the job, and the handler's own subprocess can die first and raise inside the
+# training loop: an exception from then on is the job being stopped, not the run failing.
+_PREEMPTED = threading.Event()
+
+
+def mark_preempted() -> None:
+    """Say that this process is being preempted/requeued (see fastbgm.launch.job)."""
+    _PREEMPTED.set()
+
 
 
 class NonFiniteLoss(RuntimeError):
@@ -122,6 +134,7 @@ class Trainer:
         if done is not None:
             log.info("%s is already done; nothing to do", self.run_dir)
             return done
+        _PREEMPTED.clear()
         env = D.setup(self.cfg.speed.device)
         self.env = env
         try:
@@ -202,6 +215,10 @@ class Trainer:
             log.error("%s: %s", self.run_dir, e)
             return result
         except Exception as e:
+            if _PREEMPTED.is_set():
+                log.warning("%s: stopped while being requeued (%s: %s); last.pt is kept and the run resumes from it",
+                            self.run_dir, type(e).__name__, e)
+                raise
             if env.is_main:
                 self._write_result({"status": "failed", "reason": f"{type(e).__name__}: {e}", "epoch": epoch + 1})
             raise
