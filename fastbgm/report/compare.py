@@ -86,22 +86,28 @@ def to_csv(points: list[Point]) -> str:
     return buf.getvalue()
 
 
+def _tick(p: Point) -> str:
+    return "\n".join([p.experiment, *(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p.varied.items())])
+
+
 def gap_figure(points: list[Point], path: Path) -> Path:
     from .figures import _plt, _save
 
     plt = _plt()
     modes = sorted({p.row.mode for p in points}, key=lambda m: (m != "vanilla", m))
-    fig, axes = plt.subplots(1, len(modes), figsize=(max(5, 1.2 * len(points) / len(modes) + 2) * len(modes), 3.6),
-                             squeeze=False)
+    counts = [max(1, sum(1 for p in points if p.row.mode == m and p.row.gap.n)) for m in modes]
+    fig, axes = plt.subplots(1, len(modes), figsize=(sum(1.3 * c + 1.2 for c in counts), 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": counts})
     for ax, mode in zip(axes[0], modes):
         sel = [p for p in points if p.row.mode == mode and p.row.gap.n]
-        xs = range(len(sel))
+        xs = list(range(len(sel)))
         ax.bar(xs, [100 * p.row.gap.mean for p in sel], yerr=[100 * (p.row.gap.std or 0) for p in sel],
                color="#d62728", alpha=0.8, capsize=3)
-        ax.set_xticks(list(xs), [label(p) for p in sel], rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(xs, [_tick(p) for p in sel], fontsize=7)
         ax.axhline(0, color="k", lw=0.8)
-        ax.set_ylabel("gap, random - adversarial (points)")
-        ax.set_title(mode)
+        ax.set_ylabel("gap: random - adversarial (points)")
+        ax.set_title(mode, fontsize=10)
+    fig.suptitle("gap per experiment (error bars: std over seeds)", fontsize=10)
     return _save(fig, path)[0]
 
 
