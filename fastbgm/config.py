@@ -212,14 +212,11 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, str], cls: type) 
             if i >= len(tables):
                 raise ConfigError(f"override '{key}': the config has {len(tables)} [[{parts[0]}]] table(s), "
                                   f"numbered from 0")
-            node = tables[i]
-            for p in parts[2:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = value
-            continue
-        if key not in valid:
+            node, parts = tables[i], parts[2:]
+        elif key not in valid:
             raise unknown_key_error(key, valid)
-        node = data
+        else:
+            node = data
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value

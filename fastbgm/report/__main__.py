@@ -29,17 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     from .build import build_report
 
     console = make_console()
+    reports = []
     for exp in args.experiments:
         try:
-            rep = build_report(exp, args.min_gap / 100, args.converged / 100)
+            reports.append(build_report(exp, args.min_gap / 100, args.converged / 100))
         except FileNotFoundError as e:
             console.print(f"[red]error:[/] {escape(str(e))}")
             return 2
-        _print_report(console, rep)
-    if len(args.experiments) > 1:
+        _print_report(console, reports[-1])
+    if len(reports) > 1:
         from .compare import label, write_comparison
 
-        points, out = write_comparison(args.experiments, args.out)
+        points, out = write_comparison(reports, args.out)
         t = Table(title="comparison: test accuracy (%) and gap (points), mean ± std over seeds")
         for c in ("experiment", "its values of the differing keys", "dataset / model", "mode", "random init",
                   "adversarial init", "gap", "train acc rnd / adv"):

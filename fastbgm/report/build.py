@@ -114,4 +114,5 @@ def build_report(exp_dir: str | Path, min_gap: float = 0.01, converged: float = 
     atomic_write_text(out / "results.csv", results_csv(runs))
     atomic_write_text(out / "report.md", markdown(root.name, runs, rows, cl, figs, provenance(runs, exp_config), min_gap))
     atomic_write_json(out / "claims.json", [{"passed": c.passed, "text": c.text} for c in cl])
-    return {"runs": runs, "rows": rows, "claims": cl, "figures": figs, "dir": out}
+    return {"name": root.name, "config": exp_config, "runs": runs, "rows": rows, "claims": cl, "figures": figs,
+            "dir": out}

@@ -3,7 +3,7 @@
 A study varies one thing at a time (training-set size, R, width ...) and runs each
 point as its own experiment. ``compare`` lines their tables up, one row per
 (experiment, dataset, model, mode), and labels each row with the config keys whose
-values differ between the experiments (read from each experiment.json), so the
+values differ between the experiments (from each experiment.json), so the
 table says what was varied without anyone retyping it.
 """
 
@@ -17,8 +17,7 @@ from typing import Any
 
 from ..config import flatten
 from ..fileio import atomic_write_json, atomic_write_text
-from .analysis import Row, table
-from .collect import collect
+from .analysis import Row
 
 # keys that name or place an experiment or change only its speed, and the grid axes
 # the table already shows as columns (mode, init) or as n (seeds)
@@ -38,14 +37,14 @@ def varied_keys(configs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if not k.startswith(IGNORED) and len({repr(f.get(k)) for f in flat}) > 1]
 
 
-def compare(exp_dirs: list[str | Path]) -> list[Point]:
-    loaded = [(Path(d), *collect(d)) for d in exp_dirs]
-    keys = varied_keys([cfg for _, _, cfg in loaded])
+def compare(reports: list[dict[str, Any]]) -> list[Point]:
+    """Points from built reports (``build_report``'s results): their tables are reused, not re-read."""
+    keys = varied_keys([rep["config"] for rep in reports])
     points = []
-    for root, runs, cfg in loaded:
-        flat = flatten(cfg)
+    for rep in reports:
+        flat = flatten(rep["config"])
         varied = {k: flat.get(k) for k in keys}
-        points += [Point(root.name, varied, row) for row in table(runs)]
+        points += [Point(rep["name"], varied, row) for row in rep["rows"]]
     return points
 
 
@@ -111,8 +110,8 @@ def gap_figure(points: list[Point], path: Path) -> Path:
     return _save(fig, path)[0]
 
 
-def write_comparison(exp_dirs: list[str | Path], out_dir: str | Path) -> tuple[list[Point], Path]:
-    points = compare(exp_dirs)
+def write_comparison(reports: list[dict[str, Any]], out_dir: str | Path) -> tuple[list[Point], Path]:
+    points = compare(reports)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gap_figure(points, out / "comparison-gaps.png")
