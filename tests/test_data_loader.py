@@ -303,3 +303,27 @@ def test_hash_follows_the_device_of_its_tensor_parts() -> None:
     idx = torch.arange(4, device="meta")
     assert hash_keys(3, idx, 7).device.type == "meta"
     assert augment_keys(1, 2, idx).device.type == "meta"
+
+
+@pytest.mark.parametrize("budget", [None, 0, "windows-only"])
+def test_noise_reaches_every_batch_whatever_is_precomputed(budget: object) -> None:
+    # A confusion set too big to materialise but whose crop windows fit used to yield
+    # clean images with random labels: the windows path never added the noise.
+    from fastbgm.data import loader_from_arrays
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, size=(50, 8, 8, 3), dtype=np.uint8)  # no natural zeros
+    labels = rng.integers(0, 10, size=50)
+    spec = LabelSpec("confusion", seed=3, copies=40, zero_ratio=0.1)
+    windows_bytes = 2 * 50 * 8 * 8 * 3 + images.nbytes  # pad 0: windows of the clean store
+    mem = windows_bytes if budget == "windows-only" else budget
+    kw = dict(batch_size=100, label_spec=spec, augment=True, pad=0, num_classes=10, seed=5,
+              normalization={"mean": [0.0] * 3, "std": [1.0] * 3})
+    ld = loader_from_arrays(images, labels, memory_budget=mem, **kw)
+    ref = loader_from_arrays(images, labels, precompute=False, **kw)
+    if budget == "windows-only":
+        assert not ld.noise_materialized
+    for (x, y, i), (xr, yr, ir) in zip(ld, ref):
+        assert torch.equal(i, ir) and torch.equal(y, yr) and torch.equal(x, xr)
+        zeros = (x == 0).float().mean().item()
+        assert zeros == pytest.approx(0.1, abs=0.01), zeros  # every copy noised, exactly 10% of its values

@@ -202,3 +202,70 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path: Path, capsys: pyt
     assert data_main(argv + ["--seed", "3", "--overwrite"]) == 0
     assert (out / "train.beton").read_bytes() != before
     json.loads((out / "train.manifest.json").read_text())
+
+
+def test_failed_overwrite_leaves_the_old_dataset_whole(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # The new train split used to land beside the old test split when the test split failed.
+    _write_tree(tmp_path / "good", {"train": {"a": 3, "b": 3}, "test": {"a": 2, "b": 2}}, ".jpg")
+    out = tmp_path / "out"
+    argv = ["prepare", "imagefolder", "--out", str(out), "--quiet", "--workers", "2"]
+    assert data_main(argv + ["--src", str(tmp_path / "good")]) == 0
+    load_resident(out / "train.beton")  # a cache beside it, too
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _write_tree(tmp_path / "bad", {"train": {"a": 4, "b": 4}, "test": {"a": 2, "b": 2}}, ".jpg")
+    jpg = tmp_path / "bad" / "test" / "b" / "0001.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:40])  # truncated
+    err = _run_err(capsys, argv + ["--src", str(tmp_path / "bad"), "--overwrite"])
+    assert str(jpg) in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # every file as it was, no temp folder
+    # a failed first prepare leaves nothing that refuses the corrected re-run
+    err = _run_err(capsys, argv + ["--src", str(tmp_path / "bad"), "--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh").exists()
+    jpg.unlink()
+    assert data_main(argv + ["--src", str(tmp_path / "bad"), "--out", str(tmp_path / "fresh")]) == 0
+
+
+def test_bad_resolution_and_quality_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _write_tree(tmp_path / "src", {"train": {"a": 2, "b": 2}}, ".png")
+    for flag, value, word in (("--resolution", "-8", "--resolution"), ("--resolution", "0", "--resolution"),
+                              ("--jpeg-quality", "500", "--jpeg-quality")):
+        err = _run_err(capsys, ["prepare", "imagefolder", "--src", str(tmp_path / "src"), "--out",
+                                str(tmp_path / "o"), "--quiet", flag, value])
+        assert word in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_dying_writer_process_ends_prepare_with_an_error(tmp_path: Path) -> None:
+    # A writer worker that dies (here: a disk that fills up) used to hang prepare forever.
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = subprocess.run([sys.executable, "-m", "fastbgm.data", "prepare", "synthetic", "--out",
+                              str(mnt / "d"), "--train-size", "2000", "--test-size", "10", "--resolution", "16",
+                              "--quiet", "--workers", "2"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "No space left" in out.stderr and "free some space" in out.stderr, out.stderr[-2000:]
+        assert not (mnt / "d").exists() or not any((mnt / "d").iterdir())  # no hidden .prepare-* left
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_resident_cache_of_another_split_is_refused(tmp_path: Path) -> None:
+    from fastbgm.data import make_loader
+    from fastbgm.data.cache import cache_path
+    from fastbgm.data.sources import DatasetError
+
+    out = tmp_path / "syn"
+    assert data_main(["prepare", "synthetic", "--out", str(out), "--train-size", "30", "--test-size", "20",
+                      "--resolution", "8", "--quiet"]) == 0
+    load_resident(out / "test.beton")
+    cache_path(out / "test.beton").rename(cache_path(out / "train.beton"))
+    (out / "train.beton").unlink()
+    with pytest.raises(DatasetError, match="does not belong to train.beton.*20 samples, the manifest says 30"):
+        make_loader(out / "train.beton", batch_size=8)

@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.source not in ("synthetic", "digits") and args.src is None:
             raise DatasetError(f"{args.source} needs --src DIR (the dataset on disk)")
+        if args.resolution is not None and args.resolution < 1:
+            raise DatasetError(f"--resolution must be a positive number of pixels, got {args.resolution} "
+                               "(leave it out to keep the images' own size)")
+        if not 1 <= args.jpeg_quality <= 100:
+            raise DatasetError(f"--jpeg-quality must be 1-100, got {args.jpeg_quality}")
         norm = None
         if args.source in ("cifar10", "cifar100"):
             if args.download:

@@ -64,9 +64,10 @@ def load_resident(beton: str | Path, rebuild: bool = False, show_progress: bool 
     if cached is not None:
         meta, z = cached
         if not beton.exists():
-            if not meta.get("cache_only"):
-                log.warning("%s is missing; using its resident cache %s unverified", beton, cpath)
-            return ResidentArrays(z["images"], z["labels"], z["indices"], meta["beton_sha256"])
+            # no .beton to check against: the cache must at least be this split's
+            arrays = ResidentArrays(z["images"], z["labels"], z["indices"], meta["beton_sha256"])
+            _check_against_manifest(beton, cpath, arrays)
+            return arrays
         key = _stat_key(beton)
         if key == meta.get("beton_stat") or sha256_file(beton) == meta["beton_sha256"]:
             return ResidentArrays(z["images"], z["labels"], z["indices"], meta["beton_sha256"])
@@ -82,6 +83,26 @@ def load_resident(beton: str | Path, rebuild: bool = False, show_progress: bool 
             f"install ffcv (launch/install.sh), or copy {cpath.name} from a machine that built it"
         )
     return build_cache(beton, show_progress=show_progress)
+
+
+def _check_against_manifest(beton: Path, cpath: Path, arrays: ResidentArrays) -> None:
+    """A cache used without its .beton must match the split's manifest: the checksum of
+    the .beton it was decoded from, the sample count and the class counts."""
+    try:
+        m = Manifest.for_beton(beton)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise DatasetError(f"{beton} is missing and its resident cache {cpath.name} cannot be checked ({e}); "
+                           "re-run prepare for this dataset") from None
+    problems = []
+    if m.sha256 and arrays.beton_sha256 and m.sha256 != arrays.beton_sha256:
+        problems.append("it was decoded from another .beton (checksums differ)")
+    if len(arrays.labels) != m.num_samples:
+        problems.append(f"it holds {len(arrays.labels)} samples, the manifest says {m.num_samples}")
+    elif np.bincount(arrays.labels, minlength=m.num_classes).tolist() != list(m.class_counts):
+        problems.append("its class counts differ from the manifest's")
+    if problems:
+        raise DatasetError(f"resident cache {cpath} does not belong to {beton.name}: {'; '.join(problems)}. "
+                           f"Delete {cpath.name} and restore {beton.name} (or re-run prepare)")
 
 
 def build_cache(beton: Path, show_progress: bool = False) -> ResidentArrays:

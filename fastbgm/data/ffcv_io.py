@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -85,12 +86,60 @@ def write_beton(
     workers = num_workers or max(1, min(os.cpu_count() or 1, 16))
     writer = fw.DatasetWriter(str(path), fields, num_workers=workers)
     shim = _ProgressShim(on_advance or (lambda n: None))
-    old = fw.tqdm
-    fw.tqdm = shim
+    import multiprocessing
+
+    # shared memory, not a file: the reason may be that the disk is full
+    first_error = multiprocessing.Array("c", 1024)
+    procs: list[Any] = []
+
+    class _Worker(fw.Process):  # type: ignore[name-defined, misc]
+        """ffcv's writer waits forever for samples from a dead worker: each worker
+        records why it died, and the wait below stops at the first death."""
+
+        def __init__(self, *a: Any, **kw: Any):
+            super().__init__(*a, **kw)
+            procs.append(self)
+
+        def run(self) -> None:  # pragma: no cover - runs in the worker process
+            try:
+                super().run()
+            except BaseException as e:  # noqa: BLE001 - the parent reports it
+                with first_error.get_lock():
+                    if not first_error.value:
+                        first_error.value = f"{type(e).__name__}: {e}".encode(errors="replace")[:1023]
+                os._exit(1)
+
+    def watchful_sleep(seconds: float) -> None:
+        time.sleep(seconds)
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            why = first_error.value.decode(errors="replace") or f"exit code {dead[0].exitcode}"
+            raise _WriterFailed(why)
+
+    saved = fw.tqdm, fw.Process, fw.sleep
+    fw.tqdm, fw.Process, fw.sleep = shim, _Worker, watchful_sleep
     try:
         writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(dataset) // (4 * workers) or 1)))
+    except _WriterFailed as e:
+        with contextlib.suppress(Exception):
+            writer.metadata_sm.close()
+            writer.metadata_sm.unlink()
+        full = "No space left" in str(e) or "Errno 28" in str(e)
+        raise WriteFailed(f"writing {path.name} failed in a writer process ({e})"
+                          + ("; free some space or choose another --out" if full else "")) from None
     finally:
-        fw.tqdm = old
+        fw.tqdm, fw.Process, fw.sleep = saved
+
+
+class _WriterFailed(Exception):
+    pass
+
+
+class WriteFailed(OSError):
+    """A .beton could not be written; the message says why."""
 
 
 def read_beton_arrays(

@@ -186,13 +186,15 @@ class ResidentLoader(DeviceLoader):
     placement = "resident"
 
     def __init__(self, images: torch.Tensor, true_labels: np.ndarray, manifest: Manifest,
-                 precompute: bool = True, pad: int = 4, **kw):
+                 precompute: bool = True, pad: int = 4, memory_budget: int | None = None, **kw):
         super().__init__(manifest, true_labels, **kw)
         self.pad = pad
-        spec, budget = self.labels_spec, _memory_budget(self.device) if precompute else 0
+        spec = self.labels_spec
+        budget = (memory_budget if memory_budget is not None else _memory_budget(self.device)) if precompute else 0
         per_image = images[0].numel() if len(images) else 0
+        needs_noise = spec.mode == "confusion" and spec.zero_ratio > 0
         self.noise_materialized = False
-        if spec.mode == "confusion" and spec.zero_ratio > 0 and self.num_samples * per_image <= budget:
+        if needs_noise and self.num_samples * per_image <= budget:
             images = self._materialize_noise(images)
             self.noise_materialized = True
         self.images = images  # uint8 [n or n*R, H, W, 3] on the device
@@ -200,7 +202,11 @@ class ResidentLoader(DeviceLoader):
         self._windows: torch.Tensor | None = None
         h, w = images.shape[1:3]
         padded_bytes = 2 * len(images) * (h + 2 * self.pad) * (w + 2 * self.pad) * 3
-        if self.steps.augment and padded_bytes + images.numel() <= budget:
+        # Crop windows are views of the stored images, so they carry noise only when the
+        # store holds the noised copies; otherwise noise must be added per batch before
+        # the crop (the per-batch path below).
+        if (self.steps.augment and padded_bytes + images.numel() <= budget
+                and (self.noise_materialized or not needs_noise)):
             self._windows = self._crop_windows(images)
 
     def _materialize_noise(self, images: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -422,11 +428,13 @@ def loader_from_arrays(
     channels_last: bool = True,
     precompute: bool = True,
     pad: int = 4,
+    memory_budget: int | None = None,
 ) -> ResidentLoader:
     """A resident loader over in-memory uint8 ``[N, H, W, 3]`` images (no files, no ffcv).
 
     Same batches and options as :func:`make_loader`; the normalisation defaults to the
-    images' own per-channel statistics.
+    images' own per-channel statistics. ``memory_budget``: bytes the precomputed forms
+    may take (default: a share of the device's memory); the batches do not depend on it.
     """
     x = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
@@ -447,7 +455,8 @@ def loader_from_arrays(
     r, w = _dist_rank_world(rank, world)
     dev = torch.device(device)
     data = (images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))).to(dev)
-    return ResidentLoader(data, y, manifest, precompute=precompute, pad=pad, augment=augment, batch_size=batch_size,
+    return ResidentLoader(data, y, manifest, precompute=precompute, pad=pad, memory_budget=memory_budget,
+                          augment=augment, batch_size=batch_size,
                           device=dev, labels=label_spec, train=train, dtype=dtype, seed=seed, rank=r, world=w,
                           drop_last=drop_last, channels_last=channels_last, normalization=None)
 

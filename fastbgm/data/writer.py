@@ -9,6 +9,7 @@ Outputs are written into a temporary folder and renamed into place at the end.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..fileio import atomic_write_json, sha256_file
 from . import ffcv_io
+from .cache import cache_path
 from .manifest import Manifest, beton_path, manifest_path
 from .sources import PRESETS, DatasetError, SplitSource
 
@@ -96,12 +98,49 @@ def prepare(
         raise DatasetError(
             f"output exists: {', '.join(existing)}. Pass --overwrite to replace it, or choose another --out"
         )
+    if not 1 <= jpeg_quality <= 100:
+        raise DatasetError(f"JPEG quality must be 1-100, got {jpeg_quality}")
     ffcv_io.import_ffcv()
-    out.mkdir(parents=True, exist_ok=True)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # All splits or nothing: everything is built in one temporary folder and moved
+        # into place only once every split is written, so a failure (an unreadable
+        # image, a full disk) leaves the previous dataset, or no dataset, as it was.
+        with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out) as tmpd:
+            built = _write_splits(splits, Path(tmpd), image_format, jpeg_quality, normalization, num_workers,
+                                  show_progress)
+            manifests = {}
+            for name, (tmp_beton, m) in built.items():
+                final = beton_path(out, name)
+                cache_path(final).unlink(missing_ok=True)  # decoded from the old .beton
+                os.replace(tmp_beton, final)
+                os.replace(manifest_path(tmp_beton), manifest_path(final))
+                manifests[name] = m
+                log.info("wrote %s (%d samples, sha256 %s)", final, m.num_samples, m.sha256[:12])
+    except OSError as e:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        if isinstance(e, ffcv_io.WriteFailed):
+            raise DatasetError(f"{e}; nothing in {out} was changed") from None
+        raise DatasetError(f"could not write the dataset into {out}: {e.strerror or e}"
+                           f"{'; free some space or choose another --out' if e.errno == 28 else ''}"
+                           f"; nothing in {out} was changed") from None
+    except BaseException:
+        if created and out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return manifests
+
+
+def _write_splits(splits: dict[str, SplitSource], tmp: Path, image_format: str, jpeg_quality: int,
+                  normalization: dict[str, list[float]] | None, num_workers: int | None,
+                  show_progress: bool) -> dict[str, tuple[Path, Manifest]]:
+    """Write every split into ``tmp``: {split: (its .beton there, its manifest)}."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     order = sorted(splits, key=lambda s: (s != "train", s))  # train first: it sets the normalisation
-    manifests: dict[str, Manifest] = {}
+    built: dict[str, tuple[Path, Manifest]] = {}
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         disable=not show_progress,
@@ -110,42 +149,40 @@ def prepare(
             src = splits[name]
             task = progress.add_task(f"writing {name}", total=len(src))
             res = src.resolution or 32
-            with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out) as tmpd:
-                tmp = Path(tmpd)
-                ds = _WriterDataset(src, tmp, (res, res, 3))
-                tmp_beton = tmp / f"{name}.beton"
-                ffcv_io.write_beton(
-                    tmp_beton, ds, image_format, jpeg_quality, num_workers,
-                    on_advance=lambda n, t=task: progress.advance(t, n),
-                )
-                _report_failures(src, np.load(tmp / "failed.npy"))
-                stats = np.load(tmp / "stats.npy")
-                pixels = float((stats[:, 6] * stats[:, 7]).sum())
-                mean = stats[:, 0:3].sum(0) / pixels
-                std = np.sqrt(np.maximum(stats[:, 3:6].sum(0) / pixels - mean**2, 0.0))
-                sizes = {tuple(int(v) for v in r) for r in stats[:, 6:8]}
-                if normalization is None:
-                    normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
-                m = Manifest(
-                    split=name,
-                    num_samples=len(src),
-                    class_names=list(src.class_names),
-                    class_counts=[int(c) for c in np.bincount(src.labels, minlength=len(src.class_names))],
-                    resolution=list(next(iter(sizes))) if len(sizes) == 1 else None,
-                    mean=[float(v) for v in mean],
-                    std=[float(v) for v in std],
-                    normalization=normalization,
-                    image_format=image_format,
-                    source=src.description,
-                    sha256=sha256_file(tmp_beton),
-                    extra=src.extra,
-                )
-                final = beton_path(out, name)
-                shutil.move(str(tmp_beton), final)
-                atomic_write_json(manifest_path(final), m.to_json())
-                manifests[name] = m
-                log.info("wrote %s (%d samples, sha256 %s)", final, m.num_samples, m.sha256[:12])
-    return manifests
+            work = tmp / f"work-{name}"
+            work.mkdir()
+            ds = _WriterDataset(src, work, (res, res, 3))
+            tmp_beton = beton_path(tmp, name)
+            ffcv_io.write_beton(
+                tmp_beton, ds, image_format, jpeg_quality, num_workers,
+                on_advance=lambda n, t=task: progress.advance(t, n),
+            )
+            _report_failures(src, np.load(work / "failed.npy"))
+            stats = np.load(work / "stats.npy")
+            pixels = float((stats[:, 6] * stats[:, 7]).sum())
+            mean = stats[:, 0:3].sum(0) / pixels
+            std = np.sqrt(np.maximum(stats[:, 3:6].sum(0) / pixels - mean**2, 0.0))
+            sizes = {tuple(int(v) for v in r) for r in stats[:, 6:8]}
+            if normalization is None:
+                normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+            m = Manifest(
+                split=name,
+                num_samples=len(src),
+                class_names=list(src.class_names),
+                class_counts=[int(c) for c in np.bincount(src.labels, minlength=len(src.class_names))],
+                resolution=list(next(iter(sizes))) if len(sizes) == 1 else None,
+                mean=[float(v) for v in mean],
+                std=[float(v) for v in std],
+                normalization=normalization,
+                image_format=image_format,
+                source=src.description,
+                sha256=sha256_file(tmp_beton),
+                extra=src.extra,
+            )
+            atomic_write_json(manifest_path(tmp_beton), m.to_json())
+            shutil.rmtree(work)
+            built[name] = (tmp_beton, m)
+    return built
 
 
 def prepare_cache_only(
@@ -163,7 +200,7 @@ def prepare_cache_only(
     import json
 
     from ..fileio import atomic_path
-    from .cache import CACHE_VERSION, cache_path
+    from .cache import CACHE_VERSION
 
     out = Path(out_dir)
     targets = [p for s in splits for p in (manifest_path(beton_path(out, s)), cache_path(beton_path(out, s)))]
