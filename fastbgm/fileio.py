@@ -90,3 +90,55 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds a folder's lock; the message names it."""
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds ``folder``'s lock ("pid P on HOST since T"), or None when it is free."""
+    import fcntl
+
+    p = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return (os.read(fd, 512).decode(errors="replace").strip() or "another process")
+    finally:
+        os.close(fd)  # closing drops a shared lock we may have taken
+    return None
+
+
+@contextmanager
+def exclusive_folder(folder: str | os.PathLike, what: str = "folder") -> Iterator[None]:
+    """Hold ``folder``'s lock for the life of the block; raise :class:`FolderBusy` if a
+    live process holds it. The kernel drops the lock when its holder dies, however it
+    dies, so a killed process never leaves a stale lock behind."""
+    import datetime
+    import fcntl
+    import socket
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            raise FolderBusy(f"{what} {folder} is in use by {holder}: stop that process first "
+                             "(or wait for it to end)") from None
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

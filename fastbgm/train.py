@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.logging import RichHandler
 
     from .config import ConfigError, load
+    from .data.sources import DatasetError
+    from .fileio import FolderBusy
     from .trainer import RunConfig, Trainer
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
@@ -34,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path("runs") / cfg.name
     try:
         result = Trainer(cfg, run_dir).run()
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, FolderBusy, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {run_dir} resumes from its last checkpoint when run again", file=sys.stderr)
+        return 130
     print(f"{run_dir}: {result.get('status')}"
           + (f" ({result.get('reason')})" if result.get("status") == "failed" else ""))
     return 0 if result.get("status") == "done" else 1

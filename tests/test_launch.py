@@ -229,3 +229,36 @@ def test_impossible_request_is_rejected_before_anything_waits(tiny_dir: Path, tm
     out = launch("--config", str(cfg), "--executor", "slurm", "--gpus-per-node", "8")
     assert out.returncode == 2 and "8 GPUs per node asked" in " ".join(out.stdout.split())
     assert time.time() - t0 < 60 and sacct_count() == before
+
+
+def test_stopped_local_launcher_leaves_no_trainer_and_relaunch_resumes(tiny_dir: Path, tmp_path: Path) -> None:
+    # SIGTERM (kill, timeout, a closed terminal) used to orphan the trainers; the next
+    # launch then started a second trainer on the same folder and mixed their epochs.
+    import signal
+
+    from fastbgm.fileio import lock_holder
+
+    cfg = write_experiment(tmp_path, tiny_dir, name="stop", modes='["vanilla"]', inits='["random"]', epochs=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    p = subprocess.Popen([sys.executable, "-m", "fastbgm.launch", "--config", str(cfg), "--executor", "local",
+                          "--no-report"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    run = tmp_path / "runs/stop/synthetic/small_cnn/seed0/stage2-random-vanilla"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 2:
+        time.sleep(0.1)
+    holder = lock_holder(run)
+    assert holder, "the trainer did not start"
+    trainer_pid = int(holder.split()[1])
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in out and "resumes" in out, out[-2000:]
+    deadline = time.time() + 10
+    while time.time() < deadline and Path(f"/proc/{trainer_pid}").exists() and \
+            Path(f"/proc/{trainer_pid}/stat").read_text().split()[2] not in "ZX":
+        time.sleep(0.1)
+    assert lock_holder(run) is None  # its trainer is gone with it
+    again = launch("--config", str(cfg), "--executor", "local", "--no-report")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")]
+    assert epochs == list(range(1, 41))

@@ -223,10 +223,70 @@ def test_bad_config_names_the_key(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_changed_config_on_existing_run_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    # The identity check comes before the finished check: a done run must not stand
+    # for a config it was not trained with (it used to say "already done").
+    assert Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1}), tmp_path / "r").run()["status"] == "done"
+    with pytest.raises(ConfigError, match=r"different config \(.*optim.lr 0.05 -> 0.2"):
+        Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1, "optim.lr": 0.2}), tmp_path / "r").run()
+    with pytest.raises(ConfigError, match=r"speed.precision fp32 -> bf16"):  # changes the numbers
+        Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1, "speed.precision": "bf16"}), tmp_path / "r").run()
+    # compile / channels-last / threads change only the speed: accepted
+    same = run_config(tiny_dir, **{"stop.max_epochs": 1, "speed.channels_last": "true", "speed.threads": 1})
+    assert Trainer(same, tmp_path / "r").run()["status"] == "done"
+    out = subprocess.run([sys.executable, "-m", "fastbgm.train", "--config", str(tmp_path / "r" / C.CONFIG),
+                          "--run-dir", str(tmp_path / "r"), "--optim.lr=0.2", "--model.width=8"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 2 and "model.width 16 -> 8" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_config_json_records_world_and_per_rank_batch(tiny_dir: Path, tmp_path: Path) -> None:
     Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1}), tmp_path / "r").run()
-    with pytest.raises(ConfigError, match="different config.*optim.lr"):
-        Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1, "optim.lr": 0.2}), tmp_path / "r")._run(
-            __import__("fastbgm.distributed", fromlist=["setup"]).setup("cpu"))
+    rec = json.loads((tmp_path / "r" / C.CONFIG).read_text())
+    assert rec["dist"] == {"world": 1, "per_rank_batch": 64} and rec["model"]["sync_bn"] == "false"
+    # resumed (or re-run) on another world size: another per-rank BatchNorm batch, refused
+    rec["dist"] = {"world": 4, "per_rank_batch": 16}
+    (tmp_path / "r" / C.CONFIG).write_text(json.dumps(rec))
+    with pytest.raises(ConfigError, match=r"dist.per_rank_batch 16 -> 64, dist.world 4 -> 1"):
+        Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1}), tmp_path / "r").run()
+    with pytest.raises(ConfigError, match=r"2-rank run .* started with 1 rank"):
+        Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1, "dist.world": 2}), tmp_path / "other").run()
+
+
+def test_stop_decision_survives_a_kill_before_the_result(tiny_dir: Path, tmp_path: Path) -> None:
+    ov = {"data.labels": "random", "data.test": "", "stop.max_epochs": 200, "stop.target_train_acc": 1.0,
+          "stop.train_eval_every": 5, "optim.momentum": 0.9, "model.width": 32}
+    res = Trainer(run_config(tiny_dir, **ov), tmp_path / "s").run()
+    assert res["status"] == "done" and res["target_reached"] and res["epochs"] < 200
+    # a kill between last.pt and result.json: the result says running, final.pt is missing
+    (tmp_path / "s" / C.RESULT).write_text(json.dumps({"status": "running"}))
+    (tmp_path / "s" / C.FINAL).unlink()
+    again = Trainer(run_config(tiny_dir, **ov), tmp_path / "s").run()
+    assert again["status"] == "done" and again["epochs"] == res["epochs"]  # no training past the stop
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "s" / C.METRICS)] == list(range(1, res["epochs"] + 1))
+
+
+def test_one_trainer_per_run_folder(tiny_dir: Path, tmp_path: Path) -> None:
+    from fastbgm.fileio import FolderBusy, lock_holder
+
+    run = tmp_path / "l"
+    p = _spawn_train(run, _overrides(tiny_dir, **{"stop.max_epochs": 200}))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / C.LAST).exists():
+            time.sleep(0.05)
+        holder = lock_holder(run)
+        assert holder and f"pid {p.pid}" in holder
+        with pytest.raises(FolderBusy, match=f"in use by pid {p.pid}"):
+            Trainer(run_config(tiny_dir, **dict(a[2:].split("=", 1) for a in _overrides(
+                tiny_dir, **{"stop.max_epochs": 200}))), run).run()
+        out = subprocess.run([sys.executable, "-m", "fastbgm.train", "--run-dir", str(run), "--quiet",
+                              *_overrides(tiny_dir, **{"stop.max_epochs": 200})],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 2 and f"in use by pid {p.pid}" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    assert lock_holder(run) is None  # the kernel drops a dead holder's lock: nothing stale
 
 
 def test_lr_schedules() -> None:

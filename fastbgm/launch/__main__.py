@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     except (LaunchError, ConfigError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
+    except KeyboardInterrupt as e:
+        why = f" ({e.args[0]})" if e.args else ""
+        console.print(f"stopped{why}; every unfinished run resumes from its last checkpoint when you run "
+                      "the same command again")
+        return 130
     ok = closing_report(runs, console, retry_cmd.replace(" --retry-failed", ""))
     if not args.no_report and not args.no_wait:
         from ..report.__main__ import main as report_main

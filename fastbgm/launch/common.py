@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..config import config_diff, to_dict
+from ..config import to_dict
 from ..experiment import RunSpec, run_status
-from ..fileio import read_jsonl
+from ..fileio import lock_holder, read_jsonl
+from ..trainer.config import identity_changes
 
 
 class LaunchError(RuntimeError):
@@ -39,7 +40,7 @@ def check_configs(runs: list[RunSpec]) -> None:
             old = json.loads(p.read_text())
         except json.JSONDecodeError:
             continue  # a run that never wrote its config fully: the trainer rewrites it
-        diff = config_diff(old, to_dict(r.config), ignore=("speed.",))
+        diff, _ = identity_changes(old, to_dict(r.config), planned=True)
         if diff:
             clashes.append(f"  {r.key}: {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
     if clashes:
@@ -53,6 +54,14 @@ def check_configs(runs: list[RunSpec]) -> None:
 def decide(runs: list[RunSpec], retry_failed: bool, queued: set[str] = frozenset()) -> list[Decision]:
     """What to do with each run, in dependency order (stage 1 first)."""
     check_configs(runs)
+    busy = [(r.key, h) for r in runs if r.key not in queued and (h := lock_holder(r.run_dir))]
+    if busy:
+        raise LaunchError(
+            f"{len(busy)} run(s) are being trained right now by another process:\n"
+            + "\n".join(f"  {k}: {h}" for k, h in busy[:10])
+            + "\nStop that launch (or its trainers) first, or wait for it to end; two trainers on one run "
+              "folder would mix their checkpoints."
+        )
     out: list[Decision] = []
     by_key: dict[str, Decision] = {}
     for r in sorted(runs, key=lambda r: r.stage):

@@ -4,11 +4,14 @@ each pinned to ``cpus_per_task`` threads (small CPU runs scale poorly across thr
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -40,7 +43,8 @@ def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, 
     running: dict[str, tuple[subprocess.Popen, str | None, RunSpec]] = {}
     from rich.live import Live
 
-    with Live(table(all_runs, states, "fastbgm local"), console=console, refresh_per_second=2) as view:
+    with Live(table(all_runs, states, "fastbgm local"), console=console, refresh_per_second=2) as view, \
+            _stop_children_on_exit(running):
         while todo or running:
             for key, (proc, dev, r) in list(running.items()):
                 if proc.poll() is not None:
@@ -74,6 +78,48 @@ def run_local(decisions: list[Decision], all_runs: list[RunSpec], console: Any, 
         view.update(table(all_runs, states, "fastbgm local"))
 
 
+class Stopped(KeyboardInterrupt):
+    """The launcher was asked to stop (SIGINT, SIGTERM, SIGHUP)."""
+
+
+@contextlib.contextmanager
+def _stop_children_on_exit(running: dict) -> Iterator[None]:
+    """Whatever ends the launcher (a signal, an error), its trainers end with it: an
+    orphaned trainer would otherwise go on and meet the next launch's trainer in the
+    same run folder. Each run keeps its last.pt and resumes on the next launch."""
+    def on_signal(signum: int, frame: Any) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, on_signal) for s in handled} if main else {}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        procs = [p for p, _, _ in running.values() if p.poll() is None]
+        for p in procs:
+            p.terminate()
+        deadline = time.time() + 15
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the kernel sends the child SIGTERM when the launcher dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _start(r: RunSpec, device: str | None, threads: int) -> subprocess.Popen:
     r.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(r.run_dir / PLANNED, to_dict(r.config))
@@ -86,4 +132,5 @@ def _start(r: RunSpec, device: str | None, threads: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fastbgm.train", "--config", str(r.run_dir / PLANNED), "--run-dir", str(r.run_dir)]
     if device is None and not r.config.speed.threads:
         cmd.append(f"--speed.threads={threads}")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)

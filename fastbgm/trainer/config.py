@@ -45,9 +45,12 @@ class ModelConfig:
     width: int = 32  # small_cnn only
     depth: int = 5  # small_cnn only
     batchnorm: bool = True  # small_cnn only
-    sync_bn: bool = False  # SyncBatchNorm across ranks (GPU)
+    sync_bn: str = "auto"  # SyncBatchNorm across ranks: auto (on for a multi-rank GPU run) | true | false
 
     def __post_init__(self) -> None:
+        self.sync_bn = str(self.sync_bn).lower()  # TOML booleans of older configs
+        check(self.sync_bn in ("auto", "true", "false"), "model.sync_bn",
+              f"must be auto, true or false, got {self.sync_bn!r}")
         check(self.name in MODELS, "model.name", f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}")
         check(self.bn_init in BN_INITS, "model.bn_init", f"must be one of {', '.join(BN_INITS)}, got {self.bn_init!r}")
         check(self.width >= 1 and self.depth >= 1, "model.width", "width and depth must be >= 1")
@@ -129,6 +132,20 @@ class SpeedConfig:
 
 
 @dataclass
+class DistConfig:
+    """How many ranks one run spans. Part of what a run *is*: the per-rank batch is
+    what BatchNorm normalises over (without SyncBatchNorm), so a run is never resumed
+    on another world size. 0 = as launched; config.json records the value used."""
+
+    world: int = 0
+    per_rank_batch: int = 0  # recorded: ceil(optim.batch_size / world)
+
+    def __post_init__(self) -> None:
+        check(self.world >= 0, "dist.world", f"must be >= 0 (0: as launched), got {self.world}")
+        check(self.per_rank_batch >= 0, "dist.per_rank_batch", f"must be >= 0, got {self.per_rank_batch}")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0  # model init seed
@@ -138,12 +155,44 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     log_every: int = 0  # steps between log lines inside an epoch (0 = per epoch only)
     mfu: bool = True
 
     def __post_init__(self) -> None:
         if not self.data.train:
             raise ConfigError("data.train: the training .beton is required (e.g. --data.train=data/cifar10/train.beton)")
+        if self.dist.world and self.dist.per_rank_batch:
+            want = -(-self.optim.batch_size // self.dist.world)
+            check(self.dist.per_rank_batch == want, "dist.per_rank_batch",
+                  f"is {self.dist.per_rank_batch}, but batch_size {self.optim.batch_size} over "
+                  f"{self.dist.world} rank(s) gives {want}")
 
 
-__all__ = ["RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "StopConfig", "SpeedConfig"]
+# Speed switches that change the numbers a run computes; the others (compile, channels
+# last, cuDNN autotuning, threads) change only how fast the same maths runs.
+MATH_SPEED_KEYS = ("speed.device", "speed.precision")
+# Values that a planned (not yet started) config leaves to be resolved by the trainer.
+UNRESOLVED = {"speed.device": "auto", "speed.precision": "auto", "model.sync_bn": "auto",
+              "dist.world": 0, "dist.per_rank_batch": 0}
+
+
+def identity_changes(recorded: dict, new: dict, planned: bool = False) -> tuple[list[str], list[str]]:
+    """Compare a run folder's recorded config.json with a config for the same folder.
+
+    Returns ``(changed, speed_only)``: the keys whose change makes it another run (the
+    folder must be refused), and the speed switches that changed without changing the
+    maths (fine to resume; worth a log line). ``planned``: ``new`` is a launcher's plan,
+    whose "auto" values are not resolved yet and so match any recorded value.
+    """
+    from ..config import config_diff, flatten
+
+    diff = config_diff(recorded, new)
+    now = flatten(new)
+    changed = [k for k in diff if not k.startswith("speed.") or k in MATH_SPEED_KEYS]
+    if planned:
+        changed = [k for k in changed if not (k in UNRESOLVED and now.get(k) == UNRESOLVED[k])]
+    return changed, [k for k in diff if k.startswith("speed.") and k not in MATH_SPEED_KEYS]
+
+
+__all__ = ["RunConfig", "DistConfig", "identity_changes", "DataConfig", "ModelConfig", "OptimConfig", "StopConfig", "SpeedConfig"]

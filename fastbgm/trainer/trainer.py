@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 from .. import __version__
 from .. import distributed as D
-from ..config import ConfigError, config_diff, to_dict
+from ..config import ConfigError, flatten, to_dict
 from ..data import LabelSpec, Manifest, make_loader
 from ..data.loader import DeviceLoader
-from ..fileio import append_line, atomic_torch_save, atomic_write_json, read_jsonl
+from ..fileio import append_line, atomic_torch_save, atomic_write_json, exclusive_folder, read_jsonl
 from ..models import build_model, count_parameters
 from . import checkpoint as C
-from .config import RunConfig
+from .config import RunConfig, identity_changes
 from .measures import complexity, peak_flops, train_flops_per_image
 
 log = logging.getLogger("fastbgm.trainer")
@@ -130,36 +130,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
-        done = self.finished_result()
-        if done is not None:
-            log.info("%s is already done; nothing to do", self.run_dir)
-            return done
         _PREEMPTED.clear()
         env = D.setup(self.cfg.speed.device)
         self.env = env
         try:
-            return self._run(env)
+            speed = resolve_speed(self.cfg, env.device)
+            # Identity first: a finished run must not stand for a config it was not trained with.
+            problem = self._config_problem(speed, env) if env.is_main else None
+            problem = D.broadcast_object(problem)
+            if problem:
+                raise ConfigError(problem)
+            done = self.finished_result()
+            if done is not None:
+                log.info("%s is already done; nothing to do", self.run_dir)
+                return done
+            # One trainer per run folder (rank 0 holds the lock for its whole run): a second
+            # one, say from a re-launch while an orphaned trainer still runs, is refused.
+            with exclusive_folder(self.run_dir, "run folder") if env.is_main else contextlib.nullcontext():
+                return self._run(env, speed)
         finally:
             D.teardown()
 
     def finished_result(self) -> dict[str, Any] | None:
         p = self.run_dir / C.RESULT
         if p.exists():
-            res = json.loads(p.read_text())
+            try:
+                res = json.loads(p.read_text())
+            except json.JSONDecodeError:
+                return None  # torn by a crash of older code; the run resumes and rewrites it
             if res.get("status") == "done":
                 return res
         return None
 
-    def _run(self, env: D.DistEnv) -> dict[str, Any]:
+    def _run(self, env: D.DistEnv, speed: Speed) -> dict[str, Any]:
         cfg = self.cfg
-        speed = resolve_speed(cfg, env.device)
         self.speed = speed
         if speed.device == "cpu" and cfg.speed.threads:
             torch.set_num_threads(cfg.speed.threads)
         torch.backends.cudnn.benchmark = speed.cudnn_benchmark
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._check_or_write_config(speed)
+            atomic_write_json(self.run_dir / C.CONFIG, to_dict(self.resolved_config(speed, env)))
         D.barrier()
 
         train, train_eval, test = self._loaders(env, speed)
@@ -169,7 +179,7 @@ class Trainer:
         optimizer = self._optimizer(module)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
         scaler = torch.amp.GradScaler("cuda") if speed.precision == "fp16" and env.device.type == "cuda" else None
-        start_epoch = self._resume(module, optimizer, scheduler, scaler, train, env)
+        start_epoch, stopped = self._resume(module, optimizer, scheduler, scaler, train, env)
         model = self._wrap(module, env, speed)
         flops = train_flops_per_image(module, self.input_shape, env.device) if cfg.mfu else None
         peak = peak_flops(env.device, speed.precision)
@@ -178,8 +188,10 @@ class Trainer:
             self._write_result({"status": "running", "epoch": start_epoch})
 
         epoch = start_epoch
+        # a run that had decided to stop before it was killed does not train on
+        end_epoch = start_epoch if stopped else cfg.stop.max_epochs
         try:
-            for epoch in range(start_epoch, cfg.stop.max_epochs):
+            for epoch in range(start_epoch, end_epoch):
                 scheduler_lr = optimizer.param_groups[0]["lr"]
                 train.set_epoch(epoch)
                 t0 = time.perf_counter()
@@ -194,6 +206,9 @@ class Trainer:
                 row.update(complexity(module, init, self.input_shape))
                 last = epoch + 1 == cfg.stop.max_epochs
                 stop = False
+                # under DDP each rank's BatchNorm buffers saw only its own batches: every
+                # rank evaluates (and final.pt holds) rank 0's model
+                D.broadcast_buffers(module)
                 if (epoch + 1) % cfg.stop.train_eval_every == 0 or last:
                     row["train_eval_loss"], row["train_eval_acc"] = self._evaluate(module, train_eval, speed)
                     stop = cfg.stop.target_train_acc > 0 and row["train_eval_acc"] >= cfg.stop.target_train_acc
@@ -202,7 +217,7 @@ class Trainer:
                 row["eval_seconds"] = time.perf_counter() - t0 - dt
                 if env.is_main:
                     append_line(self.run_dir / C.METRICS, json.dumps(row))
-                    self._save_last(module, optimizer, scheduler, scaler, train, epoch + 1)
+                    self._save_last(module, optimizer, scheduler, scaler, train, epoch + 1, stop)
                     self._log_epoch(row)
                 D.barrier()
                 if stop:
@@ -226,26 +241,54 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ pieces
-    def _check_or_write_config(self, speed: Speed) -> None:
-        cfg_dict = to_dict(self.resolved_config(speed))
+    def _config_problem(self, speed: Speed, env: D.DistEnv) -> str | None:
+        """Why this config may not run in this folder (None: it may)."""
+        want = self.cfg.dist.world
+        if want and want != env.world:
+            return (f"{self.cfg.name} is a {want}-rank run (dist.world = {want}) but was started with {env.world} "
+                    f"rank(s); start it with {want}, or give it another run folder")
         p = self.run_dir / C.CONFIG
-        if p.exists():
+        if not p.exists():
+            return None
+        try:
             old = json.loads(p.read_text())
-            diff = config_diff(old, cfg_dict, ignore=("speed.",))
-            if diff:
-                raise ConfigError(
-                    f"{self.run_dir} holds a run with a different config (differs in {', '.join(diff)}); "
-                    "choose a new run folder, or delete this one to start over"
-                )
-        atomic_write_json(p, cfg_dict)
+        except json.JSONDecodeError:
+            return None  # never fully written: this run rewrites it
+        new = to_dict(self.resolved_config(speed, env))
+        changed, speed_only = identity_changes(old, new)
+        if changed:
+            was, now = flatten(old), flatten(new)
+            what = ", ".join(f"{k} {was.get(k, '(not recorded)')} -> {now.get(k)}" for k in changed[:8])
+            return (f"{self.run_dir} holds a run with a different config ({what}); "
+                    "choose a new run folder, or delete this one to start over")
+        if speed_only:
+            log.info("%s: speed switches changed (%s); they do not change what is computed", self.run_dir,
+                     ", ".join(speed_only))
+        return None
 
-    def resolved_config(self, speed: Speed) -> RunConfig:
+    def resolved_config(self, speed: Speed, env: D.DistEnv) -> RunConfig:
         b = lambda v: "true" if v else "false"  # noqa: E731
         s = dataclasses.replace(self.cfg.speed, device=speed.device, compile=b(speed.compile),
                                 compile_mode=speed.compile_mode,
                                 channels_last=b(speed.channels_last), precision=speed.precision,
                                 cudnn_benchmark=b(speed.cudnn_benchmark), threads=speed.threads)
-        return dataclasses.replace(self.cfg, speed=s)
+        dist = dataclasses.replace(self.cfg.dist, world=env.world,
+                                   per_rank_batch=-(-self.cfg.optim.batch_size // env.world))
+        model = dataclasses.replace(self.cfg.model, sync_bn=b(self._sync_bn(env)))
+        return dataclasses.replace(self.cfg, speed=s, dist=dist, model=model)
+
+    def _sync_bn(self, env: D.DistEnv) -> bool:
+        """SyncBatchNorm for a multi-rank GPU run unless the config says false (it is a
+        CUDA-only module: CPU ranks normalise over their own batches)."""
+        want = self.cfg.model.sync_bn
+        if not env.distributed or want == "false":
+            return False
+        if env.device.type != "cuda":
+            if want == "true":
+                raise ConfigError("model.sync_bn = true needs GPUs (SyncBatchNorm is CUDA-only); "
+                                  "use model.sync_bn=false on CPU ranks")
+            return False
+        return True
 
     def _loaders(self, env: D.DistEnv, speed: Speed) -> tuple[DeviceLoader, DeviceLoader, DeviceLoader | None]:
         d = self.cfg.data
@@ -278,7 +321,7 @@ class Trainer:
                 module.load_state_dict(C.model_state(ckpt))  # weights + BN running statistics
             except RuntimeError as e:
                 raise ConfigError(f"init_from: {self.cfg.init_from} does not fit model {m.name!r}: {e}") from None
-        if m.sync_bn and env.distributed:
+        if self._sync_bn(env):
             module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module = module.to(env.device)
         if speed.channels_last:
@@ -305,12 +348,13 @@ class Trainer:
             groups = [{"params": list(module.parameters()), "weight_decay": o.weight_decay}]
         return make_sgd(groups, o.peak_lr, o.momentum, o.nesterov, next(module.parameters()).device)
 
-    def _resume(self, module, optimizer, scheduler, scaler, train, env) -> int:
+    def _resume(self, module, optimizer, scheduler, scaler, train, env) -> tuple[int, bool]:
+        """(epochs already done, whether the run had decided to stop) from last.pt."""
         p = self.run_dir / C.LAST
         if not p.exists():
             if env.is_main and (self.run_dir / C.METRICS).exists():
                 (self.run_dir / C.METRICS).unlink()  # rows of a run that never checkpointed
-            return 0
+            return 0, False
         ckpt = C.load(p)
         module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -325,8 +369,9 @@ class Trainer:
             from ..fileio import atomic_write_text
 
             atomic_write_text(self.run_dir / C.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
-        log.info("resuming %s after epoch %d", self.run_dir, epoch)
-        return epoch
+        stopped = bool(ckpt.get("stopped", False))
+        log.info("resuming %s after epoch %d%s", self.run_dir, epoch, " (its stop rule had fired)" if stopped else "")
+        return epoch, stopped
 
     def _wrap(self, module: nn.Module, env: D.DistEnv, speed: Speed) -> nn.Module:
         model: nn.Module = module
@@ -397,10 +442,11 @@ class Trainer:
         module.train(was_training)
         return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
-    def _save_last(self, module, optimizer, scheduler, scaler, train: DeviceLoader, epoch: int) -> None:
+    def _save_last(self, module, optimizer, scheduler, scaler, train: DeviceLoader, epoch: int,
+                   stopped: bool) -> None:
         atomic_torch_save({
             "model": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "stopped": stopped,
             "rng": C.rng_state(), "loader": {"epoch": epoch},
         }, self.run_dir / C.LAST)
 
