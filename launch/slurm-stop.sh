@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Stop the daemons launch/slurm-start.sh started (by recorded PID, checking the
-# program name before signalling): slurmd, slurmctld, slurmdbd, mariadbd, munged.
+# program name before signalling): slurmd(s), slurmctld, slurmdbd, mariadbd, munged;
+# for a multi-node cluster also every process left in the nodes' network namespaces,
+# the namespaces themselves and their bridge.
 set -uo pipefail
 S=${FASTBGM_SLURM_DIR:-/var/tmp/fastbgm-slurm}
 stop() {
@@ -19,6 +21,18 @@ stop() {
   rm -f "$f"
 }
 stop slurmd slurmd
+for f in "$S"/pid/slurmd-node*.pid; do
+  [ -e "$f" ] || continue
+  n=$(basename "$f" .pid); n=${n#slurmd-}
+  stop "slurmd-$n" slurmd
+  if ip netns list 2>/dev/null | grep -qw "$n"; then
+    pids=$(ip netns pids "$n" 2>/dev/null)  # slurmstepd and job tasks left in the node
+    [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+    ip netns del "$n" 2>/dev/null  # removes its veth too
+  fi
+  rm -rf "/etc/netns/$n"
+done
+ip link show slmn0 >/dev/null 2>&1 && ip link del slmn0
 stop slurmctld slurmctld
 stop slurmdbd slurmdbd
 stop mariadbd mariadbd
