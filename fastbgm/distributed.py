@@ -42,8 +42,29 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device(pref)
 
 
+def _export_from_slurm_step() -> None:
+    """Inside a multi-task ``srun`` step (as the allocation driver starts a DDP run) with
+    no torchrun/submitit variables: derive them from the step's own Slurm variables.
+    The rendezvous is the step's first node, on a port fixed by (job, step)."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
+        return
+    import subprocess
+
+    nodes = os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST", "localhost"))
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                               timeout=30).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        first = nodes.split(",")[0]
+    job, step = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
+    os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_STEP_NUM_TASKS"],
+                      LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"), MASTER_ADDR=first,
+                      MASTER_PORT=str(20000 + (job * 97 + step) % 20000))
+
+
 def setup(device_pref: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Initialise the process group when the environment describes more than one rank."""
+    _export_from_slurm_step()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -78,6 +99,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (a one-element list in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError, load
     from .data.sources import DatasetError
     from .fileio import FolderBusy
-    from .trainer import RunConfig, Trainer
+    from .trainer import RunConfig, StopRequested, Trainer
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)])
@@ -34,8 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or Path("runs") / cfg.name
+
+    def stop(signum: int, frame: object) -> None:
+        raise StopRequested(signal.Signals(signum).name)
+
+    # Slurm's warning before the time limit (submitit's --signal=USR2@90 reaches job steps)
+    signal.signal(signal.SIGUSR2, stop)
     try:
         result = Trainer(cfg, run_dir).run()
+    except StopRequested as e:
+        print(f"{run_dir}: stopped on request ({e}); it resumes from its last checkpoint", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: resumable (fastbgm.launch.schedule.STOP_EXIT)
     except (ConfigError, FileNotFoundError, FolderBusy, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -63,17 +63,17 @@ threads = 1
 [resources]
 gpus = 0
 cpus_per_task = 1
-tasks_per_node = {tasks}
 time = "00:20:00"
 """
 
 
 def write_experiment(tmp: Path, data: Path, name: str = "mini", modes: str = '["vanilla", "da+l2+m"]',
                      inits: str = '["random", "adversarial"]', epochs: int = 6, stage1_lr: float = 0.05,
-                     tasks: int = 0, batchnorm: str = "true") -> Path:
+                     batchnorm: str = "true", seeds: str = "[0]") -> Path:
     p = tmp / f"{name}.toml"
     p.write_text(EXPERIMENT.format(name=name, runs=tmp / "runs", data=data, modes=modes, inits=inits,
-                                   epochs=epochs, stage1_lr=stage1_lr, tasks=tasks, batchnorm=batchnorm))
+                                   epochs=epochs, stage1_lr=stage1_lr, batchnorm=batchnorm)
+                 .replace("seeds = [0]", f"seeds = {seeds}"))
     return p
 
 
@@ -124,7 +124,7 @@ def test_modes_and_plan(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_dir: Path, tmp_path: Path) -> None:
     cfg = write_experiment(tmp_path, tiny_dir)
-    out = launch("--config", str(cfg), "--executor", "slurm", "--timeout", "250")
+    out = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--timeout", "250")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     root = tmp_path / "runs" / "mini"
     res = results(root)
@@ -138,7 +138,7 @@ def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_di
         assert (adv / "init.pt").stat().st_mtime >= (s1 / "final.pt").stat().st_mtime
     # re-launching a finished experiment submits nothing
     before = sacct_count()
-    again = launch("--config", str(cfg), "--executor", "slurm", "--timeout", "60")
+    again = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--timeout", "60")
     assert again.returncode == 0 and "nothing to submit" in again.stdout
     assert sacct_count() == before
     # the same experiment without Slurm gives the same results
@@ -153,24 +153,12 @@ def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_di
 
 
 @needs_slurm
-@pytest.mark.timeout(300)
-def test_two_task_job_trains_with_gloo_ddp(tiny_dir: Path, tmp_path: Path) -> None:
-    cfg = write_experiment(tmp_path, tiny_dir, name="ddp", modes='["vanilla"]', inits='["random"]', tasks=2,
-                           epochs=2)
-    out = launch("--config", str(cfg), "--executor", "slurm", "--timeout", "250")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run = tmp_path / "runs/ddp/synthetic/small_cnn/seed0/stage2-random-vanilla"
-    assert json.loads((run / "env.json").read_text())["world"] == 2
-    assert json.loads((run / "result.json").read_text())["status"] == "done"
-
-
-@needs_slurm
 @pytest.mark.timeout(400)
 def test_preempted_job_requeues_and_matches_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:
     import submitit
 
     cfg = write_experiment(tmp_path, tiny_dir, name="pre", modes='["vanilla"]', inits='["random"]', epochs=14)
-    out = launch("--config", str(cfg), "--executor", "slurm", "--no-wait")
+    out = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--no-wait")
     assert out.returncode == 0, out.stdout[-2000:]
     run = tmp_path / "runs/pre/synthetic/small_cnn/seed0/stage2-random-vanilla"
     job_id = json.loads((run / "slurm-job.json").read_text())["job_id"]
@@ -180,7 +168,7 @@ def test_preempted_job_requeues_and_matches_uninterrupted(tiny_dir: Path, tmp_pa
     assert len(read_jsonl(run / "metrics.jsonl")) >= 3
     job = submitit.SlurmJob(folder=str(tmp_path / "runs/pre/.submitit/%j"), job_id=job_id)
     job._interrupt()  # submitit's preemption signal: the job checkpoints and requeues itself
-    follow = launch("--config", str(cfg), "--executor", "slurm", "--timeout", "250")
+    follow = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--timeout", "250")
     assert follow.returncode == 0, follow.stdout[-3000:]
     assert json.loads((run / "slurm-job.json").read_text())["job_id"] == job_id  # same job, requeued
     log = "".join(p.read_text() for p in (tmp_path / "runs/pre/.submitit").rglob("*_log.*"))
@@ -199,21 +187,37 @@ def test_preempted_job_requeues_and_matches_uninterrupted(tiny_dir: Path, tmp_pa
 
 @needs_slurm
 @pytest.mark.timeout(300)
-def test_failed_stage1_cancels_dependents_and_is_reported(tiny_dir: Path, tmp_path: Path) -> None:
-    cfg = write_experiment(tmp_path, tiny_dir, name="fail", modes='["vanilla"]', stage1_lr=1e12,
+def test_per_run_jobs_cancel_dependents_of_a_failed_stage1_without_cluster_help(tiny_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    # The test cluster has no DependencyParameters=kill_invalid_depend (like most
+    # clusters): fastbgm cancels the array of a failed stage 1 itself.
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    assert "kill_invalid_depend" not in "".join(x for x in conf.read_text().splitlines() if not x.startswith("#"))
+    cfg = write_experiment(tmp_path, tiny_dir, name="fail", modes='["vanilla", "da+l2+m", "l2"]', stage1_lr=1e12,
                            batchnorm="false", epochs=2)
-    out = launch("--config", str(cfg), "--executor", "slurm", "--timeout", "250")
-    assert out.returncode == 1
+    out = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--max-parallel", "2",
+                 "--timeout", "250")
+    assert out.returncode == 1, out.stdout[-3000:]
     root = tmp_path / "runs/fail/synthetic/small_cnn/seed0"
     s1 = json.loads((root / "stage1-R2-z0.1/result.json").read_text())
     assert s1["status"] == "failed" and "non-finite loss" in s1["reason"]
-    adv = json.loads((root / "stage2-adversarial-vanilla/result.json").read_text())
-    assert adv["status"] == "cancelled" and "stage1-R2-z0.1" in adv["reason"]
-    assert json.loads((root / "stage2-random-vanilla/result.json").read_text())["status"] == "done"
+    adv_jobs = set()
+    for mode in ("vanilla", "da_l2_m", "l2"):
+        adv = json.loads((root / f"stage2-adversarial-{mode}/result.json").read_text())
+        assert adv["status"] == "cancelled" and "stage1-R2-z0.1" in adv["reason"]
+        adv_jobs.add(json.loads((root / f"stage2-adversarial-{mode}/slurm-job.json").read_text())["job_id"]
+                     .split("_")[0])
+        assert json.loads((root / f"stage2-random-{mode}/result.json").read_text())["status"] == "done"
+    assert len(adv_jobs) == 1  # the dependents of one stage-1 run are one job array
+    # --max-parallel is the array throttle: never more than 2 random-init runs at once
+    spans = [(json.loads((root / f"stage2-random-{m}/env.json").read_text())["started"],
+              json.loads((root / f"stage2-random-{m}/result.json").read_text())["written"])
+             for m in ("vanilla", "da_l2_m", "l2")]
+    assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 2
     text = " ".join(out.stdout.split())
     assert "non-finite loss" in text and "--retry-failed" in text
-    # without --retry-failed a re-launch leaves the failure alone and keeps the dependent blocked
-    again = launch("--config", str(cfg), "--executor", "slurm", "--dry-run")
+    # without --retry-failed a re-launch leaves the failure alone and keeps the dependents blocked
+    again = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--dry-run")
     assert "keep-failed" in again.stdout and "blocked" in again.stdout
 
 
@@ -228,6 +232,8 @@ def test_impossible_request_is_rejected_before_anything_waits(tiny_dir: Path, tm
     assert "512 CPUs per node asked" in " ".join(out.stdout.split())
     out = launch("--config", str(cfg), "--executor", "slurm", "--gpus-per-node", "8")
     assert out.returncode == 2 and "8 GPUs per node asked" in " ".join(out.stdout.split())
+    out = launch("--config", str(cfg), "--executor", "slurm", "--nodes", "9")
+    assert out.returncode == 2 and "9 nodes asked" in " ".join(out.stdout.split())
     assert time.time() - t0 < 60 and sacct_count() == before
 
 
@@ -262,3 +268,147 @@ def test_stopped_local_launcher_leaves_no_trainer_and_relaunch_resumes(tiny_dir:
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")]
     assert epochs == list(range(1, 41))
+
+
+def _cluster_shape() -> tuple[int, int]:
+    """(nodes, most GPUs on a node) of the running test cluster."""
+    from fastbgm.launch.slurm import cluster_capacity
+
+    cap = cluster_capacity()
+    return cap["nodes"], cap["gpus"]
+
+
+needs_multinode = pytest.mark.skipif(not slurm_available() or _cluster_shape() < (2, 2),
+                                     reason="needs the multi-node test cluster: "
+                                            "bash launch/slurm-start.sh --nodes 2 --gpus-per-node 2")
+
+
+def _spans(root: Path) -> dict[str, dict]:
+    """Per run: when it started and ended, where it ran, in which job."""
+    out = {}
+    for env_file in root.rglob("env.json"):
+        run = env_file.parent
+        env = json.loads(env_file.read_text())
+        res = json.loads((run / "result.json").read_text())
+        out[str(run.relative_to(root))] = {"start": env["started"], "end": res["written"], "hosts": env["hosts"],
+                                           "gpus": env["cuda_visible_devices"], "job": env["slurm_job"]}
+    return out
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = write_experiment(tmp_path, tiny_dir, name="alloc", seeds="[0, 1]", epochs=4)  # 10 runs, 6 ready at once
+    before = sacct_count()
+    out = launch("--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2",
+                 "--timeout", "500", "--no-report", timeout=560)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sacct_count() == before + 1  # ONE job for the experiment
+    root = tmp_path / "runs" / "alloc"
+    job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
+    spans = _spans(root)
+    assert len(spans) == 10 and {s["job"] for s in spans.values()} == {job}
+    events = sorted(t for s in spans.values() for t in (s["start"], s["end"]))
+    for t in events:  # at every moment: at most 4 runs, each on its own (node, GPU)
+        live = [s for s in spans.values() if s["start"] <= t < s["end"]]
+        assert len(live) <= 4
+        places = [(s["hosts"][0], s["gpus"]) for s in live]
+        assert len(set(places)) == len(places), places
+    assert {s["hosts"][0] for s in spans.values()} == {"node1", "node2"}
+    for key, s in spans.items():
+        if "stage2-adversarial" in key:
+            parent = key.rsplit("/", 1)[0] + "/stage1-R2-z0.1"
+            assert s["start"] >= spans[parent]["end"], key
+    local_cfg = write_experiment(tmp_path / "local", tiny_dir, name="alloc", seeds="[0, 1]", epochs=4) \
+        if (tmp_path / "local").mkdir() is None else None
+    loc = launch("--config", str(local_cfg), "--executor", "local", "--no-report")
+    assert loc.returncode == 0, loc.stdout[-3000:]
+    res, lres = results(root), results(tmp_path / "local" / "runs" / "alloc")
+    assert res.keys() == lres.keys()
+    for k in res:
+        for m in ("train_acc", "test_acc", "epochs", "train_loss"):
+            assert res[k][m] == lres[k][m], (k, m)
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_requeued_allocation_resumes_every_run_exactly(tiny_dir: Path, tmp_path: Path) -> None:
+    cfg = write_experiment(tmp_path, tiny_dir, name="rq", modes='["vanilla"]', epochs=14)
+    args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2", "--no-report"]
+    out = launch(*args, "--no-wait")
+    assert out.returncode == 0, out.stdout[-3000:]
+    root = tmp_path / "runs" / "rq"
+    job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
+    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 3:
+        time.sleep(0.2)
+    assert len(read_jsonl(run / "metrics.jsonl")) >= 3
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    follow = launch(*args, "--timeout", "450", timeout=500)  # follows the same job, submits nothing
+    assert follow.returncode == 0, follow.stdout[-3000:]
+    assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
+    assert "resuming" in (run / "train.log").read_text()
+    ref_cfg = write_experiment(tmp_path / "ref", tiny_dir, name="rq", modes='["vanilla"]', epochs=14) \
+        if (tmp_path / "ref").mkdir() is None else None
+    assert launch("--config", str(ref_cfg), "--executor", "local", "--no-report").returncode == 0
+    ref = tmp_path / "ref" / "runs" / "rq"
+    for key, r in results(root).items():
+        assert r["status"] == "done"
+        rows = read_jsonl(root / key / "metrics.jsonl")
+        assert [x["epoch"] for x in rows] == list(range(1, r["epochs"] + 1))  # nothing trained twice
+        assert "already done" not in (root / key / "train.log").read_text()
+        ref_rows = read_jsonl(ref / key / "metrics.jsonl")
+        assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in ref_rows], key
+
+
+@needs_multinode
+@pytest.mark.timeout(400)
+def test_two_node_ddp_run_with_batchnorm_equals_one_process(tiny_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from fastbgm.trainer import checkpoint as C
+
+    from .reference import reference_ddp_training
+
+    cfg = write_experiment(tmp_path, tiny_dir, name="ddp", modes='["vanilla"]', inits='["random"]', epochs=2)
+    out = launch("--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "1",
+                 "--ranks-per-run", "2", "--resources.ranks_per_node=1", "--timeout", "300", "--no-report")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = tmp_path / "runs/ddp/synthetic/small_cnn/seed0/stage2-random-vanilla"
+    env = json.loads((run / "env.json").read_text())
+    assert env["world"] == 2 and sorted(env["hosts"]) == ["node1", "node2"]  # one rank per node
+    rec = json.loads((run / "config.json").read_text())
+    assert rec["dist"] == {"world": 2, "per_rank_batch": 32}
+    model, _ = reference_ddp_training(tiny_dir, world=2, batch_size=64, epochs=2, lr=0.05, augment=False)
+    final = C.load(run / C.FINAL)["model"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(final[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_time_limits_read_as_sbatch_reads_them() -> None:
+    from fastbgm.config import ConfigError
+    from fastbgm.experiment.config import Resources
+
+    for text, minutes in (("30", 30), ("30:30", 31), ("12:00:00", 720), ("2-12", 3600), ("1-00:30", 1470),
+                          ("1-00:00:01", 1441)):
+        assert Resources(time=text).timeout_min == minutes, text
+    for bad in ("abc", "1:2:3:4", "-5", "1-", "12h"):
+        with pytest.raises(ConfigError, match="resources.time: .* is not a Slurm time limit"):
+            Resources(time=bad)
+    out = launch("--config", str(REPO / "configs/paper-mini.toml"), "--executor", "local", "--time", "abc",
+                 "--dry-run")
+    assert out.returncode == 2 and "not a Slurm time limit" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
+    out = launch("--config", str(REPO / "configs/cifar10-paper.toml"), "--executor", "local", "--nodes", "4",
+                 "--gpus-per-node", "8", "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    plan_ = json.loads(out.stdout)
+    assert plan_["allocation"] == {"nodes": 4, "gpus_per_node": 8, "slots": 32, "time": "24:00:00"}
+    assert len(plan_["runs"]) == 204 and all(r["gpus"] == 1 and r["nodes"] == 1 for r in plan_["runs"])
+    est = plan_["estimate"]
+    assert est["gpu_hours"] > 0 and est["wall_hours"] > 0 and est["measured_on"] == ["NVIDIA H200"]
+    assert est["wall_hours"] < est["gpu_hours"]  # 32 GPUs at once
+    assert any("model resnet50 has no measured" in w for w in est["unmeasured"])  # named, not guessed

@@ -20,6 +20,7 @@ from fastbgm.trainer import RunConfig, Trainer, lr_factor
 from fastbgm.trainer import checkpoint as C
 
 from .conftest import REPO, run_config
+from .reference import reference_ddp_training
 
 
 def test_memorises_random_labels_and_stops_by_target(tiny_dir: Path, tmp_path: Path) -> None:
@@ -133,10 +134,7 @@ def test_ddp_with_batchnorm_equals_one_process_on_the_same_per_rank_batches(tiny
     # its own 16 images; DDP keeps rank 0's running statistics. One process computing
     # the same two per-rank batches must reach the same weights and buffers, and the
     # run's test accuracy must be that of the one model final.pt holds.
-    import torch.nn.functional as F
-
     from fastbgm.data import LabelSpec, make_loader
-    from fastbgm.models import build_model
 
     ov = _overrides(tiny_dir, **{"stop.max_epochs": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -147,25 +145,8 @@ def test_ddp_with_batchnorm_equals_one_process_on_the_same_per_rank_batches(tiny
     rec = json.loads((tmp_path / "two" / C.CONFIG).read_text())
     assert rec["dist"] == {"world": 2, "per_rank_batch": 16} and rec["model"]["sync_bn"] == "false"
 
-    torch.manual_seed(0)
-    model = build_model("small_cnn", 10, "ones", width=16, depth=3, batchnorm=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    spec = LabelSpec("confusion", seed=0, copies=2, zero_ratio=0.1)
-    shards = [make_loader(tiny_dir / "train.beton", batch_size=32, labels=spec, augment=True, rank=r, world=2,
-                          channels_last=False) for r in (0, 1)]
-    model.train()
-    for epoch in range(2):
-        for ld in shards:
-            ld.set_epoch(epoch)
-        for (x0, y0, _), (x1, y1, _) in zip(*shards):
-            loss0 = F.cross_entropy(model(x0), y0, reduction="sum")  # rank 0: its BN statistics are kept
-            kept = [b.clone() for b in model.buffers()]
-            loss1 = F.cross_entropy(model(x1), y1, reduction="sum")
-            for b, k in zip(model.buffers(), kept):
-                b.copy_(k)
-            opt.zero_grad()
-            ((loss0 + loss1) / (len(y0) + len(y1))).backward()
-            opt.step()
+    model, shards = reference_ddp_training(tiny_dir, world=2, batch_size=32, epochs=2, lr=0.05, momentum=0.9,
+                                           labels=LabelSpec("confusion", seed=0, copies=2, zero_ratio=0.1))
     final = C.load(tmp_path / "two" / C.FINAL)["model"]
     for k, v in model.state_dict().items():
         torch.testing.assert_close(final[k], v, rtol=1e-4, atol=1e-5, msg=k)
@@ -174,8 +155,12 @@ def test_ddp_with_batchnorm_equals_one_process_on_the_same_per_rank_batches(tiny
     test = make_loader(tiny_dir / "test.beton", batch_size=128, train=False, channels_last=False,
                        normalization=shards[0].manifest.normalization)
     with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y, _ in test)
-    assert read_jsonl(tmp_path / "two" / C.METRICS)[-1]["test_acc"] == pytest.approx(correct / 128, abs=1e-9)
+        outs = [(model(x), y) for x, y, _ in test]
+    correct = sum(int((o.argmax(1) == y).sum()) for o, y in outs)
+    loss = sum(float(torch.nn.functional.cross_entropy(o, y, reduction="sum")) for o, y in outs) / 128
+    last = read_jsonl(tmp_path / "two" / C.METRICS)[-1]
+    assert last["test_acc"] == pytest.approx(correct / 128, abs=1e-9)
+    assert last["test_loss"] == pytest.approx(loss, rel=1e-5)  # one model, not two ranks' BatchNorm statistics
 
 
 def test_compiled_bf16_channels_last_epoch_on_cpu(tiny_dir: Path, tmp_path: Path) -> None:

@@ -106,35 +106,96 @@ class Stage2Config:
         check(self.check_every >= 0, "stage2.check_every", f"must be >= 0 (0: same as eval_every), got {self.check_every}")
 
 
+TIME_FORMS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+
+
+def parse_time(text: str) -> int:
+    """Seconds in a time limit written as sbatch reads ``--time``: ``30`` is 30 minutes,
+    ``2-12`` two and a half days. Raises ConfigError on anything else."""
+    t = str(text).strip()
+    days, _, rest = t.rpartition("-") if "-" in t else ("", "", t)
+    parts = rest.split(":")
+    ok = all(p.isdigit() for p in parts) and ("-" not in t or days.isdigit()) and 1 <= len(parts) <= 3
+    if not ok:
+        raise ConfigError(f"resources.time: {text!r} is not a Slurm time limit; write {TIME_FORMS} "
+                          "(e.g. 30 for half an hour, 12:00:00, 2-12 for two and a half days)")
+    n = [int(p) for p in parts]
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, m, s = (n + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + s
+    if len(n) == 1:  # MM
+        return n[0] * 60
+    if len(n) == 2:  # MM:SS
+        return n[0] * 60 + n[1]
+    return (n[0] * 60 + n[1]) * 60 + n[2]  # HH:MM:SS
+
+
+JOB_MODES = ("allocation", "per-run")
+
+
 @dataclass
 class Resources:
-    """Per run. ``gpus`` = GPUs per node (0: CPU tasks); ``nodes`` > 1 = one DDP job
-    across nodes. Small runs (one GPU) are separate jobs, so Slurm packs one per GPU."""
+    """Where the experiment runs. ``nodes`` x ``gpus`` is the allocation it may occupy at
+    once (``--nodes 4 --gpus-per-node 8``: at most 32 GPUs); how many of them one run
+    takes is ``ranks_per_run``, a property of the run (it never changes with the
+    allocation: a run's global and per-rank batch stay what its config says).
+
+    ``jobs = "allocation"``: on Slurm, one job for the whole experiment, its runs packed
+    onto the allocation as job steps. ``"per-run"``: one job per run (job arrays), for
+    clusters that prefer short jobs. On CPU-only nodes (``gpus = 0``) a rank is a CPU
+    task of ``cpus_per_task`` cores, and a node holds ``tasks_per_node`` of them."""
 
     nodes: int = 1
-    gpus: int = 1
-    tasks_per_node: int = 0  # 0: one per GPU (or 1 on CPU)
+    gpus: int = 1  # GPUs per node (0: CPU-only nodes)
+    ranks_per_run: int = 1  # processes (GPUs) one run spans: > 1 is one DDP run
+    ranks_per_node: int = 0  # of one run, on one node (0: as many as a node holds)
+    tasks_per_node: int = 0  # CPU-only nodes: rank slots per node (0: 1)
     cpus_per_task: int = 4
     mem_gb: int = 0
-    time: str = "12:00:00"
+    time: str = "12:00:00"  # per job, as sbatch reads --time
     partition: str = ""
+    jobs: str = "allocation"  # allocation | per-run
 
     def __post_init__(self) -> None:
-        check(self.nodes >= 1, "resources.nodes", "must be >= 1")
-        check(self.gpus >= 0 and self.cpus_per_task >= 1, "resources.gpus", "gpus >= 0 and cpus_per_task >= 1")
+        check(self.nodes >= 1, "resources.nodes", f"must be >= 1, got {self.nodes}")
+        check(self.gpus >= 0, "resources.gpus", f"must be >= 0, got {self.gpus}")
+        check(self.cpus_per_task >= 1, "resources.cpus_per_task", f"must be >= 1, got {self.cpus_per_task}")
+        check(self.ranks_per_run >= 1, "resources.ranks_per_run", f"must be >= 1, got {self.ranks_per_run}")
+        check(self.ranks_per_node >= 0 and self.tasks_per_node >= 0, "resources.ranks_per_node",
+              "ranks_per_node and tasks_per_node must be >= 0")
+        check(self.jobs in JOB_MODES, "resources.jobs", f"must be allocation or per-run, got {self.jobs!r}")
+        parse_time(self.time)
+        per_node = self.run_ranks_per_node
+        check(self.ranks_per_run % per_node == 0, "resources.ranks_per_run",
+              f"{self.ranks_per_run} ranks do not split evenly into {per_node} per node; set "
+              "resources.ranks_per_node to a divisor")
+        check(per_node <= self.slots_per_node, "resources.ranks_per_node",
+              f"{per_node} ranks per node, but a node holds {self.slots_per_node} "
+              f"({'GPUs' if self.gpus else 'tasks'}); lower it or raise --gpus-per-node")
+        check(self.run_nodes <= self.nodes, "resources.ranks_per_run",
+              f"one run spans {self.run_nodes} node(s) ({self.ranks_per_run} ranks, {per_node} per node) but the "
+              f"allocation has {self.nodes}; raise --nodes or lower ranks_per_run")
 
     @property
-    def tasks(self) -> int:
-        return self.tasks_per_node or max(1, self.gpus)
+    def slots_per_node(self) -> int:
+        """Ranks one node holds at once: its GPUs, or its CPU task slots."""
+        return self.gpus or self.tasks_per_node or 1
+
+    @property
+    def slots(self) -> int:
+        return self.nodes * self.slots_per_node
+
+    @property
+    def run_ranks_per_node(self) -> int:
+        return self.ranks_per_node or min(self.ranks_per_run, self.slots_per_node)
+
+    @property
+    def run_nodes(self) -> int:
+        return self.ranks_per_run // self.run_ranks_per_node
 
     @property
     def timeout_min(self) -> int:
-        parts = [int(p) for p in self.time.replace("-", ":").split(":")]
-        while len(parts) < 3:
-            parts.insert(0, 0)
-        days = parts[0] if len(parts) == 4 else 0
-        h, m, s = parts[-3:]
-        return days * 1440 + h * 60 + m + (1 if s else 0)
+        return -(-parse_time(self.time) // 60)
 
 
 @dataclass

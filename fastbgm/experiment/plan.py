@@ -81,7 +81,9 @@ def plan(exp: ExperimentConfig) -> list[RunSpec]:
                 s1 = exp.stage1
                 key1 = stage1_key(ds.name, model, seed, s1.copies, s1.zero_ratio)
                 model_cfg = dataclasses.replace(exp.model, name=model)
-                common = {"seed": seed, "model": to_dict(model_cfg), "speed": to_dict(exp.speed)}
+                # the run's size is part of what it is: its per-rank batch follows from it
+                common = {"seed": seed, "model": to_dict(model_cfg), "speed": to_dict(exp.speed),
+                          "dist": {"world": exp.resources.ranks_per_run}}
                 data = {"train": _abs(ds.train), "test": _abs(ds.test), "subset": ds.subset, "placement": ds.placement,
                         "crop_padding": ds.crop_padding,
                         "seed": seed}

@@ -1,14 +1,20 @@
 """``python -m fastbgm.launch --config configs/X.toml [options] [--section.key=value ...]``
 
-Expands the experiment into runs and runs them: on Slurm through submitit (stage 2
-waits on stage 1 with ``afterok``), or on this machine with ``--executor local``
-(the default when no Slurm is found). Re-launching skips finished runs, resumes
-unfinished ones, and retries failed ones only with ``--retry-failed``.
+Expands the experiment into runs and runs them on an allocation: on Slurm, ONE job of
+``--nodes`` x ``--gpus-per-node`` whose runs are packed onto its GPUs as job steps
+(stage 2 from adversarial init starts the moment its stage 1 is done), or one job per
+run with ``--jobs per-run``; without Slurm (``--executor local``, the default when no
+Slurm answers) the same scheduling over this machine's GPUs or cores. How many GPUs one
+run takes is the run's own (``resources.ranks_per_run``): the allocation never changes
+what a run computes. Re-launching skips finished runs, resumes unfinished ones, follows
+an allocation that is still queued or running, and retries failed runs only with
+``--retry-failed``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -23,14 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True, help="an experiment config (TOML)")
     p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
                    help="slurm, local, or auto (slurm when sbatch and sinfo answer)")
-    p.add_argument("--nodes", type=int, help="nodes per run (one DDP job across them)")
-    p.add_argument("--gpus-per-node", type=int, help="GPUs per node (0: CPU tasks)")
+    p.add_argument("--nodes", type=int, help="nodes of the allocation the experiment may occupy at once")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node of the allocation (0: CPU-only nodes)")
+    p.add_argument("--ranks-per-run", type=int, help="GPUs (processes) one run spans; > 1 is one DDP run")
+    p.add_argument("--jobs", choices=["allocation", "per-run"],
+                   help="slurm: one allocation for the experiment (default) or one job per run")
     p.add_argument("--cpus-per-task", type=int)
     p.add_argument("--partition")
-    p.add_argument("--time", help="time limit per job, e.g. 12:00:00")
-    p.add_argument("--max-parallel", type=int, default=0, help="at most this many jobs queued at once (0: no limit)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
-    p.add_argument("--retry-failed", action="store_true", help="resubmit runs whose result says failed")
+    p.add_argument("--time", help="time limit per job, as sbatch reads it: 30 (minutes), 12:00:00, 2-12 (days-hours)")
+    p.add_argument("--max-parallel", type=int, default=0,
+                   help="--jobs per-run: at most this many jobs of each array run at once (0: no limit)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its cost estimate; submit nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object on stdout")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs whose result says failed")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return instead of following the jobs")
     p.add_argument("--timeout", type=float, default=None, help="slurm: stop following after this many seconds")
     p.add_argument("--no-report", action="store_true", help="do not build the report when the runs end")
@@ -41,77 +52,98 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     from ..ui import console as make_console
 
-    console = make_console()
+    console = make_console(stderr=args.json)
     logging.basicConfig(level=logging.WARNING)
     from ..config import ConfigError, load
     from ..experiment import ExperimentConfig, experiment_dir, plan, write_plan
-    from .common import LaunchError, closing_report, decide
+    from .common import LaunchError, closing_report, decide, stage_runs
 
     overrides = list(rest)
-    for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus"), ("cpus_per_task", "cpus_per_task"),
-                      ("partition", "partition"), ("time", "time")):
+    for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus"), ("ranks_per_run", "ranks_per_run"),
+                      ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
+                      ("time", "time")):
         v = getattr(args, flag)
         if v is not None:
             overrides.append(f"--resources.{key}={v}")
+    if args.max_parallel < 0:
+        console.print("[red]error:[/] --max-parallel must be >= 0 (0: no limit)")
+        return 2
+    if args.json and not args.dry_run:
+        console.print("[red]error:[/] --json goes with --dry-run (a plan for scripts)")
+        return 2
     try:
         exp = load(ExperimentConfig, args.config, overrides)
+        runs = plan(exp)
     except ConfigError as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
-    runs = plan(exp)
-    if not args.dry_run:
-        try:
-            _prepare_missing_data(exp, console)
-        except ConfigError as e:
-            console.print(f"[red]error:[/] {escape(str(e))}")
-            return 2
     from .slurm import slurm_available
 
     executor = args.executor
     if executor == "auto":
         executor = "slurm" if slurm_available() else "local"
-    queued: dict[str, str] = {}
+    following: dict[str, str] = {}
     try:
+        if not args.dry_run:
+            _prepare_missing_data(exp, console)
         if executor == "slurm":
-            from .slurm import check_request, queued_jobs
+            from .slurm import active_allocation, check_request, queued_jobs
 
             if not slurm_available():
                 raise LaunchError("--executor slurm, but sbatch/sinfo do not answer here; "
                                   "start a cluster (bash launch/slurm-start.sh) or use --executor local")
             check_request(exp)
-            queued = queued_jobs(runs)
-        decisions = decide(runs, args.retry_failed, set(queued))
-        _print_plan(console, exp, decisions, executor)
+            following = queued_jobs(runs)
+            alloc = active_allocation(exp)
+            if alloc:
+                following.update({r.key: alloc for r in runs})
+        decisions = decide(runs, args.retry_failed, set(following))
         if args.dry_run:
+            from .estimate import estimate
+
+            est = estimate(exp, runs)
+            if args.json:
+                print(json.dumps(_plan_json(exp, runs, est, executor)))
+            else:
+                _print_plan(console, exp, decisions, executor, est)
             return 0
+        _print_plan(console, exp, decisions, executor, None)
         write_plan(exp, runs)
+        stage_runs(decisions)
         retry_cmd = "python -m fastbgm.launch " + " ".join(sys.argv[1:] if argv is None else argv)
         if executor == "local":
             from .local import run_local
 
-            run_local(decisions, runs, console, exp.resources.cpus_per_task)
+            run_local(runs, exp.resources, console)
         else:
-            import submitit
+            from .slurm import submit_allocation, submit_per_run, wait
 
-            from .slurm import submit, wait
-
-            jobs = submit(exp, decisions, args.max_parallel)
-            folder = experiment_dir(exp) / ".submitit" / "%j"
-            for key, job_id in queued.items():
-                jobs[key] = submitit.SlurmJob(folder=str(folder), job_id=job_id)
-            if not jobs:
+            todo = [d for d in decisions if d.action in ("submit", "resume", "retry")]
+            if exp.resources.jobs == "allocation":
+                if todo and not any(v for v in following.values()):
+                    job = submit_allocation(exp, runs)
+                    following.update({r.key: job for r in runs})
+                    console.print(f"submitted allocation {job}: {exp.resources.nodes} node(s) x "
+                                  f"{exp.resources.slots_per_node} slot(s) for {len(todo)} run(s)")
+            else:
+                following.update(submit_per_run(exp, decisions, args.max_parallel))
+            if not following:
                 console.print("nothing to submit")
             if args.no_wait:
-                console.print(f"submitted {len(jobs)} job(s); follow with the same command")
+                console.print(f"following nothing: {len(set(following.values()))} job(s) in the queue; "
+                              "run the same command to follow them")
                 return 0
-            wait(runs, jobs, console, timeout_s=args.timeout)
+            wait(runs, following, console, timeout_s=args.timeout)
     except (LaunchError, ConfigError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     except KeyboardInterrupt as e:
         why = f" ({e.args[0]})" if e.args else ""
-        console.print(f"stopped{why}; every unfinished run resumes from its last checkpoint when you run "
-                      "the same command again")
+        if executor == "slurm":
+            console.print(f"stopped following{why}; the jobs keep running: run the same command to follow them")
+        else:
+            console.print(f"stopped{why}; every unfinished run resumes from its last checkpoint when you run "
+                          "the same command again")
         return 130
     ok = closing_report(runs, console, retry_cmd.replace(" --retry-failed", ""))
     if not args.no_report and not args.no_wait:
@@ -140,19 +172,44 @@ def _prepare_missing_data(exp, console: Console) -> None:
         prepare(splits, out, image_format="raw", overwrite=False)
 
 
-def _print_plan(console: Console, exp, decisions, executor: str) -> None:
+def _plan_json(exp, runs, est, executor: str) -> dict:
+    res = exp.resources
+    return {
+        "experiment": exp.name, "executor": executor, "jobs": res.jobs,
+        "allocation": {"nodes": res.nodes, "gpus_per_node": res.gpus, "slots": res.slots, "time": res.time},
+        "runs": [{"key": r.key, "stage": r.stage, "depends_on": r.depends_on, "nodes": res.run_nodes,
+                  "gpus": res.ranks_per_run if res.gpus else 0, "ranks": res.ranks_per_run} for r in runs],
+        "estimate": {k: est[k] for k in ("gpu_hours", "wall_hours", "measured_on", "unmeasured", "complete")},
+    }
+
+
+def _print_plan(console: Console, exp, decisions, executor: str, est: dict | None) -> None:
     from rich.table import Table
 
     res = exp.resources
-    where = (f"{res.nodes} node(s) x {res.tasks} task(s), {res.gpus} GPU(s)/node, {res.cpus_per_task} CPU(s)/task, "
-             f"{res.time}" if executor == "slurm" else "this machine, one run per device")
-    t = Table(title=f"{exp.name}: {len(decisions)} runs on {executor} ({where})")
-    for c in ("run", "stage", "depends on", "on disk", "action"):
+    if executor == "slurm":
+        where = (f"{'one allocation of ' if res.jobs == 'allocation' else 'one job per run, within '}"
+                 f"{res.nodes} node(s) x {res.slots_per_node} {'GPU' if res.gpus else 'CPU task'}(s), "
+                 f"{res.cpus_per_task} CPU(s)/task, {res.time}")
+    else:
+        where = "this machine"
+    t = Table(title=f"{exp.name}: {len(decisions)} runs of {res.ranks_per_run} rank(s) on {executor} ({where})")
+    for c in ("run", "stage", "depends on", "on disk", "action") + (("est. hours",) if est else ()):
         t.add_column(c)
     for d in decisions:
         action = d.action + (f" ({d.reason})" if d.reason and d.action in ("blocked", "keep-failed") else "")
-        t.add_row(d.run.key, str(d.run.stage), ", ".join(d.run.depends_on) or "-", d.status, action)
+        row = [d.run.key, str(d.run.stage), ", ".join(d.run.depends_on) or "-", d.status, action]
+        if est:
+            h = est["runs"].get(d.run.key)
+            row.append(f"{h:.2f}" if h is not None else "?")
+        t.add_row(*row)
     console.print(t)
+    if est:
+        on = ", ".join(est["measured_on"]) or "no measurement"
+        console.print(f"estimate: {est['gpu_hours']:.1f} GPU-hours, {est['wall_hours']:.1f} h wall-clock on "
+                      f"{res.slots} slot(s) (images/s measured on {on}; stage 1 at its max_epochs, an upper bound)")
+        for why in est["unmeasured"]:
+            console.print(f"  not estimated: {why}")
 
 
 if __name__ == "__main__":

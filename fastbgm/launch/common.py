@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..config import to_dict
-from ..experiment import RunSpec, run_status
-from ..fileio import lock_holder, read_jsonl
+from ..experiment import Resources, RunSpec, run_status
+from ..fileio import atomic_write_json, lock_holder, read_jsonl
 from ..trainer.config import identity_changes
+from .schedule import PLANNED, StepRun, mark_cancelled
 
 
 class LaunchError(RuntimeError):
@@ -127,11 +128,22 @@ def closing_report(runs: list[RunSpec], console: Any, retry_cmd: str) -> bool:
     return False
 
 
-def mark_cancelled(r: RunSpec, reason: str) -> None:
-    from ..fileio import atomic_write_json
+def step_run(r: RunSpec, res: Resources) -> StepRun:
+    return StepRun(r.key, str(r.run_dir), list(r.depends_on), res.ranks_per_run, res.run_ranks_per_node)
 
-    r.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(r.run_dir / "result.json", {"name": r.key, "status": "cancelled", "reason": reason})
+
+def stage_runs(decisions: list[Decision]) -> None:
+    """Put each decision on disk before any executor starts: the planned config of each
+    run to run, a cleared result for each retry, the reason in each blocked run."""
+    for d in decisions:
+        r = d.run
+        if d.action == "blocked":
+            mark_cancelled(r.run_dir, r.key, d.reason)
+        elif will_run(d):
+            r.run_dir.mkdir(parents=True, exist_ok=True)
+            if d.action == "retry":
+                (r.run_dir / "result.json").unlink(missing_ok=True)
+            atomic_write_json(r.run_dir / PLANNED, to_dict(r.config))
 
 
 def read_json(p: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""Submit an experiment's DAG to Slurm with submitit: one job per run (one task per
-GPU, or per node's worth of tasks across ``nodes`` for a multi-node DDP run),
-stage-2 adversarial jobs with ``afterok`` on their stage-1 job, requeue on
-preemption or time-out (see :mod:`fastbgm.launch.job`)."""
+"""An experiment on Slurm, through submitit: ONE allocation whose driver packs the runs
+onto it as job steps (the default), or one job per run in job arrays (stage-2 arrays
+``afterok`` on their stage-1 job); and following either until it ends. Requeue on
+preemption or time-out resumes every run from its last.pt."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from typing import Any
 
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
-from .common import Decision, LaunchError, mark_cancelled, read_json, table, will_run
+from .common import Decision, LaunchError, read_json, table, will_run
 from .job import RunJob
+from .schedule import mark_cancelled
 
 JOB_FILE = "slurm-job.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -53,116 +54,199 @@ def check_request(exp: ExperimentConfig) -> None:
     """Reject what the cluster can never run, before anything is submitted or waits."""
     res = exp.resources
     cap = cluster_capacity(res.partition)
-    need_cpus = res.tasks * res.cpus_per_task
+    allocation = res.jobs == "allocation"
+    nodes = res.nodes if allocation else res.run_nodes
+    tasks = res.slots_per_node if allocation else res.run_ranks_per_node
+    gpus = res.gpus if allocation else (res.run_ranks_per_node if res.gpus else 0)
     problems = []
-    if res.nodes > cap["nodes"]:
-        problems.append(f"{res.nodes} nodes asked, the partition has {cap['nodes']}")
-    if need_cpus > cap["cpus"]:
-        problems.append(f"{need_cpus} CPUs per node asked ({res.tasks} tasks x {res.cpus_per_task}), "
+    if nodes > cap["nodes"]:
+        problems.append(f"{nodes} nodes asked, the partition has {cap['nodes']}")
+    if tasks * res.cpus_per_task > cap["cpus"]:
+        problems.append(f"{tasks * res.cpus_per_task} CPUs per node asked ({tasks} tasks x {res.cpus_per_task}), "
                         f"the largest node has {cap['cpus']}")
-    if res.gpus > cap["gpus"]:
-        problems.append(f"{res.gpus} GPUs per node asked, the largest node has {cap['gpus']}")
+    if gpus > cap["gpus"]:
+        problems.append(f"{gpus} GPUs per node asked, the largest node has {cap['gpus']}")
     if problems:
         raise LaunchError("Slurm cannot satisfy this request: " + "; ".join(problems)
                           + ". Lower --nodes / --gpus-per-node / --cpus-per-task (or --resources.*)")
 
 
-def queued_jobs(runs: list[RunSpec]) -> dict[str, str]:
-    """Runs whose recorded job is still in the queue (key -> job id)."""
-    ids = {r.key: read_json(r.run_dir / JOB_FILE).get("job_id") for r in runs}
-    ids = {k: v for k, v in ids.items() if v}
+def queue(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """{job id: (state, reason)} of those still in the queue; array elements one by one."""
+    ids = sorted({j for j in job_ids if j})
     if not ids:
         return {}
-    out = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(sorted(set(ids.values())))],
-                         capture_output=True, text=True, timeout=30)
-    active = {line.split()[0] for line in out.stdout.splitlines() if line.split()[1:] and line.split()[1] in ACTIVE}
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(ids)], capture_output=True,
+                         text=True, timeout=60)
+    states = {}
+    for line in out.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3 and parts[1] in ACTIVE:
+            states[parts[0]] = (parts[1], parts[2])
+    return states
+
+
+def ended_state(job_id: str) -> str:
+    """Slurm's final state of a job that left the queue (sacct), e.g. FAILED, CANCELLED."""
+    for jid in dict.fromkeys([job_id, job_id.split("_")[0]]):  # an array cancelled before it started
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", jid], capture_output=True, text=True,
+                             timeout=60)                          # is one record, under the array's id
+        lines = [x.split()[0] for x in out.stdout.splitlines() if x.strip()]
+        if lines:
+            return lines[-1]
+    return "UNKNOWN"
+
+
+def queued_jobs(runs: list[RunSpec]) -> dict[str, str]:
+    """Runs whose recorded per-run job is still in the queue (key -> job id)."""
+    ids = {r.key: read_json(r.run_dir / JOB_FILE).get("job_id") for r in runs}
+    active = queue([v for v in ids.values() if v])
     return {k: v for k, v in ids.items() if v in active}
 
 
-def submit(exp: ExperimentConfig, decisions: list[Decision], max_parallel: int = 0) -> dict[str, Any]:
+def max_array_size() -> int:
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    for line in out.splitlines():
+        if line.split("=")[0].strip() == "MaxArraySize":
+            return max(1, int(line.split("=")[1].strip()))
+    return 1001
+
+
+def _executor(exp: ExperimentConfig, **params: Any) -> Any:
     import submitit
 
     res = exp.resources
-    folder = experiment_dir(exp) / ".submitit"
-    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm", slurm_max_num_timeout=20)
-    params: dict[str, Any] = {
-        "name": f"fastbgm-{exp.name}", "timeout_min": res.timeout_min, "nodes": res.nodes,
-        "tasks_per_node": res.tasks, "cpus_per_task": res.cpus_per_task,
-    }
-    if res.gpus:
-        params["gpus_per_node"] = res.gpus
+    executor = submitit.AutoExecutor(folder=str(experiment_dir(exp) / ".submitit" / "%j"), cluster="slurm",
+                                     slurm_max_num_timeout=20)
+    base: dict[str, Any] = {"name": f"fastbgm-{exp.name}", "timeout_min": res.timeout_min,
+                            "cpus_per_task": res.cpus_per_task}
     if res.partition:
-        params["slurm_partition"] = res.partition
+        base["slurm_partition"] = res.partition
     if res.mem_gb:
-        params["mem_gb"] = res.mem_gb
-    jobs: dict[str, Any] = {}
+        base["mem_gb"] = res.mem_gb
+    executor.update_parameters(**base, **params)
+    return executor
+
+
+def _rejected(what: str, e: Exception) -> LaunchError:
+    return LaunchError(f"Slurm rejected {what}: {str(e).strip().splitlines()[-1] if str(e) else e}")
+
+
+def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_parallel: int = 0) -> dict[str, str]:
+    """One job per run, in job arrays: the stage-1 runs, the random-init runs, and for each
+    stage-1 run the runs that start from it (``afterok`` on it). ``max_parallel`` is each
+    array's throttle (``%N``); arrays are split to the cluster's ``MaxArraySize``."""
+    res = exp.resources
+    params: dict[str, Any] = {"nodes": res.run_nodes, "tasks_per_node": res.run_ranks_per_node}
+    if res.gpus:
+        params["gpus_per_node"] = res.run_ranks_per_node
+    executor = _executor(exp, **params)
     job_ids = {d.run.key: read_json(d.run.run_dir / JOB_FILE).get("job_id") for d in decisions
                if d.action == "queued"}
+    groups: dict[tuple[int, str], list[Decision]] = {}
     for d in decisions:
-        r = d.run
-        if d.action == "blocked":
-            mark_cancelled(r, d.reason)
-            continue
-        if not will_run(d):
-            continue
-        deps = [job_ids[k] for k in r.depends_on if job_ids.get(k)]
-        extra: dict[str, Any] = {"dependency": "afterok:" + ":".join(deps)} if deps else {}
-        executor.update_parameters(**params, slurm_additional_parameters=extra)
-        if d.action == "retry":
-            (r.run_dir / "result.json").unlink(missing_ok=True)
-        r.run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            job = executor.submit(RunJob(r.config, r.run_dir, threads=res.cpus_per_task))
-        except Exception as e:  # sbatch said no: say what and why, not a traceback
-            raise LaunchError(f"Slurm rejected {r.key}: {str(e).strip().splitlines()[-1] if str(e) else e}") from e
-        job_ids[r.key] = job.job_id
-        jobs[r.key] = job
-        atomic_write_json(r.run_dir / JOB_FILE, {"job_id": job.job_id, "submitted": time.time(),
-                                                  "depends_on": deps})
-        if max_parallel:
-            _throttle(jobs, max_parallel)
-    return jobs
+        if will_run(d):
+            groups.setdefault((d.run.stage, ",".join(d.run.depends_on)), []).append(d)
+    limit = max_array_size()
+    submitted: dict[str, str] = {}
+    for (_, parents), group in sorted(groups.items()):
+        deps = [job_ids[k] for k in parents.split(",") if k and job_ids.get(k)]
+        extra: dict[str, Any] = {"kill-on-invalid-dep": "yes"}  # a failed parent cancels, on any cluster
+        if deps:
+            extra["dependency"] = "afterok:" + ":".join(deps)
+        for i in range(0, len(group), limit):
+            chunk = group[i:i + limit]
+            executor.update_parameters(slurm_additional_parameters=extra,
+                                       slurm_array_parallelism=max_parallel or len(chunk))
+            try:
+                with executor.batch():
+                    jobs = [executor.submit(RunJob(d.run.config, d.run.run_dir, threads=res.cpus_per_task))
+                            for d in chunk]
+            except Exception as e:  # sbatch said no: say what and why, not a traceback
+                raise _rejected(chunk[0].run.key, e) from e
+            for d, job in zip(chunk, jobs):
+                job_ids[d.run.key] = submitted[d.run.key] = job.job_id
+                atomic_write_json(d.run.run_dir / JOB_FILE, {"job_id": job.job_id, "submitted": time.time(),
+                                                             "depends_on": deps})
+    return submitted
 
 
-def _throttle(jobs: dict[str, Any], limit: int) -> None:
-    """Hold further submissions while ``limit`` of ours are queued or running."""
-    while True:
-        active = [j for j in jobs.values() if j.get_info().get("State", "UNKNOWN").split()[0] in ACTIVE]
-        if len(active) < limit:
-            return
-        time.sleep(2)
+def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> str:
+    """ONE job for the experiment: its allocation, with the driver that packs the runs
+    onto it as job steps (:mod:`fastbgm.launch.allocation`)."""
+    from .allocation import ALLOCATION_FILE, AllocationDriver
+    from .common import step_run
+
+    res = exp.resources
+    params: dict[str, Any] = {"nodes": res.nodes, "tasks_per_node": res.slots_per_node,
+                              "slurm_use_srun": False,  # the driver runs in the batch script and starts steps
+                              "slurm_additional_parameters": {"requeue": True}}
+    if res.gpus:
+        params["gpus_per_node"] = res.gpus
+    executor = _executor(exp, **params)
+    driver = AllocationDriver([step_run(r, res) for r in runs], res.slots, res.cpus_per_task, gpus=res.gpus > 0)
+    try:
+        job = executor.submit(driver)
+    except Exception as e:
+        raise _rejected(f"the allocation for {exp.name}", e) from e
+    atomic_write_json(experiment_dir(exp) / ALLOCATION_FILE, {
+        "job_id": job.job_id, "submitted": time.time(), "nodes": res.nodes, "gpus_per_node": res.gpus,
+        "runs": [r.key for r in runs]})
+    return job.job_id
 
 
-def wait(runs: list[RunSpec], jobs: dict[str, Any], console: Any, poll_s: float = 2.0,
+def active_allocation(exp: ExperimentConfig) -> str | None:
+    """The experiment's allocation job, while it is queued or running."""
+    from .allocation import ALLOCATION_FILE
+
+    job = read_json(experiment_dir(exp) / ALLOCATION_FILE).get("job_id")
+    return job if job and queue([job]) else None
+
+
+# Pending reasons that no amount of waiting resolves.
+NEVER = ("DependencyNeverSatisfied", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidQOS",
+         "InvalidAccount", "PartitionConfig")
+
+
+def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float = 2.0,
          timeout_s: float | None = None) -> None:
-    """Live table until every run we track has left the queue."""
+    """Live table until every job we follow has left the queue. ``jobs``: run key -> job
+    id (one per run, or the same allocation job for every run). A job pending for a
+    reason that never resolves is cancelled and its runs marked with that reason."""
     from rich.live import Live
 
     start = time.time()
-    tracked = {r.key: r for r in runs}
+    gone: set[str] = set()
     with Live(table(runs, {}, "fastbgm on Slurm"), console=console, refresh_per_second=1) as view:
         while True:
+            q = queue(list(jobs.values()))
             states = {}
-            active = 0
-            for key, r in tracked.items():
+            for r in runs:
                 st = run_status(r.run_dir)[0]
-                job = jobs.get(key)
-                if job is not None:
-                    slurm_state = job.get_info().get("State", "UNKNOWN").split()[0]
-                    if slurm_state == "UNKNOWN" and st not in ("done", "failed", "cancelled"):
-                        slurm_state = "PENDING"  # just submitted: not in sacct yet
-                    if slurm_state in ACTIVE:
-                        active += 1
-                        if st not in ("done", "failed"):
-                            st = "running" if slurm_state == "RUNNING" else "pending"
-                    elif slurm_state == "CANCELLED" and st not in ("done", "failed"):
-                        parent = next((p for p in r.depends_on), "")
-                        mark_cancelled(r, f"its stage-1 run {parent} failed" if parent else "cancelled in Slurm")
+                job = jobs.get(r.key)
+                if job in q and st not in ("done", "failed", "cancelled"):
+                    slurm_state, reason = q[job]
+                    if slurm_state == "PENDING" and reason.split(",")[0] in NEVER:
+                        subprocess.run(["scancel", job], capture_output=True, timeout=60)
+                        parent = next(iter(r.depends_on), "")
+                        why = (f"its stage-1 run {parent} failed" if reason.startswith("Dependency") and parent
+                               else f"Slurm can never start its job {job} ({reason})")
+                        mark_cancelled(r.run_dir, r.key, why)
                         st = "cancelled"
-                states[key] = st
+                    elif slurm_state != "RUNNING" or st == "pending":
+                        st = "pending"
+                elif job and job not in q and job not in gone and st not in ("done", "failed", "cancelled"):
+                    gone.add(job)
+                    final = ended_state(job)
+                    per_run = list(jobs.values()).count(job) == 1  # not the allocation every run shares
+                    if per_run and final.startswith("CANCELLED") and r.depends_on:
+                        mark_cancelled(r.run_dir, r.key, f"its stage-1 run {r.depends_on[0]} failed")
+                        st = "cancelled"
+                states[r.key] = st
             view.update(table(runs, states, "fastbgm on Slurm"))
-            if not active:
+            if not queue(list(jobs.values())):
                 return
             if timeout_s is not None and time.time() - start > timeout_s:
-                raise LaunchError(f"still waiting after {timeout_s:.0f} s; jobs keep running, re-launch to follow them")
+                raise LaunchError(f"still waiting after {timeout_s:.0f} s; the jobs keep running: run the same "
+                                  "command again to follow them")
             time.sleep(poll_s)

@@ -48,6 +48,12 @@ def mark_preempted() -> None:
 
 
 
+class StopRequested(BaseException):
+    """A scheduler asked this run to stop (e.g. Slurm's warning before a time limit).
+    Not an Exception: nothing records it as a failure; last.pt stands and the run
+    resumes from it."""
+
+
 class NonFiniteLoss(RuntimeError):
     def __init__(self, epoch: int, step: int):
         super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
@@ -182,6 +188,9 @@ class Trainer:
         start_epoch, stopped = self._resume(module, optimizer, scheduler, scaler, train, env)
         model = self._wrap(module, env, speed)
         flops = train_flops_per_image(module, self.input_shape, env.device) if cfg.mfu else None
+        import socket
+
+        self.hosts = D.all_gather_object(socket.gethostname())  # where each rank ran
         peak = peak_flops(env.device, speed.precision)
         if env.is_main:
             atomic_write_json(self.run_dir / C.ENV, self._provenance(env, speed, module, flops))
@@ -475,7 +484,7 @@ class Trainer:
         return result
 
     def _write_result(self, result: dict[str, Any]) -> None:
-        atomic_write_json(self.run_dir / C.RESULT, {"name": self.cfg.name, **result})
+        atomic_write_json(self.run_dir / C.RESULT, {"name": self.cfg.name, **result, "written": time.time()})
 
     def _provenance(self, env: D.DistEnv, speed: Speed, module: nn.Module, flops: float | None) -> dict[str, Any]:
         def manifest(path: str) -> dict[str, Any] | None:
@@ -487,6 +496,9 @@ class Trainer:
 
         dev_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         return {
+            "started": time.time(), "hosts": self.hosts,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_step": os.environ.get("SLURM_STEP_ID"),
             "fastbgm": __version__, "git_commit": git_commit(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": sys.version.split()[0], "device": dev_name, "world": env.world,
             "speed": dataclasses.asdict(speed), "bn_init": self.cfg.model.bn_init, "seed": self.cfg.seed,

@@ -1,0 +1,100 @@
+"""Inside one Slurm allocation: an experiment's runs as job steps.
+
+``--nodes N`` submits ONE job for the whole experiment (N nodes x G GPUs, through
+submitit with ``use_srun=False``, so :class:`AllocationDriver` runs in the batch
+script). The driver starts one ``srun --exact`` step per ready run: a random-init run
+at once, an adversarial stage-2 run as soon as its stage 1 is done. Slurm places each
+step on free GPUs; the driver only decides which runs are ready and keeps no more than
+the allocation holds in flight.
+
+The run folders are the only truth: a requeued allocation (preemption, ``scontrol
+requeue``, the time limit) starts the driver again, which skips finished runs and
+resumes the others from their last.pt. Before the time limit Slurm signals the steps
+(submitit's ``--signal=USR2@90``); a trainer so warned exits with :data:`STOP_EXIT`,
+and the driver then requeues the allocation itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .schedule import PLANNED, Scheduler, StepRun
+
+log = logging.getLogger(__name__)
+
+ALLOCATION_FILE = "slurm-allocation.json"  # in the experiment folder: the allocation's job id
+
+
+class AllocationDriver:
+    """Callable that submitit runs in the allocation's batch script (picklable: plain data)."""
+
+    def __init__(self, runs: list[StepRun], slots: int, cpus_per_task: int, gpus: bool, poll_s: float = 0.5):
+        self.runs = runs
+        self.slots = slots  # ranks the allocation holds at once (nodes x slots per node)
+        self.cpus_per_task = cpus_per_task
+        self.gpus = gpus
+        self.poll_s = poll_s
+
+    def __call__(self) -> dict[str, str]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        job = os.environ.get("SLURM_JOB_ID", "?")
+        log.info("allocation %s (restart %s): %d runs, %d slots", job, os.environ.get("SLURM_RESTART_COUNT", "0"),
+                 len(self.runs), self.slots)
+        # Slurm places each step; the scheduler only counts slots so that no more is in
+        # flight than the allocation holds (steps beyond it would only wait in srun).
+        sched: Scheduler[int] = Scheduler(self.runs, list(range(self.slots)), lambda r, _: self._start(r))
+
+        def on_term(signum: int, frame: Any) -> None:  # Slurm ends or requeues the job
+            raise _Ended(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # meant for the steps; they say so by exiting
+        try:
+            while not sched.finished:
+                sched.poll()
+                time.sleep(self.poll_s)
+        except _Ended as e:
+            log.info("allocation ending (%s): stopping %d step(s); they resume from last.pt", e, len(sched.running))
+            sched.stop_all()
+            raise SystemExit(143) from None
+        if sched.stop_requested:  # the time limit is near: requeue; every unfinished run resumes later
+            sched.stop_all()
+            self._requeue(job)
+        return sched.states
+
+    def _start(self, r: StepRun) -> subprocess.Popen:
+        cmd = ["srun", "--exact", f"--nodes={r.nodes}", f"--ntasks={r.ranks}", f"--ntasks-per-node={r.ranks_per_node}",
+               f"--cpus-per-task={self.cpus_per_task}", f"--job-name={r.key}", "--kill-on-bad-exit=1"]
+        if self.gpus:
+            # --gres per step gives each step its own GPUs (--gpus-per-task gives every
+            # task of the step all the node's GPUs of the job, in Slurm 22.05)
+            cmd.append(f"--gres=gpu:{r.ranks_per_node}")
+        cmd += [sys.executable, "-m", "fastbgm.train", "--config", str(Path(r.run_dir) / PLANNED),
+                "--run-dir", r.run_dir, f"--speed.threads={self.cpus_per_task}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.cpus_per_task)}
+        out = open(Path(r.run_dir) / "train.log", "a")
+        log.info("starting %s (%d rank(s) on %d node(s))", r.key, r.ranks, r.nodes)
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    @staticmethod
+    def _requeue(job: str) -> None:
+        """Requeue this allocation; SIGTERM (which the requeue itself sends) must not kill
+        scontrol before the request is made."""
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            rc = subprocess.call(["scontrol", "requeue", job], timeout=60)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        log.info("requeued allocation %s (scontrol exit %s); every unfinished run resumes from last.pt", job, rc)
+        time.sleep(120)  # Slurm ends this instance of the job
+
+
+class _Ended(BaseException):
+    pass
