@@ -1,7 +1,14 @@
 """``python -m fastbgm.train --config FILE [--run-dir DIR] [--section.key=value ...]``
+``python -m fastbgm.train --pack RUN_DIR [RUN_DIR ...] [--section.key=value ...]``
 
-Runs one training run. Works as one plain process, under ``torchrun`` (one process
-per device) and inside a Slurm job (submitit exports the same variables).
+Runs one training run, or (``--pack``) several runs side by side in one process on one
+device, each from the planned config in its folder (``planned-config.json``, as the
+launcher writes it); each packed run computes exactly what it computes alone. Works as
+one plain process, under ``torchrun`` (one process per device) and inside a Slurm job
+or job step (submitit's variables, or the step's own).
+
+Exit codes: 0 every run done; 1 a run failed; 2 a mistake (the message says which);
+75 stopped on request (Slurm's warning before a time limit): resumable.
 """
 
 from __future__ import annotations
@@ -12,12 +19,16 @@ import signal
 import sys
 from pathlib import Path
 
+STOP_EXIT = 75  # EX_TEMPFAIL: stopped on request, resumable
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbgm.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, help="a run config (TOML); any key can be overridden")
+    p.add_argument("--config", type=Path, help="a run config (TOML or JSON); any key can be overridden")
     p.add_argument("--run-dir", type=Path, help="the run folder (default: runs/<name>)")
+    p.add_argument("--pack", type=Path, nargs="+", metavar="RUN_DIR",
+                   help="train these run folders together, each from its planned-config.json")
     p.add_argument("--quiet", action="store_true")
     args, rest = p.parse_known_args(argv)
     from rich.logging import RichHandler
@@ -26,35 +37,47 @@ def main(argv: list[str] | None = None) -> int:
     from .data.sources import DatasetError
     from .fileio import FolderBusy
     from .trainer import RunConfig, StopRequested, Trainer
+    from .trainer import checkpoint as C
+    from .trainer.loop import train_runs
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)])
     try:
-        cfg = load(RunConfig, args.config, rest)
+        if args.pack:
+            if args.config or args.run_dir:
+                raise ConfigError("--pack takes run folders (each with its planned-config.json); "
+                                  "leave out --config and --run-dir")
+            trainers = [Trainer(load(RunConfig, d / C.PLANNED, rest), d) for d in args.pack]
+        else:
+            if args.config is not None and args.config.is_dir():
+                raise ConfigError(f"--config {args.config} is a folder: give a run config file (TOML or JSON)")
+            cfg = load(RunConfig, args.config, rest)
+            trainers = [Trainer(cfg, args.run_dir or Path("runs") / cfg.name)]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir or Path("runs") / cfg.name
 
     def stop(signum: int, frame: object) -> None:
         raise StopRequested(signal.Signals(signum).name)
 
     # Slurm's warning before the time limit (submitit's --signal=USR2@90 reaches job steps)
     signal.signal(signal.SIGUSR2, stop)
+    where = ", ".join(str(t.run_dir) for t in trainers)
     try:
-        result = Trainer(cfg, run_dir).run()
+        results = train_runs(trainers)
     except StopRequested as e:
-        print(f"{run_dir}: stopped on request ({e}); it resumes from its last checkpoint", file=sys.stderr)
-        return 75  # EX_TEMPFAIL: resumable (fastbgm.launch.schedule.STOP_EXIT)
+        print(f"{where}: stopped on request ({e}); resumes from the last checkpoint", file=sys.stderr)
+        return STOP_EXIT
     except (ConfigError, FileNotFoundError, FolderBusy, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted; {run_dir} resumes from its last checkpoint when run again", file=sys.stderr)
+        print(f"interrupted; {where} resume(s) from the last checkpoint when run again", file=sys.stderr)
         return 130
-    print(f"{run_dir}: {result.get('status')}"
-          + (f" ({result.get('reason')})" if result.get("status") == "failed" else ""))
-    return 0 if result.get("status") == "done" else 1
+    for t, result in zip(trainers, results):
+        print(f"{t.run_dir}: {result.get('status')}"
+              + (f" ({result.get('reason')})" if result.get("status") == "failed" else ""))
+    return 0 if all(r.get("status") == "done" for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -412,3 +412,30 @@ def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
     assert est["gpu_hours"] > 0 and est["wall_hours"] > 0 and est["measured_on"] == ["NVIDIA H200"]
     assert est["wall_hours"] < est["gpu_hours"]  # 32 GPUs at once
     assert any("model resnet50 has no measured" in w for w in est["unmeasured"])  # named, not guessed
+
+
+def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tiny_dir: Path, tmp_path: Path) -> None:
+    # On a CPU machine a "GPU" is a slot of cpus_per_task cores: 2 cores / 2 = one slot,
+    # which takes up to 2 runs in one process.
+    results_by_k = {}
+    for k in (1, 2):
+        d = tmp_path / f"k{k}"
+        d.mkdir()
+        cfg = write_experiment(d, tiny_dir, name="pack", epochs=3)
+        out = launch("--config", str(cfg), "--executor", "local", "--runs-per-gpu", str(k), "--cpus-per-task", "2",
+                     "--no-report")
+        assert out.returncode == 0, out.stdout[-3000:]
+        root = d / "runs" / "pack"
+        results_by_k[k] = results(root)
+        envs = [json.loads(p.read_text()) for p in root.rglob("env.json")]
+        by_pid: dict[int, int] = {}
+        for e in envs:
+            by_pid[e["pid"]] = by_pid.get(e["pid"], 0) + 1
+        assert max(by_pid.values()) <= k and (k == 1 or max(by_pid.values()) == 2)  # never more than K a process
+        spans = [(json.loads((p.parent / "env.json").read_text())["started"], json.loads(p.read_text())["written"],
+                  json.loads((p.parent / "env.json").read_text())["pid"]) for p in root.rglob("result.json")]
+        for t, _, _ in spans:  # one slot: one process at a time
+            assert len({pid for a, b, pid in spans if a <= t < b}) == 1
+    for key, r in results_by_k[1].items():
+        for m in ("train_acc", "train_loss", "test_acc", "epochs"):
+            assert results_by_k[2][key][m] == r[m], (key, m)

@@ -329,3 +329,78 @@ def test_lr_schedules() -> None:
     assert [lr_factor(cfg, e) for e in (0, 149, 150, 249, 250, 349)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
     cos = load(RunConfig, None, ["--data.train=x", "--optim.schedule=cosine", "--stop.max_epochs=10"])
     assert lr_factor(cos, 0) == 1 and lr_factor(cos, 5) == pytest.approx(0.5) and lr_factor(cos, 9) < 0.03
+
+
+def _packed_setup(tiny_dir: Path, root: Path) -> list[Trainer]:
+    """Three runs of different kinds: random-init vanilla, adversarial-init DA+L2+M (from
+    a stage-1 run), and one whose loss goes non-finite."""
+    stage1 = root / "stage1"
+    if not (stage1 / C.FINAL).exists():
+        Trainer(run_config(tiny_dir, **{"data.labels": "confusion", "data.copies": 2, "data.zero_ratio": 0.1,
+                                        "stop.max_epochs": 2}), stage1).run()
+    cfgs = {
+        "random-vanilla": run_config(tiny_dir, **{"stop.max_epochs": 4}),
+        "adversarial-da_l2_m": run_config(tiny_dir, **{"init_from": stage1, "data.augment": "true",
+                                                       "optim.momentum": 0.9, "optim.weight_decay": 5e-4,
+                                                       "stop.max_epochs": 3, "data.seed": 1}),
+        "nan": run_config(tiny_dir, **{"optim.lr": 1e12, "model.batchnorm": "false", "stop.max_epochs": 3}),
+    }
+    return [Trainer(c, root / name) for name, c in cfgs.items()]
+
+
+def test_packed_runs_compute_exactly_what_they_compute_alone(tiny_dir: Path, tmp_path: Path) -> None:
+    from fastbgm.trainer.loop import train_runs
+
+    alone = [t.run() for t in _packed_setup(tiny_dir, tmp_path / "alone")]
+    packed_trainers = _packed_setup(tiny_dir, tmp_path / "packed")
+    packed = train_runs(packed_trainers)
+    assert [r["status"] for r in packed] == ["done", "done", "failed"]  # the NaN fails only its own run
+    assert "non-finite loss" in packed[2]["reason"] and packed[2]["reason"] == alone[2]["reason"]
+    keys = ("epochs", "train_acc", "train_loss", "test_acc", "test_loss", "epochs_to_100_train")
+    for a, p in zip(alone[:2], packed[:2]):
+        assert {k: a[k] for k in keys} == {k: p[k] for k in keys}
+    for name in ("random-vanilla", "adversarial-da_l2_m"):
+        wa = C.load(tmp_path / "alone" / name / C.FINAL)["model"]
+        wp = C.load(tmp_path / "packed" / name / C.FINAL)["model"]
+        assert all(torch.equal(wa[k], wp[k]) for k in wa), name  # bitwise
+        ra, rp = read_jsonl(tmp_path / "alone" / name / C.METRICS), read_jsonl(tmp_path / "packed" / name / C.METRICS)
+        assert [r["train_loss"] for r in ra] == [r["train_loss"] for r in rp]
+        env = json.loads((tmp_path / "packed" / name / C.ENV).read_text())
+        assert len(env["pack"]) == 3  # where it ran, and with whom
+
+
+def test_packed_group_resumes_after_sigkill(tiny_dir: Path, tmp_path: Path) -> None:
+    from fastbgm.config import to_dict
+    from fastbgm.fileio import atomic_write_json
+
+    ref = {t.run_dir.name: t.run() for t in _packed_setup(tiny_dir, tmp_path / "alone")[:2]}
+    group = _packed_setup(tiny_dir, tmp_path / "g")[:2]
+    for t in group:
+        t.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(t.run_dir / C.PLANNED, to_dict(t.cfg))
+    cmd = [sys.executable, "-m", "fastbgm.train", "--pack", *(str(t.run_dir) for t in group), "--quiet",
+           "--speed.threads=2"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(group[0].run_dir / C.METRICS)) < 2:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    assert json.loads((group[0].run_dir / C.RESULT).read_text())["status"] == "running"
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for t in group:
+        res = json.loads((t.run_dir / C.RESULT).read_text())
+        for k in ("epochs", "train_acc", "train_loss", "test_acc"):
+            assert res[k] == ref[t.run_dir.name][k], (t.run_dir.name, k)
+        assert [r["epoch"] for r in read_jsonl(t.run_dir / C.METRICS)] == list(range(1, res["epochs"] + 1))
+
+
+def test_bench_pack_measures_k_runs_through_the_packed_loop(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "fastbgm.bench", "pack", "--device", "cpu", "--models", "small_cnn",
+                          "--runs", "1,2", "--batch-size", "16", "--steps", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "pack.json").read_text())["rows"]
+    assert [r["K"] for r in rows] == [1, 2] and rows[0]["x_k1"] == 1.0
+    assert all(r["images_per_s"] > 0 for r in rows) and "x K=1" in out.stdout

@@ -1,4 +1,4 @@
-"""``python -m fastbgm.bench {loader,train,gpu} [options]``"""
+"""``python -m fastbgm.bench {loader,train,pack,gpu} [options]``"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbgm.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("loader", "train", "gpu"):
+    for name in ("loader", "train", "pack", "gpu"):
         s = sub.add_parser(name)
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--data", type=Path, default=Path("bench-out/data"), help="where bench datasets are cached")
@@ -25,6 +25,13 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--batch-size", type=int, default=512)
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
+        if name == "pack":
+            s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
+            s.add_argument("--runs", default="1,2,4,8", help="K values: runs packed on the device")
+            s.add_argument("--batch-size", type=int, default=128)
+            s.add_argument("--steps", type=int, default=20, help="steps per run per timed epoch")
+            s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs"], default="auto",
+                           help="auto: CUDA graphs on a GPU, eager on a CPU")
         if name == "train":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--batch-sizes", default="128,512")
@@ -40,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         from .loader import run
 
         run(device, args.data, args.seconds, args.batch_size, args.out, args.workers)
+    elif args.what == "pack":
+        from .pack import run as run_pack
+
+        run_pack(device, args.models.split(","), [int(k) for k in args.runs.split(",")], args.batch_size, args.steps,
+                 args.out, args.mode)
     elif args.what == "train":
         from .train import run as run_train
 

@@ -173,6 +173,16 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         return out_rows
 
     section("train", train_rows)
+
+    def pack_rows() -> list[list[Any]]:
+        from .pack import run as run_pack
+
+        res = run_pack(device, ["resnet18", "vgg16_bn"], [1, 2, 4, 8], 128, 40, out)
+        results["pack"] = res
+        return [["pack", f"{r['model']} batch 128, K={r['K']} runs on the GPU", r["images_per_s"],
+                 f"x{r['x_k1']:.2f} of K=1"] for r in res]
+
+    section("pack", pack_rows)
     section("ddp", _two_gpu_section, out or Path("."))
     work = Path(tempfile.mkdtemp(prefix="fastbgm-gpu-"))
     section("two-stage", _trainer_section, device, data, work, 8)

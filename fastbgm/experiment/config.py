@@ -148,6 +148,7 @@ class Resources:
     nodes: int = 1
     gpus: int = 1  # GPUs per node (0: CPU-only nodes)
     ranks_per_run: int = 1  # processes (GPUs) one run spans: > 1 is one DDP run
+    runs_per_gpu: int = 1  # one-rank runs packed onto one GPU (or CPU slot), in one process
     ranks_per_node: int = 0  # of one run, on one node (0: as many as a node holds)
     tasks_per_node: int = 0  # CPU-only nodes: rank slots per node (0: 1)
     cpus_per_task: int = 4
@@ -164,6 +165,9 @@ class Resources:
         check(self.ranks_per_node >= 0 and self.tasks_per_node >= 0, "resources.ranks_per_node",
               "ranks_per_node and tasks_per_node must be >= 0")
         check(self.jobs in JOB_MODES, "resources.jobs", f"must be allocation or per-run, got {self.jobs!r}")
+        check(self.runs_per_gpu >= 1, "resources.runs_per_gpu", f"must be >= 1, got {self.runs_per_gpu}")
+        check(self.runs_per_gpu == 1 or self.jobs == "allocation", "resources.runs_per_gpu",
+              "packs runs inside an allocation (or locally); with jobs = per-run each run is its own job")
         parse_time(self.time)
         per_node = self.run_ranks_per_node
         check(self.ranks_per_run % per_node == 0, "resources.ranks_per_run",

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, help="nodes of the allocation the experiment may occupy at once")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node of the allocation (0: CPU-only nodes)")
     p.add_argument("--ranks-per-run", type=int, help="GPUs (processes) one run spans; > 1 is one DDP run")
+    p.add_argument("--runs-per-gpu", type=int,
+                   help="one-rank runs packed onto one GPU (or CPU slot) in one process (default 1)")
     p.add_argument("--jobs", choices=["allocation", "per-run"],
                    help="slurm: one allocation for the experiment (default) or one job per run")
     p.add_argument("--cpus-per-task", type=int)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = list(rest)
     for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus"), ("ranks_per_run", "ranks_per_run"),
-                      ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
+                      ("runs_per_gpu", "runs_per_gpu"), ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
                       ("time", "time")):
         v = getattr(args, flag)
         if v is not None:

@@ -22,10 +22,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from .schedule import PLANNED, Scheduler, StepRun
+from .schedule import Scheduler, StepRun, pack_log, train_command
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,10 @@ ALLOCATION_FILE = "slurm-allocation.json"  # in the experiment folder: the alloc
 class AllocationDriver:
     """Callable that submitit runs in the allocation's batch script (picklable: plain data)."""
 
-    def __init__(self, runs: list[StepRun], slots: int, cpus_per_task: int, gpus: bool, poll_s: float = 0.5):
+    def __init__(self, runs: list[StepRun], slots: int, cpus_per_task: int, gpus: bool, runs_per_slot: int = 1,
+                 poll_s: float = 0.5):
         self.runs = runs
+        self.runs_per_slot = runs_per_slot
         self.slots = slots  # ranks the allocation holds at once (nodes x slots per node)
         self.cpus_per_task = cpus_per_task
         self.gpus = gpus
@@ -49,7 +50,8 @@ class AllocationDriver:
                  len(self.runs), self.slots)
         # Slurm places each step; the scheduler only counts slots so that no more is in
         # flight than the allocation holds (steps beyond it would only wait in srun).
-        sched: Scheduler[int] = Scheduler(self.runs, list(range(self.slots)), lambda r, _: self._start(r))
+        sched: Scheduler[int] = Scheduler(self.runs, list(range(self.slots)), lambda p, _: self._start(p),
+                                          runs_per_slot=self.runs_per_slot)
 
         def on_term(signum: int, frame: Any) -> None:  # Slurm ends or requeues the job
             raise _Ended(signal.Signals(signum).name)
@@ -69,19 +71,19 @@ class AllocationDriver:
             self._requeue(job)
         return sched.states
 
-    def _start(self, r: StepRun) -> subprocess.Popen:
+    def _start(self, pack: list[StepRun]) -> subprocess.Popen:
+        r = pack[0]
         cmd = ["srun", "--exact", f"--nodes={r.nodes}", f"--ntasks={r.ranks}", f"--ntasks-per-node={r.ranks_per_node}",
                f"--cpus-per-task={self.cpus_per_task}", f"--job-name={r.key}", "--kill-on-bad-exit=1"]
         if self.gpus:
             # --gres per step gives each step its own GPUs (--gpus-per-task gives every
             # task of the step all the node's GPUs of the job, in Slurm 22.05)
             cmd.append(f"--gres=gpu:{r.ranks_per_node}")
-        cmd += [sys.executable, "-m", "fastbgm.train", "--config", str(Path(r.run_dir) / PLANNED),
-                "--run-dir", r.run_dir, f"--speed.threads={self.cpus_per_task}"]
+        cmd += [sys.executable, *train_command(pack), f"--speed.threads={self.cpus_per_task}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cpus_per_task)}
-        out = open(Path(r.run_dir) / "train.log", "a")
-        log.info("starting %s (%d rank(s) on %d node(s))", r.key, r.ranks, r.nodes)
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.info("starting %s (%d rank(s) on %d node(s))", ", ".join(x.key for x in pack), r.ranks, r.nodes)
+        return subprocess.Popen(cmd, env=env, stdout=pack_log(pack), stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
 
     @staticmethod
     def _requeue(job: str) -> None:

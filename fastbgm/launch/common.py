@@ -12,7 +12,8 @@ from ..config import to_dict
 from ..experiment import Resources, RunSpec, run_status
 from ..fileio import atomic_write_json, lock_holder, read_jsonl
 from ..trainer.config import identity_changes
-from .schedule import PLANNED, StepRun, mark_cancelled
+from ..trainer.checkpoint import PLANNED
+from .schedule import StepRun, mark_cancelled
 
 
 class LaunchError(RuntimeError):

@@ -10,14 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from ..experiment import Resources, RunSpec
 from .common import LaunchError, step_run, table
-from .schedule import PLANNED, Scheduler, StepRun
+from .schedule import Scheduler, StepRun, pack_log, train_command
 
 
 def local_slots(res: Resources) -> list[str | None]:
@@ -34,7 +33,8 @@ def run_local(runs: list[RunSpec], res: Resources, console: Any, poll_s: float =
     slots = local_slots(res)
     steps = [step_run(r, res) for r in runs]
     try:
-        sched: Scheduler[str | None] = Scheduler(steps, slots, lambda r, s: _start(r, s, res.cpus_per_task))
+        sched: Scheduler[str | None] = Scheduler(steps, slots, lambda p, s: _start(p, s, res.cpus_per_task),
+                                                 runs_per_slot=res.runs_per_gpu)
     except ValueError as e:
         raise LaunchError(f"{e} on this machine; lower resources.ranks_per_run or run on Slurm") from None
     from rich.live import Live
@@ -81,18 +81,18 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def _start(r: StepRun, devices: list[str | None], threads: int) -> subprocess.Popen:
+def _start(pack: list[StepRun], devices: list[str | None], threads: int) -> subprocess.Popen:
+    """One process for ``pack`` (one run, or several packed onto one device)."""
     env = dict(os.environ)
     if devices[0] is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(d for d in devices if d is not None)
     else:
         env["OMP_NUM_THREADS"] = str(threads)  # runs side by side must not oversubscribe the cores
-    log = open(Path(r.run_dir) / "train.log", "a")
-    entry = ["-m", "fastbgm.train", "--config", str(Path(r.run_dir) / PLANNED), "--run-dir", r.run_dir]
-    if r.ranks > 1:  # one DDP run over its slots: torchrun on this machine
-        entry = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={r.ranks}", *entry]
-    cmd = [sys.executable, *entry]
+    cmd = [sys.executable, *train_command(pack)]
+    if pack[0].ranks > 1:  # one DDP run over its slots: torchrun on this machine
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pack[0].ranks}",
+               *cmd[1:]]
     if devices[0] is None:
         cmd.append(f"--speed.threads={threads}")
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    return subprocess.Popen(cmd, env=env, stdout=pack_log(pack), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)

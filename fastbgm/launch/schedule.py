@@ -15,15 +15,15 @@ import logging
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from ..experiment import run_status
 from ..fileio import atomic_write_json
+from ..train import STOP_EXIT
+from ..trainer import checkpoint as C
 
 log = logging.getLogger(__name__)
 
-STOP_EXIT = 75  # a trainer stopped on request, resumable (EX_TEMPFAIL); see fastbgm.train
-PLANNED = "planned-config.json"  # the run's config as the launcher planned it, beside its folder's files
 S = TypeVar("S")
 
 
@@ -42,22 +42,43 @@ class StepRun:
         return -(-self.ranks // self.ranks_per_node)
 
 
+def train_command(pack: list[StepRun]) -> list[str]:
+    """``-m fastbgm.train ...`` for one run or a pack, from the planned configs."""
+    if len(pack) == 1:
+        r = pack[0]
+        return ["-m", "fastbgm.train", "--config", str(Path(r.run_dir) / C.PLANNED), "--run-dir", r.run_dir]
+    return ["-m", "fastbgm.train", "--pack", *(r.run_dir for r in pack)]
+
+
+def pack_log(pack: list[StepRun]) -> Any:
+    """The log file a process writes to: its first run's train.log (the others say where)."""
+    first = Path(pack[0].run_dir) / "train.log"
+    for r in pack[1:]:
+        with open(Path(r.run_dir) / "train.log", "a") as f:
+            f.write(f"packed with {', '.join(x.key for x in pack if x is not r)}: this process logs to {first}\n")
+    return open(first, "a")
+
+
 def mark_cancelled(run_dir: str | Path, key: str, reason: str) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(run_dir) / "result.json", {"name": key, "status": "cancelled", "reason": reason})
 
 
 class Scheduler(Generic[S]):
-    """Start ready runs on free slots; call :meth:`poll` until :attr:`finished`."""
+    """Start ready runs on free slots; call :meth:`poll` until :attr:`finished`.
+
+    With ``runs_per_slot`` K > 1, up to K ready one-rank runs start together on one slot
+    as one process (``fastbgm.train --pack``)."""
 
     def __init__(self, runs: Sequence[StepRun], slots: Sequence[S],
-                 start: Callable[[StepRun, list[S]], subprocess.Popen]):
+                 start: Callable[[list[StepRun], list[S]], subprocess.Popen], runs_per_slot: int = 1):
         self.runs = list(runs)
         self.free: list[S] = list(slots)
         self.start = start
+        self.runs_per_slot = max(1, runs_per_slot)
         self.states = {r.key: run_status(Path(r.run_dir))[0] for r in self.runs}
         self.todo = [r for r in self.runs if self.states[r.key] not in ("done", "failed", "cancelled")]
-        self.running: dict[str, tuple[subprocess.Popen, StepRun, list[S]]] = {}
+        self.running: dict[str, tuple[subprocess.Popen, list[StepRun], list[S]]] = {}  # by its first run's key
         self.stop_requested = False  # a trainer exited with STOP_EXIT: start nothing more
         too_big = [r.key for r in self.todo if r.ranks > len(self.free)]
         if too_big:
@@ -70,28 +91,36 @@ class Scheduler(Generic[S]):
 
     def poll(self) -> None:
         """Settle the runs that ended, cancel what can no longer run, start what is ready."""
-        for key, (proc, r, slots) in list(self.running.items()):
+        for key, (proc, pack, slots) in list(self.running.items()):
             if proc.poll() is None:
                 continue
             del self.running[key]
             self.free.extend(slots)
-            if proc.returncode == STOP_EXIT:
-                self.stop_requested = True
-                self.states[key] = "running"  # resumable from last.pt
-                log.info("%s: stopped on request; it resumes later", key)
-                continue
-            self.states[key] = self._settle(r, proc.returncode)
-            log.info("%s: %s (exit %s)", key, self.states[key], proc.returncode)
+            for r in pack:
+                if proc.returncode == STOP_EXIT and run_status(Path(r.run_dir))[0] not in ("done", "failed"):
+                    self.stop_requested = True
+                    self.states[r.key] = "running"  # resumable from last.pt
+                    log.info("%s: stopped on request; it resumes later", r.key)
+                    continue
+                self.states[r.key] = self._settle(r, proc.returncode)
+                log.info("%s: %s (exit %s)", r.key, self.states[r.key], proc.returncode)
         self._cancel_blocked()
         if self.stop_requested:
             return
-        for r in [r for r in self.todo if self._ready(r)]:
-            if r.ranks > len(self.free):
-                continue  # a smaller ready run may still fit
+        ready = [r for r in self.todo if self._ready(r)]
+        while ready:
+            r = next((x for x in ready if x.ranks <= len(self.free)), None)
+            if r is None:
+                break
+            pack = [r]
+            if r.ranks == 1:  # one-rank runs share a slot, up to runs_per_slot of them
+                pack += [x for x in ready if x is not r and x.ranks == 1][:self.runs_per_slot - 1]
             slots, self.free = self.free[:r.ranks], self.free[r.ranks:]
-            self.todo.remove(r)
-            self.running[r.key] = (self.start(r, slots), r, slots)
-            self.states[r.key] = "running"
+            for x in pack:
+                ready.remove(x)
+                self.todo.remove(x)
+                self.states[x.key] = "running"
+            self.running[r.key] = (self.start(pack, slots), pack, slots)
         if not self.running and self.todo and not any(self._ready(r) for r in self.todo):
             for r in self.todo:  # waiting on something that will never finish
                 mark_cancelled(r.run_dir, r.key, "a dependency did not finish")

@@ -184,7 +184,8 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> str:
     if res.gpus:
         params["gpus_per_node"] = res.gpus
     executor = _executor(exp, **params)
-    driver = AllocationDriver([step_run(r, res) for r in runs], res.slots, res.cpus_per_task, gpus=res.gpus > 0)
+    driver = AllocationDriver([step_run(r, res) for r in runs], res.slots, res.cpus_per_task, gpus=res.gpus > 0,
+                              runs_per_slot=res.runs_per_gpu)
     try:
         job = executor.submit(driver)
     except Exception as e:

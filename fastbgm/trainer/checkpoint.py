@@ -7,6 +7,8 @@ run_dir/init.pt         the weights the run started from (for distance-from-init
 run_dir/last.pt         written every epoch: model, optimizer, scheduler, epoch, RNG, loader
 run_dir/final.pt        the final model
 run_dir/result.json     status (running / done / failed + reason) and final numbers
+run_dir/planned-config.json   the config a launcher planned for it (what it starts from)
+run_dir/.lock           held by the run's trainer for its whole life
 Every file is written to a temp file and renamed (see fastbgm.fileio).
 """
 
@@ -26,6 +28,7 @@ INIT = "init.pt"
 LAST = "last.pt"
 FINAL = "final.pt"
 RESULT = "result.json"
+PLANNED = "planned-config.json"
 
 
 def rng_state() -> dict[str, Any]:

@@ -28,7 +28,7 @@ from .. import distributed as D
 from ..config import ConfigError, flatten, to_dict
 from ..data import LabelSpec, Manifest, make_loader
 from ..data.loader import DeviceLoader
-from ..fileio import append_line, atomic_torch_save, atomic_write_json, exclusive_folder, read_jsonl
+from ..fileio import append_line, atomic_torch_save, atomic_write_json, read_jsonl
 from ..models import build_model, count_parameters
 from . import checkpoint as C
 from .config import RunConfig, identity_changes
@@ -92,6 +92,13 @@ def resolve_speed(cfg: RunConfig, device: torch.device) -> Speed:
                  flag(cfg.speed.cudnn_benchmark), cfg.speed.threads or torch.get_num_threads())
 
 
+def autocast(speed: Speed) -> contextlib.AbstractContextManager:
+    """Mixed precision as the speed switches say (nothing for fp32)."""
+    if speed.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=speed.device, dtype=speed.amp_dtype)
+
+
 def lr_factor(cfg: RunConfig, epoch: int) -> float:
     """LR multiplier for (0-based) ``epoch``: warmup, then multistep / cosine / constant."""
     o = cfg.optim
@@ -130,32 +137,28 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | os.PathLike):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.hosts: list[str] = []
+        self.pack: list[str] = [str(self.run_dir)]  # the runs trained in this process with it
 
     def __call__(self) -> dict[str, Any]:
         return self.run()
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
-        _PREEMPTED.clear()
-        env = D.setup(self.cfg.speed.device)
-        self.env = env
-        try:
-            speed = resolve_speed(self.cfg, env.device)
-            # Identity first: a finished run must not stand for a config it was not trained with.
-            problem = self._config_problem(speed, env) if env.is_main else None
-            problem = D.broadcast_object(problem)
-            if problem:
-                raise ConfigError(problem)
-            done = self.finished_result()
-            if done is not None:
-                log.info("%s is already done; nothing to do", self.run_dir)
-                return done
-            # One trainer per run folder (rank 0 holds the lock for its whole run): a second
-            # one, say from a re-launch while an orphaned trainer still runs, is refused.
-            with exclusive_folder(self.run_dir, "run folder") if env.is_main else contextlib.nullcontext():
-                return self._run(env, speed)
-        finally:
-            D.teardown()
+        """Train this run (resuming it, or doing nothing when it is done); its result."""
+        from .loop import train_runs
+
+        return train_runs([self])[0]
+
+    def check(self, env: D.DistEnv) -> Speed:
+        """The resolved speed switches, once this config may run in this folder (identity
+        first: a finished run must not stand for a config it was not trained with)."""
+        speed = resolve_speed(self.cfg, env.device)
+        problem = self._config_problem(speed, env) if env.is_main else None
+        problem = D.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+        return speed
 
     def finished_result(self) -> dict[str, Any] | None:
         p = self.run_dir / C.RESULT
@@ -168,7 +171,10 @@ class Trainer:
                 return res
         return None
 
-    def _run(self, env: D.DistEnv, speed: Speed) -> dict[str, Any]:
+    def open(self, env: D.DistEnv, speed: Speed) -> "RunState":
+        """Everything one run needs, built and resumed from its folder."""
+        from .loop import RunState
+
         cfg = self.cfg
         self.speed = speed
         if speed.device == "cpu" and cfg.speed.threads:
@@ -177,7 +183,6 @@ class Trainer:
         if env.is_main:
             atomic_write_json(self.run_dir / C.CONFIG, to_dict(self.resolved_config(speed, env)))
         D.barrier()
-
         train, train_eval, test = self._loaders(env, speed)
         self.input_shape = train.image_shape
         module = self._build_model(train.num_classes, env, speed)
@@ -186,67 +191,61 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
         scaler = torch.amp.GradScaler("cuda") if speed.precision == "fp16" and env.device.type == "cuda" else None
         start_epoch, stopped = self._resume(module, optimizer, scheduler, scaler, train, env)
-        model = self._wrap(module, env, speed)
         flops = train_flops_per_image(module, self.input_shape, env.device) if cfg.mfu else None
         import socket
 
         self.hosts = D.all_gather_object(socket.gethostname())  # where each rank ran
-        peak = peak_flops(env.device, speed.precision)
         if env.is_main:
             atomic_write_json(self.run_dir / C.ENV, self._provenance(env, speed, module, flops))
             self._write_result({"status": "running", "epoch": start_epoch})
+        return RunState(self, env, speed, module, self._wrap(module, env, speed), optimizer, scheduler, scaler,
+                        train, train_eval, test, init, flops, peak_flops(env.device, speed.precision),
+                        epoch=start_epoch, end_epoch=start_epoch if stopped else cfg.stop.max_epochs)
 
-        epoch = start_epoch
-        # a run that had decided to stop before it was killed does not train on
-        end_epoch = start_epoch if stopped else cfg.stop.max_epochs
-        try:
-            for epoch in range(start_epoch, end_epoch):
-                scheduler_lr = optimizer.param_groups[0]["lr"]
-                train.set_epoch(epoch)
-                t0 = time.perf_counter()
-                loss, acc, n = self._train_epoch(model, train, optimizer, scaler, epoch, env, speed)
-                dt = time.perf_counter() - t0
-                scheduler.step()
-                ips = n / dt
-                row: dict[str, Any] = {"epoch": epoch + 1, "lr": scheduler_lr, "train_loss": loss,
-                                       "train_acc": acc, "images_per_s": ips, "epoch_seconds": dt}
-                if flops and peak:
-                    row["mfu"] = flops * ips / env.world / peak
-                row.update(complexity(module, init, self.input_shape))
-                last = epoch + 1 == cfg.stop.max_epochs
-                stop = False
-                # under DDP each rank's BatchNorm buffers saw only its own batches: every
-                # rank evaluates (and final.pt holds) rank 0's model
-                D.broadcast_buffers(module)
-                if (epoch + 1) % cfg.stop.train_eval_every == 0 or last:
-                    row["train_eval_loss"], row["train_eval_acc"] = self._evaluate(module, train_eval, speed)
-                    stop = cfg.stop.target_train_acc > 0 and row["train_eval_acc"] >= cfg.stop.target_train_acc
-                if test is not None and ((epoch + 1) % cfg.stop.test_eval_every == 0 or last or stop):
-                    row["test_loss"], row["test_acc"] = self._evaluate(module, test, speed)
-                row["eval_seconds"] = time.perf_counter() - t0 - dt
-                if env.is_main:
-                    append_line(self.run_dir / C.METRICS, json.dumps(row))
-                    self._save_last(module, optimizer, scheduler, scaler, train, epoch + 1, stop)
-                    self._log_epoch(row)
-                D.barrier()
-                if stop:
-                    log.info("target train accuracy %.4f reached at epoch %d", cfg.stop.target_train_acc, epoch + 1)
-                    break
-        except NonFiniteLoss as e:
+    def end_epoch(self, s: "RunState", loss: float, acc: float, n: int, seconds: float) -> bool:
+        """After one epoch of training: evaluate when due, log, checkpoint. True when the
+        run stops here (its stop rule fired, or its last epoch)."""
+        cfg, env, epoch = self.cfg, s.env, s.epoch
+        t0 = time.perf_counter()
+        lr = s.optimizer.param_groups[0]["lr"]
+        s.scheduler.step()
+        ips = n / seconds
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_acc": acc,
+                               "images_per_s": ips, "epoch_seconds": seconds}
+        if s.flops and s.peak:
+            row["mfu"] = s.flops * ips / env.world / s.peak
+        row.update(complexity(s.module, s.init, self.input_shape))
+        last = epoch + 1 == cfg.stop.max_epochs
+        stop = False
+        # under DDP each rank's BatchNorm buffers saw only its own batches: every rank
+        # evaluates (and final.pt holds) rank 0's model
+        D.broadcast_buffers(s.module)
+        if (epoch + 1) % cfg.stop.train_eval_every == 0 or last:
+            row["train_eval_loss"], row["train_eval_acc"] = self._evaluate(s.module, s.train_eval, s.speed)
+            stop = cfg.stop.target_train_acc > 0 and row["train_eval_acc"] >= cfg.stop.target_train_acc
+        if s.test is not None and ((epoch + 1) % cfg.stop.test_eval_every == 0 or last or stop):
+            row["test_loss"], row["test_acc"] = self._evaluate(s.module, s.test, s.speed)
+        row["eval_seconds"] = time.perf_counter() - t0
+        if env.is_main:
+            append_line(self.run_dir / C.METRICS, json.dumps(row))
+            self._save_last(s.module, s.optimizer, s.scheduler, s.scaler, s.train, epoch + 1, stop)
+            self._log_epoch(row)
+        D.barrier()
+        s.epoch = epoch + 1
+        if stop:
+            log.info("%s: target train accuracy %.4f reached at epoch %d", cfg.name, cfg.stop.target_train_acc,
+                     epoch + 1)
+        return stop or s.epoch >= s.end_epoch
+
+    def fail(self, s: "RunState", e: BaseException) -> dict[str, Any]:
+        """Record why this run failed (a non-finite loss says where)."""
+        if isinstance(e, NonFiniteLoss):
             result = {"status": "failed", "reason": str(e), "epoch": e.epoch, "step": e.step}
-            if env.is_main:
-                self._write_result(result)
-            log.error("%s: %s", self.run_dir, e)
-            return result
-        except Exception as e:
-            if _PREEMPTED.is_set():
-                log.warning("%s: stopped while being requeued (%s: %s); last.pt is kept and the run resumes from it",
-                            self.run_dir, type(e).__name__, e)
-                raise
-            if env.is_main:
-                self._write_result({"status": "failed", "reason": f"{type(e).__name__}: {e}", "epoch": epoch + 1})
-            raise
-        result = self._finish(module, env, speed)
+        else:
+            result = {"status": "failed", "reason": f"{type(e).__name__}: {e}", "epoch": s.epoch + 1}
+        if s.env.is_main:
+            self._write_result(result)
+        log.error("%s: %s", self.run_dir, result["reason"])
         return result
 
     # ------------------------------------------------------------------ pieces
@@ -391,48 +390,6 @@ class Trainer:
             model = torch.compile(model, mode=None if speed.compile_mode == "default" else speed.compile_mode)
         return model
 
-    def _autocast(self, speed: Speed) -> contextlib.AbstractContextManager:
-        if speed.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=speed.device, dtype=speed.amp_dtype)
-
-    def _train_epoch(self, model, loader: DeviceLoader, optimizer, scaler, epoch: int, env: D.DistEnv,
-                     speed: Speed) -> tuple[float, float, int]:
-        model.train()
-        dev = env.device
-        sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count
-        bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
-        sizes = loader.order.global_batch_sizes()
-        with self._progress(f"epoch {epoch + 1}", len(loader), env) as advance:
-            for step, (x, y, _) in enumerate(loader):
-                with self._autocast(speed):
-                    out = model(x)
-                loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
-                # sum / global batch x world: DDP's gradient average then equals the
-                # gradient of the mean loss over the whole global batch.
-                loss = loss_sum * (env.world / sizes[step])
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
-                with torch.no_grad():
-                    finite = torch.isfinite(loss_sum)
-                    bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
-                    sums += torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double(),
-                                         torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
-                if step % 20 == 19 or step == len(loader) - 1:
-                    flag = D.all_reduce_sum(torch.stack([(bad_step >= 0).long(), bad_step.clamp(min=0)]))
-                    if flag[0] > 0:
-                        raise NonFiniteLoss(epoch + 1, int(flag[1]) // int(flag[0]))
-                advance(1)
-        D.all_reduce_sum(sums)
-        loss_mean, acc, n = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item(), int(sums[2].item())
-        return loss_mean, acc, n
-
     @torch.no_grad()
     def _evaluate(self, module: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[float, float]:
         was_training = module.training
@@ -442,7 +399,7 @@ class Trainer:
         for x, y, _ in loader:
             if len(y) == 0:
                 continue
-            with self._autocast(speed):
+            with autocast(speed):
                 out = module(x)
             sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
                                  (out.argmax(1) == y).sum().double(),
@@ -496,7 +453,7 @@ class Trainer:
 
         dev_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
         return {
-            "started": time.time(), "hosts": self.hosts,
+            "started": time.time(), "hosts": self.hosts, "pid": os.getpid(), "pack": self.pack,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_step": os.environ.get("SLURM_STEP_ID"),
             "fastbgm": __version__, "git_commit": git_commit(), "torch": torch.__version__,

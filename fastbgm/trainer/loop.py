@@ -1,0 +1,200 @@
+"""The training loop: one run, or several runs packed into one process.
+
+A GPU is mostly idle under one of the paper's batch-128 CIFAR runs, so runs can share
+a device: each packed run keeps everything of its own (config, folder, seed, data
+order, noise, optimizer, metrics, checkpoints, resume, failure) and the runs take
+their steps in turn, each on its own CUDA stream on a GPU so that their kernels can
+overlap. A run computes exactly what it computes alone: the same operations on the
+same tensors in the same order (bitwise on CPU; tested). One run is a pack of one.
+
+Read :func:`train_runs` top to bottom: set up each run; then, epoch after epoch, step
+every active run through its batches, end each run's epoch (evaluate, checkpoint,
+stop?); a run that stops or fails leaves the pack, the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed as D
+from ..data.loader import DeviceLoader
+from ..fileio import exclusive_folder
+from .trainer import _PREEMPTED, NonFiniteLoss, Speed, Trainer, autocast
+
+log = logging.getLogger("fastbgm.trainer")
+
+
+@dataclasses.dataclass
+class RunState:
+    """One run's live objects inside the loop."""
+
+    trainer: Trainer
+    env: D.DistEnv
+    speed: Speed
+    module: nn.Module  # the bare model (state, evaluation, checkpoints)
+    model: nn.Module  # what trains: DDP and/or compiled around ``module``
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    train: DeviceLoader
+    train_eval: DeviceLoader
+    test: DeviceLoader | None
+    init: dict[str, torch.Tensor]
+    flops: float | None
+    peak: float | None
+    epoch: int  # epochs done
+    end_epoch: int  # the epoch it stops at unless its stop rule fires first
+    stream: Any = None  # its CUDA stream when packed on a GPU
+
+    def __post_init__(self) -> None:
+        dev = self.env.device
+        self.sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count (this epoch)
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.sizes: list[int] = []
+
+    def begin_epoch(self) -> Iterator[tuple[int, tuple]]:
+        self.model.train()
+        self.train.set_epoch(self.epoch)
+        self.sums.zero_()
+        self.bad_step.fill_(-1)
+        self.sizes = self.train.order.global_batch_sizes()
+        return enumerate(self.train)
+
+    def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on one batch."""
+        with autocast(self.speed):
+            out = self.model(x)
+        loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+        # sum / global batch x world: DDP's gradient average then equals the gradient
+        # of the mean loss over the whole global batch
+        loss = loss_sum * (self.env.world / self.sizes[step])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        with torch.no_grad():
+            bad = (self.bad_step < 0) & ~torch.isfinite(loss_sum)
+            self.bad_step = torch.where(bad, torch.full_like(self.bad_step, step), self.bad_step)
+            self.sums += torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double(),
+                                      torch.tensor(float(len(y)), device=y.device, dtype=torch.float64)])
+        if step % 20 == 19 or step == len(self.sizes) - 1:  # a host sync only every 20 steps
+            flag = D.all_reduce_sum(torch.stack([(self.bad_step >= 0).long(), self.bad_step.clamp(min=0)]))
+            if flag[0] > 0:
+                raise NonFiniteLoss(self.epoch + 1, int(flag[1]) // int(flag[0]))
+
+    def epoch_means(self) -> tuple[float, float, int]:
+        D.all_reduce_sum(self.sums)
+        s = self.sums
+        return (s[0] / s[2]).item(), (s[1] / s[2]).item(), int(s[2].item())
+
+
+def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
+    """Train ``trainers``' runs side by side in this process; their results, in order.
+
+    A run already done returns its result; a run whose loss goes non-finite, or that
+    raises, is recorded failed and leaves the pack while the others go on (alone, an
+    unexpected error is raised after it is recorded)."""
+    import time
+
+    _PREEMPTED.clear()
+    env = D.setup(trainers[0].cfg.speed.device)
+    results: list[dict[str, Any] | None] = [None] * len(trainers)
+    try:
+        with contextlib.ExitStack() as held:
+            # ---- set up every run (identity check, finished?, folder lock, build + resume)
+            active: dict[int, RunState] = {}
+            for i, t in enumerate(trainers):
+                t.env = env
+                t.pack = [str(x.run_dir) for x in trainers]
+                speed = t.check(env)
+                done = t.finished_result()
+                if done is not None:
+                    log.info("%s is already done; nothing to do", t.run_dir)
+                    results[i] = done
+                    continue
+                # one trainer per run folder, for its whole life (rank 0 holds the lock)
+                if env.is_main:
+                    held.enter_context(exclusive_folder(t.run_dir, "run folder"))
+                s = t.open(env, speed)
+                if len(trainers) > 1 and env.device.type == "cuda":
+                    s.stream = torch.cuda.Stream(env.device)
+                if s.epoch >= s.end_epoch:  # killed after its last checkpoint, before its result
+                    results[i] = t._finish(s.module, env, speed)
+                else:
+                    active[i] = s
+            # ---- epoch after epoch, every active run through its own batches, in turn
+            while active:
+                t0 = time.perf_counter()
+                with trainers[next(iter(active))]._progress(
+                        f"epoch {min(s.epoch for s in active.values()) + 1}",
+                        sum(len(s.train) for s in active.values()), env) as advance:
+                    failed = train_epoch_together(active, advance)
+                seconds = time.perf_counter() - t0
+                for i, e in failed.items():
+                    results[i] = trainers[i].fail(active.pop(i), e)
+                    if len(trainers) == 1 and not isinstance(e, NonFiniteLoss):
+                        raise e
+                for i in list(active):
+                    s, t = active[i], trainers[i]
+                    try:
+                        loss, acc, n = s.epoch_means()
+                        if t.end_epoch(s, loss, acc, n, seconds):
+                            results[i] = t._finish(s.module, env, s.speed)
+                            del active[i]
+                    except Exception as e:
+                        if _PREEMPTED.is_set():
+                            raise
+                        results[i] = t.fail(active.pop(i), e)
+                        if len(trainers) == 1:
+                            raise
+    except Exception as e:
+        if _PREEMPTED.is_set():
+            log.warning("stopped while being requeued (%s: %s); last.pt is kept and the run(s) resume from it",
+                        type(e).__name__, e)
+        raise
+    finally:
+        D.teardown()
+    return [r if r is not None else {"status": "failed", "reason": "did not run"} for r in results]
+
+
+def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: None) -> dict[int, BaseException]:
+    """One epoch of every run in ``active``, their steps taken in turn (each on its own
+    stream when it has one). Returns the runs that raised, with what they raised."""
+    steps = {i: s.begin_epoch() for i, s in active.items()}
+    failed: dict[int, BaseException] = {}
+    while steps:
+        for i in list(steps):
+            s = active[i]
+            try:
+                with _on_stream(s.stream):
+                    nxt = next(steps[i], None)
+                    if nxt is None:
+                        del steps[i]
+                        continue
+                    step, (x, y, _) = nxt
+                    s.step(step, x, y)
+            except Exception as e:  # this run fails; the others go on
+                if _PREEMPTED.is_set():
+                    raise
+                failed[i] = e
+                del steps[i]
+            advance(1)
+    dev = next(iter(active.values())).env.device if active else None
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return failed
+
+
+def _on_stream(stream: Any) -> contextlib.AbstractContextManager:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
