@@ -327,3 +327,32 @@ def test_noise_reaches_every_batch_whatever_is_precomputed(budget: object) -> No
         assert torch.equal(i, ir) and torch.equal(y, yr) and torch.equal(x, xr)
         zeros = (x == 0).float().mean().item()
         assert zeros == pytest.approx(0.1, abs=0.01), zeros  # every copy noised, exactly 10% of its values
+
+
+def test_stream_augmentation_is_a_pure_function_of_seed_epoch_and_sample(tmp_path: Path) -> None:
+    # ffcv's random-resized-crop drew from its own unseeded RNG: a stream run was neither
+    # reproducible nor exactly resumable. The crop now runs on the device from hashes.
+    from fastbgm.data.sources import synthetic_splits
+    from fastbgm.data.transforms import random_resized_crop
+    from fastbgm.data.writer import prepare
+
+    prepare(synthetic_splits(96, 10, 10, 32, seed=0), tmp_path, image_format="jpg", show_progress=False,
+            num_workers=1)
+    kw = dict(batch_size=32, augment=True, placement="stream", num_workers=1, seed=7)
+    a = make_loader(tmp_path / "train.beton", **kw)
+    epochs_a = []
+    for e in range(3):
+        a.set_epoch(e)
+        epochs_a.append([(x.clone(), y, i) for x, y, i in a])
+    b = make_loader(tmp_path / "train.beton", **kw)  # a "resumed" loader: starts at epoch 2
+    b.set_epoch(2)
+    for (xa, ya, ia), (xb, yb, ib) in zip(epochs_a[2], b):
+        assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert not torch.equal(epochs_a[0][0][0], epochs_a[1][0][0])  # a new crop each epoch
+    # geometry: scale and ratio pinned to 1 is the identity; a crop is a zoom of the image
+    img = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8)
+    idx = torch.arange(4)
+    assert torch.equal(random_resized_crop(img, 0, 0, idx, scale=(1.0, 1.0), ratio=(1.0, 1.0)), img)
+    out = random_resized_crop(img, 0, 0, idx)
+    assert out.shape == img.shape and out.dtype == torch.uint8
+    assert torch.equal(out, random_resized_crop(img, 0, 0, idx)) and not torch.equal(out, img)

@@ -83,11 +83,13 @@ def _overrides(tiny_dir: Path, **kw: object) -> list[str]:
     return [f"--{k}={v}" for k, v in base.items()]
 
 
-def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:
-    ref = _spawn_train(tmp_path / "ref", _overrides(tiny_dir))
+@pytest.mark.parametrize("placement", ["resident", "stream"])
+def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path, placement: str) -> None:
+    ov = _overrides(tiny_dir, **{"data.placement": placement})
+    ref = _spawn_train(tmp_path / "ref", ov)
     assert ref.wait(timeout=240) == 0, ref.stderr.read()[-3000:]
     run = tmp_path / "killed"
-    p = _spawn_train(run, _overrides(tiny_dir))
+    p = _spawn_train(run, ov)
     deadline = time.time() + 200
     while time.time() < deadline and len(read_jsonl(run / C.METRICS)) < 2:
         time.sleep(0.05)
@@ -96,7 +98,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path)
     done_before = len(read_jsonl(run / C.METRICS))
     assert 2 <= done_before < 6
     assert json.loads((run / C.RESULT).read_text())["status"] == "running"
-    again = _spawn_train(run, _overrides(tiny_dir))
+    again = _spawn_train(run, ov)
     assert again.wait(timeout=240) == 0, again.stderr.read()[-3000:]
     a, b = read_jsonl(tmp_path / "ref" / C.METRICS), read_jsonl(run / C.METRICS)
     assert [r["epoch"] for r in b] == list(range(1, 7))
@@ -196,13 +198,13 @@ def test_error_while_being_requeued_is_not_recorded_as_failure(tiny_dir: Path, t
     import subprocess
     import threading
 
-    from fastbgm.trainer import mark_preempted
+    from fastbgm.trainer import request_stop
 
     run = tmp_path / "pre"
     cfg = run_config(tiny_dir, **{"stop.max_epochs": 40})
 
     def handler(signum, frame):  # what submitit's handler does when scontrol is killed
-        mark_preempted()
+        request_stop()
         raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "1"])
 
     def fire_after_first_checkpoint() -> None:

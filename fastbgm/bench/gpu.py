@@ -90,6 +90,7 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int) 
     from fastbgm.config import load
     from fastbgm.fileio import read_jsonl
     from fastbgm.trainer import RunConfig, Trainer
+    from fastbgm.trainer import checkpoint as C
 
     beton = data / "cifar10" / "train.beton"
     test = data / "cifar10" / "test.beton"
@@ -115,7 +116,7 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int) 
         t0 = time.perf_counter()
         res = Trainer(cfg, run_dir).run()
         wall = time.perf_counter() - t0
-        m = read_jsonl(run_dir / "metrics.jsonl")
+        m = read_jsonl(run_dir / C.METRICS)
         steady = [r for r in m[1:]] or m
         ips = sum(r["images_per_s"] for r in steady) / max(1, len(steady))
         mfu = [r["mfu"] for r in steady if r.get("mfu")]

@@ -37,7 +37,7 @@ from .manifest import Manifest
 from .noise import apply_zero_noise
 from .order import EpochOrder
 from .sources import DatasetError
-from .transforms import augment_keys, crop_flip, flip_only, normalize
+from .transforms import augment_keys, crop_flip, flip_only, normalize, random_resized_crop
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class StreamLoader(DeviceLoader):
             )
         ffcv_io.import_ffcv()
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.loader import Loader
         from ffcv.transforms import ToDevice, ToTensor
 
@@ -283,8 +283,10 @@ class StreamLoader(DeviceLoader):
         self.image_shape = (3, resolution, resolution)
         self._epoch_order: dict[int, torch.Tensor] = {}
         size = (resolution, resolution)
-        decoder = (RandomResizedCropRGBImageDecoder(size) if augment
-                   else CenterCropRGBImageDecoder(size, ratio=1.0))
+        # ffcv decodes and resizes only (its random crop draws from its own unseeded RNG);
+        # the random-resized crop is done on the device as a pure function of
+        # (seed, epoch, sample), so a stream run is reproducible and resumes exactly.
+        decoder = CenterCropRGBImageDecoder(size, ratio=1.0)
         to_dev = [ToDevice(self.device, non_blocking=True)] if self.device.type != "cpu" else []
         threads = torch.get_num_threads()  # ffcv's Loader resets torch's thread count
         with ffcv_io.custom_order(self._ffcv_order) as key:
@@ -321,8 +323,10 @@ class StreamLoader(DeviceLoader):
             b = imgs.shape[0]
             v = order[start : start + b].to(self.device, non_blocking=True)
             start += b
-            # ffcv recycles its output buffers; the device steps write a fresh tensor.
-            yield self.steps(imgs.clone(), v, epoch, cropped=self.steps.augment)
+            imgs = self.steps.add_noise(imgs.clone(), v)  # a copy: ffcv recycles its output buffers
+            if self.steps.augment:
+                imgs = random_resized_crop(imgs, self.steps.seed, epoch, v)
+            yield self.steps(imgs, v, epoch, cropped=self.steps.augment, noised=True)
 
 
 def _dist_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -363,7 +367,7 @@ def make_loader(
         device: where batches live (and, for ``resident``, the whole split).
         labels: a :class:`LabelSpec` or a mode name (``true``, ``random``, ...).
         augment: random crop (pad 4) + flip per sample (``resident``); random-resized
-            crop + flip (``stream``).
+            crop + flip (``stream``); every draw a pure function of (seed, epoch, sample).
         train: shuffle each epoch (``True``) or keep file order (evaluation).
         placement: ``resident``, ``stream`` or ``auto`` (resident up to 64 px).
         dtype: image dtype (e.g. ``torch.bfloat16``); labels are always int64.

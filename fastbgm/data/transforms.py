@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .hashing import STREAM_AUGMENT, hash_keys
+from .hashing import STREAM_AUGMENT, STREAM_RESIZED_CROP, hash_keys
 
 
 def crop_flip(images: torch.Tensor, keys: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -40,6 +40,43 @@ def crop_flip(images: torch.Tensor, keys: torch.Tensor, pad: int = 4) -> torch.T
 
 def augment_keys(seed: int, epoch: int, sample_index: torch.Tensor) -> torch.Tensor:
     return hash_keys(STREAM_AUGMENT, seed, epoch, sample_index.to(torch.int64))
+
+
+def _uniform(seed: int, epoch: int, index: torch.Tensor, which: int) -> torch.Tensor:
+    """A float64 in [0, 1) per sample: draw ``which`` of (seed, epoch, sample)."""
+    return hash_keys(STREAM_RESIZED_CROP, seed, epoch, index.to(torch.int64), which).double() / 2.0**32
+
+
+def random_resized_crop(images: torch.Tensor, seed: int, epoch: int, index: torch.Tensor,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Inception-style random-resized crop of uint8 ``[B, H, W, C]`` images, back to
+    ``H x W`` (bilinear), one draw per sample from (seed, epoch, sample index): the same
+    crop on every device, rank and resume. Area fraction ``s`` in ``scale`` and aspect
+    ``r`` log-uniform in ``ratio``, clipped to the image (torchvision samples up to ten
+    times and falls back to a centre crop; clipping is the pure-function equivalent)."""
+    b, h, w, _ = images.shape
+    if b == 0:
+        return images
+    dev = images.device
+    s = scale[0] + (scale[1] - scale[0]) * _uniform(seed, epoch, index, 0)
+    log_r = torch.log(torch.tensor(ratio[0], dtype=torch.float64)) + \
+        (torch.log(torch.tensor(ratio[1] / ratio[0], dtype=torch.float64))) * _uniform(seed, epoch, index, 1)
+    r = torch.exp(log_r.to(dev))
+    cw = torch.sqrt(s * r).clamp(max=1.0)  # crop size as fractions of the width / height
+    ch = torch.sqrt(s / r).clamp(max=1.0)
+    cx = (1 - cw) * _uniform(seed, epoch, index, 2)  # top-left corner, fractions
+    cy = (1 - ch) * _uniform(seed, epoch, index, 3)
+    # affine_grid maps the output to [-1, 1] input coordinates: a scale and a shift
+    theta = torch.zeros(b, 2, 3, dtype=torch.float32, device=dev)
+    theta[:, 0, 0] = cw.float()
+    theta[:, 0, 2] = (2 * cx + cw - 1).float()
+    theta[:, 1, 1] = ch.float()
+    theta[:, 1, 2] = (2 * cy + ch - 1).float()
+    x = images.permute(0, 3, 1, 2).float()
+    grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def flip_only(images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ from typing import Any, Iterable
 from ..config import to_dict
 from ..experiment import Resources, RunSpec, run_status
 from ..fileio import atomic_write_json, lock_holder, read_jsonl
+from ..trainer import checkpoint as C
 from ..trainer.config import identity_changes
-from ..trainer.checkpoint import PLANNED
 from .schedule import StepRun, mark_cancelled
 
 
@@ -35,7 +35,7 @@ def check_configs(runs: list[RunSpec]) -> None:
     trained with (say, after lengthening stage 2 in the experiment file)."""
     clashes = []
     for r in runs:
-        p = r.run_dir / "config.json"
+        p = r.run_dir / C.CONFIG
         if not p.exists():
             continue
         try:
@@ -90,7 +90,7 @@ def will_run(d: Decision) -> bool:
 
 
 def live_row(r: RunSpec, state: str) -> list[str]:
-    rows = read_jsonl(r.run_dir / "metrics.jsonl") if state in ("running", "done", "failed") else []
+    rows = read_jsonl(r.run_dir / C.METRICS) if state in ("running", "done", "failed") else []
     last = rows[-1] if rows else {}
     test = next((x["test_acc"] for x in reversed(rows) if "test_acc" in x), None)
     return [r.key, state, str(last.get("epoch", "")), f"{last['train_acc']:.3f}" if "train_acc" in last else "",
@@ -143,8 +143,8 @@ def stage_runs(decisions: list[Decision]) -> None:
         elif will_run(d):
             r.run_dir.mkdir(parents=True, exist_ok=True)
             if d.action == "retry":
-                (r.run_dir / "result.json").unlink(missing_ok=True)
-            atomic_write_json(r.run_dir / PLANNED, to_dict(r.config))
+                (r.run_dir / C.RESULT).unlink(missing_ok=True)
+            atomic_write_json(r.run_dir / C.PLANNED, to_dict(r.config))
 
 
 def read_json(p: Path) -> dict[str, Any]:

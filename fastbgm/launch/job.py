@@ -75,10 +75,10 @@ class RunJob:
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
 
-        from ..trainer import mark_preempted
+        from ..trainer import request_stop
 
         # submitit requeues right after this returns; the requeue kills this job, and a
         # failure raised meanwhile must not be recorded as the run failing
-        mark_preempted()
+        request_stop()
         log.info("requeueing %s; it resumes from its last.pt", self.run_dir)
         return submitit.helpers.DelayedSubmission(RunJob(self.config, self.run_dir, self.threads))

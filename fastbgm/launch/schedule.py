@@ -52,16 +52,16 @@ def train_command(pack: list[StepRun]) -> list[str]:
 
 def pack_log(pack: list[StepRun]) -> Any:
     """The log file a process writes to: its first run's train.log (the others say where)."""
-    first = Path(pack[0].run_dir) / "train.log"
+    first = Path(pack[0].run_dir) / C.TRAIN_LOG
     for r in pack[1:]:
-        with open(Path(r.run_dir) / "train.log", "a") as f:
+        with open(Path(r.run_dir) / C.TRAIN_LOG, "a") as f:
             f.write(f"packed with {', '.join(x.key for x in pack if x is not r)}: this process logs to {first}\n")
     return open(first, "a")
 
 
 def mark_cancelled(run_dir: str | Path, key: str, reason: str) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(run_dir) / "result.json", {"name": key, "status": "cancelled", "reason": reason})
+    atomic_write_json(Path(run_dir) / C.RESULT, {"name": key, "status": "cancelled", "reason": reason})
 
 
 class Scheduler(Generic[S]):
@@ -151,9 +151,9 @@ class Scheduler(Generic[S]):
         if status in ("done", "failed"):
             return status
         # died before it could say why (killed, out of memory, a crash in start-up)
-        atomic_write_json(Path(r.run_dir) / "result.json", {
+        atomic_write_json(Path(r.run_dir) / C.RESULT, {
             "name": r.key, "status": "failed",
-            "reason": f"exited with code {returncode}; see {Path(r.run_dir) / 'train.log'}"})
+            "reason": f"exited with code {returncode}; see {Path(r.run_dir) / C.TRAIN_LOG}"})
         return "failed"
 
     def _cancel_blocked(self) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..experiment.plan import parse_run_key, run_status
+from ..trainer import checkpoint as C
+from ..trainer.measures import epochs_to_full_train
 from ..fileio import read_jsonl
 
 
@@ -53,8 +55,7 @@ class Run:
 
     @property
     def epochs_to_100(self) -> int | None:
-        """First epoch whose running (train-mode) training accuracy reached 100%."""
-        return next((r["epoch"] for r in self.metrics if r.get("train_acc", 0) >= 1.0), None)
+        return epochs_to_full_train(self.metrics)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -71,7 +72,7 @@ def collect(exp_dir: str | Path) -> tuple[list[Run], dict[str, Any]]:
     plan = _read(root / "experiment.json")
     entries = plan.get("runs") or [
         {"key": str(p.parent.relative_to(root)), **parse_run_key(str(p.parent.relative_to(root)))}
-        for p in sorted(root.rglob("config.json")) if ".submitit" not in p.parts
+        for p in sorted(root.rglob(C.CONFIG)) if ".submitit" not in p.parts
     ]
     if not entries:
         raise FileNotFoundError(f"{root} holds no runs (no experiment.json and no run folders with config.json)")
@@ -83,6 +84,6 @@ def collect(exp_dir: str | Path) -> tuple[list[Run], dict[str, Any]]:
             status = "missing"
         runs.append(Run(key=e["key"], stage=e["stage"], dataset=e["dataset"], model=e["model"], seed=e["seed"],
                         init=e.get("init", ""), mode=e.get("mode", ""), status=status, result=result,
-                        metrics=read_jsonl(d / "metrics.jsonl"), env=_read(d / "env.json"),
-                        config=_read(d / "config.json")))
+                        metrics=read_jsonl(d / C.METRICS), env=_read(d / C.ENV),
+                        config=_read(d / C.CONFIG)))
     return runs, plan.get("config", {})

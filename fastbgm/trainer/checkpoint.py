@@ -8,6 +8,7 @@ run_dir/last.pt         written every epoch: model, optimizer, scheduler, epoch,
 run_dir/final.pt        the final model
 run_dir/result.json     status (running / done / failed + reason) and final numbers
 run_dir/planned-config.json   the config a launcher planned for it (what it starts from)
+run_dir/train.log       what the trainer process printed (launchers)
 run_dir/.lock           held by the run's trainer for its whole life
 Every file is written to a temp file and renamed (see fastbgm.fileio).
 """
@@ -29,6 +30,7 @@ LAST = "last.pt"
 FINAL = "final.pt"
 RESULT = "result.json"
 PLANNED = "planned-config.json"
+TRAIN_LOG = "train.log"  # what a launcher's trainer process prints
 
 
 def rng_state() -> dict[str, Any]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .. import distributed as D
 from ..data.loader import DeviceLoader
 from ..fileio import exclusive_folder
-from .trainer import _PREEMPTED, NonFiniteLoss, Speed, Trainer, autocast
+from .trainer import _STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast
 
 log = logging.getLogger("fastbgm.trainer")
 
@@ -107,7 +107,7 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
     unexpected error is raised after it is recorded)."""
     import time
 
-    _PREEMPTED.clear()
+    _STOP_REQUESTED.clear()
     env = D.setup(trainers[0].cfg.speed.device)
     results: list[dict[str, Any] | None] = [None] * len(trainers)
     try:
@@ -153,13 +153,13 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
                             results[i] = t._finish(s.module, env, s.speed)
                             del active[i]
                     except Exception as e:
-                        if _PREEMPTED.is_set():
+                        if _STOP_REQUESTED.is_set():
                             raise
                         results[i] = t.fail(active.pop(i), e)
                         if len(trainers) == 1:
                             raise
     except Exception as e:
-        if _PREEMPTED.is_set():
+        if _STOP_REQUESTED.is_set():
             log.warning("stopped while being requeued (%s: %s); last.pt is kept and the run(s) resume from it",
                         type(e).__name__, e)
         raise
@@ -185,7 +185,7 @@ def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: N
                     step, (x, y, _) = nxt
                     s.step(step, x, y)
             except Exception as e:  # this run fails; the others go on
-                if _PREEMPTED.is_set():
+                if _STOP_REQUESTED.is_set():
                     raise
                 failed[i] = e
                 del steps[i]

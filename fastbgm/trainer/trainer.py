@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -32,19 +32,23 @@ from ..fileio import append_line, atomic_torch_save, atomic_write_json, read_jso
 from ..models import build_model, count_parameters
 from . import checkpoint as C
 from .config import RunConfig, identity_changes
-from .measures import complexity, peak_flops, train_flops_per_image
+from .measures import complexity, epochs_to_full_train, peak_flops, train_flops_per_image
+
+if TYPE_CHECKING:
+    from .loop import RunState
 
 log = logging.getLogger("fastbgm.trainer")
 
-# Set by a scheduler's preemption handler just before it requeues the job. Requeueing
-# kills the job, and the handler's own subprocess can die first and raise inside the
-# training loop: an exception from then on is the job being stopped, not the run failing.
-_PREEMPTED = threading.Event()
+# The trainer knows nothing of why it is stopped (preemption, requeue, a time limit): a
+# scheduler only asks. Once asked, an exception in the loop is the process being
+# stopped (say, the scheduler's own requeue command killed inside its signal handler),
+# not the run failing: last.pt stands and the run resumes from it.
+_STOP_REQUESTED = threading.Event()
 
 
-def mark_preempted() -> None:
-    """Say that this process is being preempted/requeued (see fastbgm.launch.job)."""
-    _PREEMPTED.set()
+def request_stop() -> None:
+    """Ask this process's runs to stop; they resume from their last checkpoint."""
+    _STOP_REQUESTED.set()
 
 
 
@@ -173,7 +177,7 @@ class Trainer:
 
     def open(self, env: D.DistEnv, speed: Speed) -> "RunState":
         """Everything one run needs, built and resumed from its folder."""
-        from .loop import RunState
+        from .loop import RunState  # noqa: F811 - the loop module imports this one
 
         cfg = self.cfg
         self.speed = speed
@@ -422,7 +426,7 @@ class Trainer:
         if env.is_main:
             atomic_torch_save({"model": module.state_dict(), "config": to_dict(self.cfg)}, self.run_dir / C.FINAL)
             last = rows[-1] if rows else {}
-            first_full = next((r["epoch"] for r in rows if r.get("train_acc", 0) >= 1.0), None)
+            first_full = epochs_to_full_train(rows)
             result.update({
                 "epochs": last.get("epoch"),
                 "train_acc": last.get("train_eval_acc", last.get("train_acc")),
