@@ -228,6 +228,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {p} does not exist")
+    if p.is_dir():
+        raise ConfigError(f"config {p} is a folder: give a config file (e.g. configs/paper-mini.toml)")
     if p.suffix == ".json":
         import json
 

@@ -37,7 +37,10 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' asked for, but no GPU is visible: use speed.device=cpu")
+            from .config import ConfigError
+
+            raise ConfigError("speed.device: 'cuda' asked for, but no GPU is visible here: use "
+                              "--speed.device=cpu (or auto)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(pref)
 

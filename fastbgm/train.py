@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FolderBusy, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable or full run folder
+        print(f"error: {where}: {e.strerror or e} ({e.filename or 'writing the run folder'}); "
+              "free some space or choose a writable --run-dir", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"interrupted; {where} resume(s) from the last checkpoint when run again", file=sys.stderr)
         return 130

@@ -23,7 +23,10 @@ fi
 missing_pip=""
 "$PY" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 4))' \
   2>/dev/null || missing_pip="$missing_pip ${TORCH_SPEC:-torch>=2.4}"
-"$PY" -c 'import fastbgm, submitit, rich, matplotlib, sklearn, pytest' 2>/dev/null || missing_pip="$missing_pip fastbgm[ffcv,dev]"
+# fastbgm installed from this checkout (asked from another folder, so the checkout itself is not on the path)
+here=$(cd "$(dirname "$0")/.." && pwd)
+[ "$(cd / && "$PY" -c 'import fastbgm, submitit, rich, matplotlib, sklearn, pytest, os; print(os.path.dirname(os.path.dirname(fastbgm.__file__)))' 2>/dev/null)" = "$here" ] \
+  || missing_pip="$missing_pip fastbgm[ffcv,dev]"
 "$PY" -c 'import ffcv' 2>/dev/null || missing_pip="$missing_pip ffcv==1.0.2"
 
 if [ -z "$missing_apt" ] && [ -z "$missing_pip" ]; then

@@ -42,7 +42,24 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO if args.what == "gpu" else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(show_path=False)])
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"error: --device {args.device!r} is not a device: use cpu or cuda", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda, but no GPU is visible here: use --device cpu", file=sys.stderr)
+        return 2
+    for flag in ("batch_size", "steps", "seconds", "workers"):
+        if getattr(args, flag, 1) is not None and getattr(args, flag, 1) <= 0:
+            print(f"error: --{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}", file=sys.stderr)
+            return 2
+    for flag in ("batch_sizes", "runs"):
+        v = getattr(args, flag, None)
+        if v is not None and not all(x.strip().isdigit() and int(x) > 0 for x in v.split(",")):
+            print(f"error: --{flag.replace('_', '-')} takes positive whole numbers separated by commas, got {v!r}",
+                  file=sys.stderr)
+            return 2
     if args.what == "loader":
         from .loader import run
 

@@ -82,7 +82,13 @@ def load_resident(beton: str | Path, rebuild: bool = False, show_progress: bool 
             f"{beton} has no valid resident cache, and building one needs ffcv, which is not installed: "
             f"install ffcv (launch/install.sh), or copy {cpath.name} from a machine that built it"
         )
-    return build_cache(beton, show_progress=show_progress)
+    try:
+        return build_cache(beton, show_progress=show_progress)
+    except DatasetError:
+        raise
+    except Exception as e:  # truncated, random bytes, not a .beton
+        raise DatasetError(f"{beton} cannot be read as a .beton ({type(e).__name__}: {e}); "
+                           "write it again with `python -m fastbgm.data prepare ... --overwrite`") from None
 
 
 def _check_against_manifest(beton: Path, cpath: Path, arrays: ResidentArrays) -> None:

@@ -337,6 +337,17 @@ def _dist_rank_world(rank: int | None, world: int | None) -> tuple[int, int]:
     return 0, 1
 
 
+def _check_counts(beton: Path, manifest: Manifest, labels: np.ndarray) -> None:
+    """The data must be the split its manifest describes (an edited or swapped manifest
+    would silently change class balance, normalisation and the report's numbers)."""
+    counts = np.bincount(labels, minlength=manifest.num_classes).tolist() if len(labels) else []
+    if len(labels) != manifest.num_samples or (counts and counts != list(manifest.class_counts)):
+        raise DatasetError(
+            f"{beton} holds {len(labels)} samples ({counts[:10]}{'...' if len(counts) > 10 else ''} per class) but "
+            f"its manifest says {manifest.num_samples} ({list(manifest.class_counts)[:10]}): the manifest belongs to "
+            "another dataset or was edited; write the dataset again with prepare --overwrite")
+
+
 def make_loader(
     path: str | os.PathLike,
     *,
@@ -398,6 +409,7 @@ def make_loader(
     if placement == "resident":
         arrays = load_resident(beton, show_progress=show_progress)
         images, true_labels = arrays.images, arrays.labels
+        _check_counts(beton, manifest, true_labels)
         if subset is not None:
             keep = balanced_subset(true_labels, subset)
             images, true_labels = images[keep], true_labels[keep]
@@ -405,7 +417,14 @@ def make_loader(
         return ResidentLoader(data, true_labels, manifest, augment=augment, precompute=precompute, pad=pad, **common)
     if not beton.exists():
         raise DatasetError(f"dataset file {beton} does not exist: write it with `python -m fastbgm.data prepare ...`")
-    stored = ffcv_io.beton_columns(beton)["label"]
+    try:
+        stored = ffcv_io.beton_columns(beton)["label"]
+    except ModuleNotFoundError:
+        raise
+    except Exception as e:  # truncated, random bytes, not a .beton
+        raise DatasetError(f"{beton} cannot be read as a .beton ({type(e).__name__}: {e}); "
+                           "write it again with `python -m fastbgm.data prepare ... --overwrite`") from None
+    _check_counts(beton, manifest, stored)
     positions = np.arange(len(stored)) if subset is None else balanced_subset(stored, subset)
     resolution = max(res) if res else 224
     workers = num_workers or max(1, min(os.cpu_count() or 1, 12))
@@ -445,8 +464,12 @@ def loader_from_arrays(
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3 or len(x) != len(y):
         raise DatasetError(f"images must be uint8 [N, H, W, 3] with one label each; got {x.dtype} {x.shape}, "
                            f"{len(y)} labels")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DatasetError(f"labels must be one integer class per image, got {y.dtype} {y.shape}")
     y = y.astype(np.int64)
     k = int(num_classes or (int(y.max()) + 1 if len(y) else 1))
+    if len(y) and (y.min() < 0 or y.max() >= k):
+        raise DatasetError(f"labels must lie in [0, {k}) (num_classes = {k}); found {int(y.min())}..{int(y.max())}")
     flat = x.reshape(-1, 3)
     mean = (flat.mean(0, dtype=np.float64) / 255.0).tolist()
     std = (flat.std(0, dtype=np.float64) / 255.0).tolist()

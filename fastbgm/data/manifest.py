@@ -54,9 +54,15 @@ class Manifest:
                 f"no manifest at {path}: a split written by `python -m fastbgm.data prepare` has one "
                 "beside its .beton; re-run prepare for this dataset"
             )
-        data = json.loads(path.read_text())
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            data = json.loads(path.read_text())
+            known = {f for f in cls.__dataclass_fields__}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (json.JSONDecodeError, TypeError, AttributeError) as e:
+            from .sources import DatasetError
+
+            raise DatasetError(f"manifest {path} is unreadable ({type(e).__name__}: {e}); "
+                               "write the dataset again with `python -m fastbgm.data prepare ... --overwrite`") from None
 
     @classmethod
     def for_beton(cls, beton: str | Path) -> "Manifest":

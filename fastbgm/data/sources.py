@@ -201,6 +201,14 @@ def imagefolder_splits(
             labels.extend([index[c]] * len(imgs))
         if not files:
             raise DatasetError(f"split folder {d} has no images (.png/.jpg) in its class folders")
+        # a class with no image would be a silent hole in every per-class statistic
+        empty = [c for c in classes if c not in found[d.name] or not _image_files(d / c)]
+        if empty:
+            raise DatasetError(
+                f"split {d.name!r} has no images for class(es) {', '.join(empty[:5])} "
+                f"({'no folder' if empty[0] not in found[d.name] else 'an empty folder'} {d / empty[0]}): "
+                "add their images, or leave them out of --classes"
+            )
         out[d.name] = FileSplit(
             name=d.name,
             labels=np.asarray(labels, dtype=np.int64),

@@ -63,6 +63,20 @@ class DatasetEntry:
         check(bool(self.train), "datasets.train", f"dataset {self.name!r} needs a train .beton path")
 
 
+def check_training(section: str, c: Any) -> None:
+    """The optimisation keys both stages share, checked when the experiment is loaded and
+    named as the user wrote them (not as the run config they become)."""
+    check(c.lr > 0, f"{section}.lr", f"must be > 0, got {c.lr}")
+    check(c.batch_size >= 1, f"{section}.batch_size", f"must be >= 1, got {c.batch_size}")
+    check(0 <= c.momentum < 1, f"{section}.momentum", f"must be in [0, 1), got {c.momentum}")
+    check(c.weight_decay >= 0, f"{section}.weight_decay", f"must be >= 0, got {c.weight_decay}")
+    check(c.max_epochs >= 1, f"{section}.max_epochs", f"must be >= 1, got {c.max_epochs}")
+    check(c.milestones == sorted(c.milestones), f"{section}.milestones", f"must be increasing, got {c.milestones}")
+    check(c.schedule in ("multistep", "cosine", "constant"), f"{section}.schedule",
+          f"must be multistep, cosine or constant, got {c.schedule!r}")
+    check(0 <= c.target_train_acc <= 1, f"{section}.target_train_acc", f"must be in [0, 1], got {c.target_train_acc}")
+
+
 @dataclass
 class Stage1Config:
     """The paper's stage 1: SGD on the confusion set until it is memorised."""
@@ -82,6 +96,8 @@ class Stage1Config:
     def __post_init__(self) -> None:
         check(self.copies >= 1, "stage1.copies", f"must be >= 1, got {self.copies}")
         check(0 <= self.zero_ratio < 1, "stage1.zero_ratio", f"must be in [0, 1), got {self.zero_ratio}")
+        check_training("stage1", self)
+        check(self.check_every >= 1, "stage1.check_every", f"must be >= 1, got {self.check_every}")
 
 
 @dataclass
@@ -102,6 +118,7 @@ class Stage2Config:
     wd_exclude_bn_bias: bool = False
 
     def __post_init__(self) -> None:
+        check_training("stage2", self)
         check(self.eval_every >= 1, "stage2.eval_every", f"must be >= 1, got {self.eval_every}")
         check(self.check_every >= 0, "stage2.check_every", f"must be >= 0 (0: same as eval_every), got {self.check_every}")
 

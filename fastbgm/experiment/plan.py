@@ -128,8 +128,11 @@ def run_status(run_dir: Path) -> tuple[str, dict[str, Any]]:
     if p.exists():
         try:
             res = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            res = {}
+            if not isinstance(res, dict):
+                raise ValueError("not a JSON object")
+        except (json.JSONDecodeError, ValueError, OSError) as e:
+            # not "running": say it, so it is looked at (--retry-failed resumes it from last.pt)
+            return "failed", {"reason": f"{p} is unreadable ({e}); re-launch with --retry-failed to resume the run"}
         st = res.get("status", "running")
         return (st if st in STATUSES else "running"), res
     if (Path(run_dir) / C.LAST).exists():

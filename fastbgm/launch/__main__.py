@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     from ..config import ConfigError, load
     from ..experiment import ExperimentConfig, experiment_dir, plan, write_plan
+    from ..data.sources import DatasetError
     from .common import LaunchError, closing_report, decide, stage_runs
 
     overrides = list(rest)
@@ -136,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                               "run the same command to follow them")
                 return 0
             wait(runs, following, console, timeout_s=args.timeout)
-    except (LaunchError, ConfigError) as e:
+    except (LaunchError, ConfigError, DatasetError, FileNotFoundError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
+        return 2
+    except OSError as e:  # an unwritable or full runs folder
+        console.print(f"[red]error:[/] cannot write {escape(str(e.filename or exp.runs_dir))}: {e.strerror or e}; "
+                      "choose a writable runs_dir (--runs_dir=...) or free some space")
         return 2
     except KeyboardInterrupt as e:
         why = f" ({e.args[0]})" if e.args else ""

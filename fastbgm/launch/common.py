@@ -36,8 +36,8 @@ def check_configs(runs: list[RunSpec]) -> None:
     clashes = []
     for r in runs:
         p = r.run_dir / C.CONFIG
-        if not p.exists():
-            continue
+        if not p.exists() or not C.has_training(r.run_dir):
+            continue  # nothing trained under the old config
         try:
             old = json.loads(p.read_text())
         except json.JSONDecodeError:

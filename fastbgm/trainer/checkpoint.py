@@ -33,6 +33,13 @@ PLANNED = "planned-config.json"
 TRAIN_LOG = "train.log"  # what a launcher's trainer process prints
 
 
+def has_training(run_dir: str | Path) -> bool:
+    """Whether a folder holds anything trained (a checkpoint, or a final model): only
+    then does the config it was made with bind whoever starts it again."""
+    d = Path(run_dir)
+    return (d / LAST).exists() or (d / FINAL).exists()
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():

@@ -260,8 +260,8 @@ class Trainer:
             return (f"{self.cfg.name} is a {want}-rank run (dist.world = {want}) but was started with {env.world} "
                     f"rank(s); start it with {want}, or give it another run folder")
         p = self.run_dir / C.CONFIG
-        if not p.exists():
-            return None
+        if not p.exists() or not C.has_training(self.run_dir):
+            return None  # nothing trained under it (say, a start that failed on a missing dataset)
         try:
             old = json.loads(p.read_text())
         except json.JSONDecodeError:
