@@ -1,4 +1,4 @@
-"""``python -m fastbgm.bench {loader,train,pack,gpu} [options]``"""
+"""``python -m fastbgm.bench {loader,train,pack,gpu,faults} [options]``"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbgm.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("loader", "train", "pack", "gpu"):
+    for name in ("loader", "train", "pack", "gpu", "faults"):
         s = sub.add_parser(name)
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--data", type=Path, default=Path("bench-out/data"), help="where bench datasets are cached")
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--steps", type=int, default=20, help="steps per run per timed epoch")
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs"], default="auto",
                            help="auto: CUDA graphs on a GPU, eager on a CPU")
+        if name == "faults":
+            s.add_argument("--faults", type=int, default=50, help="how many faults to inject")
+            s.add_argument("--seed", type=int, default=0, help="chooses the faults and their moments")
+            s.add_argument("--slurm", action="store_true", help="also run on Slurm and preempt its allocation")
+            s.add_argument("--kinds", default="", help="comma-separated fault kinds (default: all)")
         if name == "train":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--batch-sizes", default="128,512")
@@ -64,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         from .loader import run
 
         run(device, args.data, args.seconds, args.batch_size, args.out, args.workers)
+    elif args.what == "faults":
+        from .faults import run as run_faults
+
+        res = run_faults(args.out or Path("bench-out/faults"), args.faults, args.seed, args.slurm,
+                         [k for k in args.kinds.split(",") if k] or None)
+        return 0 if res["total"]["damaged"] == 0 and res["total"]["recovered"] == res["total"]["injected"] else 1
     elif args.what == "pack":
         from .pack import run as run_pack
 

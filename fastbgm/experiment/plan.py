@@ -131,8 +131,9 @@ def run_status(run_dir: Path) -> tuple[str, dict[str, Any]]:
             if not isinstance(res, dict):
                 raise ValueError("not a JSON object")
         except (json.JSONDecodeError, ValueError, OSError) as e:
-            # not "running": say it, so it is looked at (--retry-failed resumes it from last.pt)
-            return "failed", {"reason": f"{p} is unreadable ({e}); re-launch with --retry-failed to resume the run"}
+            # the run resumes from its last.pt, which rewrites it; say so rather than nothing
+            return "running", {"reason": f"{p.name} is unreadable ({e}); the next launch resumes the run from "
+                                         f"its last checkpoint and writes it again"}
         st = res.get("status", "running")
         return (st if st in STATUSES else "running"), res
     if (Path(run_dir) / C.LAST).exists():

@@ -204,7 +204,7 @@ def _print_plan(console: Console, exp, decisions, executor: str, est: dict | Non
     for c in ("run", "stage", "depends on", "on disk", "action") + (("est. hours",) if est else ()):
         t.add_column(c)
     for d in decisions:
-        action = d.action + (f" ({d.reason})" if d.reason and d.action in ("blocked", "keep-failed") else "")
+        action = d.action + (f" ({d.reason})" if d.reason and d.action in ("blocked", "keep-failed", "resume") else "")
         row = [d.run.key, str(d.run.stage), ", ".join(d.run.depends_on) or "-", d.status, action]
         if est:
             h = est["runs"].get(d.run.key)

@@ -75,7 +75,7 @@ def decide(runs: list[RunSpec], retry_failed: bool, queued: set[str] = frozenset
         elif status == "failed":
             d = Decision(r, status, "retry" if retry_failed else "keep-failed", res.get("reason", ""))
         else:
-            d = Decision(r, status, "resume" if status == "running" else "submit")
+            d = Decision(r, status, "resume" if status == "running" else "submit", res.get("reason", ""))
         for dep in r.depends_on:
             parent = by_key.get(dep)
             if parent is not None and parent.action in ("keep-failed", "blocked") and d.action != "skip":
@@ -142,7 +142,7 @@ def stage_runs(decisions: list[Decision]) -> None:
             mark_cancelled(r.run_dir, r.key, d.reason)
         elif will_run(d):
             r.run_dir.mkdir(parents=True, exist_ok=True)
-            if d.action == "retry":
+            if d.action == "retry" or d.status == "cancelled":  # to run again, it must not read as ended
                 (r.run_dir / C.RESULT).unlink(missing_ok=True)
             atomic_write_json(r.run_dir / C.PLANNED, to_dict(r.config))
 

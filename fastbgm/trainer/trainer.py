@@ -367,7 +367,17 @@ class Trainer:
             if env.is_main and (self.run_dir / C.METRICS).exists():
                 (self.run_dir / C.METRICS).unlink()  # rows of a run that never checkpointed
             return 0, False
-        ckpt = C.load(p)
+        try:
+            ckpt = C.load(p)
+        except Exception as e:  # written atomically, so only damage from outside gets here
+            if env.is_main:
+                aside = p.with_name(f"{p.name}.unreadable-{int(time.time())}")
+                p.rename(aside)
+                (self.run_dir / C.METRICS).unlink(missing_ok=True)
+                log.warning("%s is unreadable (%s: %s); kept as %s, and the run starts over (every draw is a "
+                            "function of the seed and epoch: it reaches the same result)", p, type(e).__name__, e,
+                            aside.name)
+            return 0, False
         module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -1,0 +1,316 @@
+"""Fault injection: break a mini experiment at a random moment, re-run the same launch
+command, and check what the engine promises.
+
+Each fault, chosen with its moment by a seed, hits a fresh copy of a tiny two-stage
+experiment (stage 1, then stage 2 from random and adversarial init) run by the local
+executor (and, with ``--slurm``, by a Slurm allocation):
+
+- ``kill-run``: SIGKILL of one trainer mid-run;
+- ``kill-launcher`` / ``term-launcher``: SIGKILL / SIGTERM of the launcher itself;
+- ``corrupt-last`` / ``truncate-last``: a run's last.pt overwritten or cut short while stopped;
+- ``truncate-result``: a finished run's result.json cut short;
+- ``corrupt-cache``: the dataset's resident cache cut short;
+- ``corrupt-beton``: the training .beton overwritten (the runs cannot finish: they must say why);
+- ``nan-stage1``: stage 1 diverges (its dependents must be cancelled with the reason);
+- ``preempt`` (Slurm): ``scontrol requeue`` of the allocation.
+
+After each fault the same command runs again (up to three times) and then: every run that
+can finish must be done with results identical to an uninterrupted run (the numbers in
+result.json and every weight of final.pt, bitwise on CPU); the others must say why; and
+no file may be half-written (every .json parses, every .pt loads, no temporary file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastbgm.fileio import lock_holder, read_jsonl
+from fastbgm.trainer import checkpoint as C
+
+from .common import print_table, write_json
+
+LOCAL_KINDS = ("kill-run", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
+               "corrupt-cache", "corrupt-beton", "nan-stage1")
+SLURM_KINDS = ("preempt",)
+NUMBERS = ("epochs", "train_acc", "train_loss", "test_acc", "test_loss", "epochs_to_100_train")
+
+EXPERIMENT = """name = "faults"
+runs_dir = "{runs}"
+models = ["small_cnn"]
+seeds = [0]
+modes = ["vanilla"]
+inits = ["random", "adversarial"]
+[[datasets]]
+name = "tiny"
+train = "{data}/train.beton"
+test = "{data}/test.beton"
+[model]
+width = 8
+depth = 2
+[stage1]
+copies = 2
+lr = {stage1_lr}
+momentum = 0.9
+batch_size = 64
+milestones = []
+max_epochs = 6
+target_train_acc = 1.0
+check_every = 2
+[stage2]
+lr = 0.05
+batch_size = 64
+milestones = [4]
+max_epochs = 6
+eval_every = 2
+[speed]
+threads = 1
+[resources]
+gpus = 0
+cpus_per_task = 1
+time = "00:20:00"
+"""
+
+
+def _dataset(root: Path) -> Path:
+    from fastbgm.data.cache import load_resident
+    from fastbgm.data.sources import synthetic_splits
+    from fastbgm.data.writer import prepare
+
+    if not (root / "train.beton").exists():
+        prepare(synthetic_splits(192, 96, 10, 12, seed=3), root, show_progress=False, num_workers=1)
+    load_resident(root / "train.beton")
+    load_resident(root / "test.beton")
+    return root
+
+
+def _experiment(work: Path, data: Path, stage1_lr: float = 0.05) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work / "faults.toml"
+    cfg.write_text(EXPERIMENT.format(runs=work / "runs", data=data, stage1_lr=stage1_lr))
+    return cfg
+
+
+def _launch_cmd(cfg: Path, executor: str) -> list[str]:
+    cmd = [sys.executable, "-m", "fastbgm.launch", "--config", str(cfg), "--executor", executor, "--no-report"]
+    if executor == "slurm":
+        cmd += ["--nodes", "1", "--gpus-per-node", "0", "--timeout", "400"]
+    return cmd
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
+
+
+def _runs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob(C.PLANNED))
+
+
+def _weights_digest(path: Path) -> str:
+    state = C.load(path)["model"]
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _outcome(root: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    for run in _runs(root):
+        try:
+            res = json.loads((run / C.RESULT).read_text())
+        except (OSError, json.JSONDecodeError):
+            res = {"status": "unreadable"}
+        entry = {"status": res.get("status"), "reason": res.get("reason", "")}
+        if res.get("status") == "done":
+            entry.update({k: res.get(k) for k in NUMBERS})
+            entry["weights"] = _weights_digest(run / C.FINAL)
+        out[str(run.relative_to(root))] = entry
+    return out
+
+
+def _damaged_files(root: Path) -> list[str]:
+    """Half-written or corrupt files left in the run folders (must be none)."""
+    bad = []
+    for p in root.rglob("*"):
+        if not p.is_file() or ".submitit" in p.parts or ".unreadable-" in p.name:
+            continue
+        if p.name.endswith(".tmp"):
+            bad.append(f"{p} (temporary file left behind)")
+        elif p.suffix == ".json":
+            try:
+                json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                bad.append(f"{p} ({e})")
+        elif p.suffix == ".pt":
+            try:
+                C.load(p)
+            except Exception as e:
+                bad.append(f"{p} ({type(e).__name__})")
+    return bad
+
+
+def _wait_for(cond: Any, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str, log: Path) -> str:
+    """Run the experiment with the fault; return what was done."""
+    root = cfg.parent / "runs" / "faults"
+    cmd = _launch_cmd(cfg, executor)
+    if kind == "corrupt-cache":
+        from fastbgm.data.cache import cache_path
+
+        c = cache_path(data / "train.beton")
+        c.write_bytes(c.read_bytes()[: rng.randint(10, 2000)])
+        subprocess.run(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, timeout=600)
+        return f"cut {c.name} short before launching"
+    if kind == "corrupt-beton":
+        b = data / "train.beton"
+        b.write_bytes(os.urandom(b.stat().st_size))
+        subprocess.run(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, timeout=600)
+        return "overwrote train.beton with random bytes"
+    proc = _start(cmd, log)
+    target_rows = rng.randint(1, 4)
+
+    def some_run_at(rows: int) -> Path | None:
+        for run in _runs(root):
+            if len(read_jsonl(run / C.METRICS)) >= rows and lock_holder(run):
+                return run
+        return None
+
+    try:
+        if kind == "truncate-result":
+            ok = _wait_for(lambda: any((r / C.RESULT).exists() and json.loads((r / C.RESULT).read_text() or "{}")
+                                       .get("status") == "done" for r in _runs(root)), 300)
+            proc.wait(timeout=600)
+            done = [r for r in _runs(root) if (r / C.RESULT).exists()] if ok else []
+            victim = rng.choice(done)
+            text = (victim / C.RESULT).read_text()
+            (victim / C.RESULT).write_text(text[: rng.randint(1, len(text) - 1)])
+            return f"cut {victim.name}/result.json short after the launch ended"
+        if kind == "preempt":
+            alloc = root / "slurm-allocation.json"
+            _wait_for(lambda: some_run_at(target_rows) is not None, 300)
+            if not alloc.exists():
+                proc.wait(timeout=600)
+                return "no allocation was submitted: nothing to preempt"
+            job = json.loads(alloc.read_text())["job_id"]
+            subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
+            proc.wait(timeout=600)
+            return f"requeued allocation {job} after {target_rows} epoch(s) of a run"
+        _wait_for(lambda: some_run_at(target_rows) is not None, 300)
+        run = some_run_at(target_rows)
+        if kind == "kill-run" and run is not None:
+            holder = lock_holder(run) or ""
+            pid = int(holder.split()[1]) if holder.startswith("pid ") else None
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=600)
+            return f"SIGKILL of the trainer of {run.name} after {target_rows} epoch(s)"
+        if kind in ("kill-launcher", "term-launcher", "corrupt-last", "truncate-last"):
+            proc.send_signal(signal.SIGTERM if kind == "term-launcher" else signal.SIGKILL)
+            proc.wait(timeout=60)
+            _wait_for(lambda: run is None or lock_holder(run) is None, 30)  # its trainers die with it
+            if kind in ("corrupt-last", "truncate-last") and run is not None and (run / C.LAST).exists():
+                b = (run / C.LAST).read_bytes()
+                (run / C.LAST).write_bytes(os.urandom(len(b)) if kind == "corrupt-last" else b[: len(b) // 2])
+                return f"{kind} of {run.name} after killing the launcher at epoch {target_rows}"
+            return f"{'SIGTERM' if kind == 'term-launcher' else 'SIGKILL'} of the launcher at epoch {target_rows}"
+        proc.wait(timeout=600)
+        return "no moment found: ran to the end"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str] | None = None) -> dict[str, Any]:
+    """Inject ``faults`` faults; print and return the table."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_data = _dataset(out / "data")
+    executors = ["local"] + (["slurm"] if slurm else [])
+    reference: dict[str, dict] = {}
+    for executor in executors:  # uninterrupted, once per executor
+        work = out / f"reference-{executor}"
+        shutil.rmtree(work, ignore_errors=True)
+        ref = subprocess.run(_launch_cmd(_experiment(work, clean_data), executor), capture_output=True, text=True,
+                             timeout=900)
+        reference[executor] = _outcome(work / "runs" / "faults")
+        if ref.returncode != 0 or not reference[executor]:
+            raise RuntimeError(f"the uninterrupted {executor} run did not finish (exit {ref.returncode}): "
+                               f"{(ref.stdout + ref.stderr)[-1500:]}")
+    nan_work = out / "reference-nan"
+    shutil.rmtree(nan_work, ignore_errors=True)
+    subprocess.run(_launch_cmd(_experiment(nan_work, clean_data, stage1_lr=1e12), "local"), capture_output=True,
+                   timeout=900)
+    reference["nan"] = _outcome(nan_work / "runs" / "faults")
+    pool = list(kinds or (LOCAL_KINDS + (SLURM_KINDS if slurm else ())))
+    rows: list[dict[str, Any]] = []
+    for i in range(faults):
+        kind = pool[i % len(pool)] if i < len(pool) else rng.choice(pool)
+        executor = "slurm" if kind in SLURM_KINDS else rng.choice(executors)
+        work = out / f"fault-{i:03d}"
+        shutil.rmtree(work, ignore_errors=True)
+        data = work / "data"
+        shutil.copytree(clean_data, data)
+        cfg = _experiment(work, data, stage1_lr=1e12 if kind == "nan-stage1" else 0.05)
+        log = work / "launch.log"
+        what = _inject(kind, rng, cfg, data, executor, log)
+        if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
+            reruns = 1
+        else:
+            reruns = 0
+            for _ in range(3):
+                r = subprocess.run(_launch_cmd(cfg, executor), stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                                   timeout=900)
+                reruns += 1
+                if r.returncode in (0, 1):
+                    break
+        got = _outcome(work / "runs" / "faults")
+        ref = reference["nan" if kind == "nan-stage1" else executor]
+        finishable = [k for k, v in ref.items() if v["status"] == "done"] if kind != "corrupt-beton" else []
+        identical = all(got.get(k, {}).get(m) == ref[k].get(m) for k in finishable for m in (*NUMBERS, "weights"))
+        recovered = all(got.get(k, {}).get("status") == "done" for k in finishable)
+        others = [k for k in got if k not in finishable]
+        explained = all(got[k]["status"] in ("failed", "cancelled") and got[k]["reason"] for k in others)
+        damaged = _damaged_files(work / "runs")
+        rows.append({"fault": i, "kind": kind, "executor": executor, "what": what, "reruns": reruns,
+                     "recovered": recovered and explained, "identical": identical, "damaged": damaged})
+        print(f"fault {i:3d} {kind:16s} {executor:5s} recovered={recovered and explained} identical={identical} "
+              f"damaged={len(damaged)}: {what}", flush=True)
+    table = {}
+    for r in rows:
+        t = table.setdefault(r["kind"], {"injected": 0, "recovered": 0, "identical": 0, "damaged": 0})
+        t["injected"] += 1
+        t["recovered"] += int(r["recovered"])
+        t["identical"] += int(r["identical"])
+        t["damaged"] += len(r["damaged"])
+    total = {k: sum(t[k] for t in table.values()) for k in ("injected", "recovered", "identical", "damaged")}
+    print_table(f"fault injection: {faults} faults, seed {seed}",
+                ["fault", "injected", "runs recovered", "results identical", "files corrupted"],
+                [[k, t["injected"], t["recovered"], t["identical"], t["damaged"]] for k, t in sorted(table.items())]
+                + [["all", total["injected"], total["recovered"], total["identical"], total["damaged"]]])
+    result = {"seed": seed, "faults": faults, "table": table, "total": total, "rows": rows,
+              "torch": torch.__version__}
+    write_json(out, "faults", result)
+    return result
