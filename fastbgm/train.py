@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum: int, frame: object) -> None:
         raise StopRequested(signal.Signals(signum).name)
 
-    # Slurm's warning before the time limit (submitit's --signal=USR2@90 reaches job steps)
+    # Slurm's warning before the time limit (submitit's --signal=USR2@90 reaches job steps),
+    # and SIGTERM (a launcher stopping, Slurm ending a step): stop between two Python steps,
+    # so that no write is left half done
     signal.signal(signal.SIGUSR2, stop)
+    signal.signal(signal.SIGTERM, stop)
     where = ", ".join(str(t.run_dir) for t in trainers)
     try:
         results = train_runs(trainers)

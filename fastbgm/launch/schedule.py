@@ -150,9 +150,10 @@ class Scheduler(Generic[S]):
         status = run_status(Path(r.run_dir))[0]
         if status in ("done", "failed"):
             return status
-        if returncode < 0:  # killed by a signal (SIGKILL, the OOM killer): interrupted, not failed
-            log.info("%s: killed by signal %d; it resumes from its last checkpoint on the next launch",
-                     r.key, -returncode)
+        if returncode < 0 or returncode > 128:  # killed by a signal (SIGKILL, the OOM killer; srun says
+            # 128 + the signal): interrupted, not failed
+            log.info("%s: killed (exit %d); it resumes from its last checkpoint on the next launch",
+                     r.key, returncode)
             return "running"
         # died before it could say why (killed, out of memory, a crash in start-up)
         atomic_write_json(Path(r.run_dir) / C.RESULT, {

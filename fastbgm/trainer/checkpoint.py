@@ -33,6 +33,16 @@ PLANNED = "planned-config.json"
 TRAIN_LOG = "train.log"  # what a launcher's trainer process prints
 
 
+def remove_stale_temp(run_dir: str | Path) -> list[str]:
+    """Delete the temporary files of writes that a killed process left half done (only
+    its trainer writes in a run folder, and the caller holds the folder's lock)."""
+    gone = []
+    for p in Path(run_dir).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        gone.append(p.name)
+    return gone
+
+
 def has_training(run_dir: str | Path) -> bool:
     """Whether a folder holds anything trained (a checkpoint, or a final model): only
     then does the config it was made with bind whoever starts it again."""

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .. import distributed as D
 from ..data.loader import DeviceLoader
 from ..fileio import exclusive_folder
+from . import checkpoint as C
 from .trainer import _STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast
 
 log = logging.getLogger("fastbgm.trainer")
@@ -126,6 +127,9 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
                 # one trainer per run folder, for its whole life (rank 0 holds the lock)
                 if env.is_main:
                     held.enter_context(exclusive_folder(t.run_dir, "run folder"))
+                    stale = C.remove_stale_temp(t.run_dir)
+                    if stale:
+                        log.info("%s: removed %d half-written file(s) of a killed process", t.run_dir, len(stale))
                 s = t.open(env, speed)
                 if len(trainers) > 1 and env.device.type == "cuda":
                     s.stream = torch.cuda.Stream(env.device)
