@@ -439,3 +439,34 @@ def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tiny_dir: Path, tmp
     for key, r in results_by_k[1].items():
         for m in ("train_acc", "train_loss", "test_acc", "epochs"):
             assert results_by_k[2][key][m] == r[m], (key, m)
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_time_limit_warning_requeues_the_allocation_and_every_run_resumes(tiny_dir: Path, tmp_path: Path) -> None:
+    # Before the time limit Slurm signals the job steps (submitit's --signal=USR2@90):
+    # the trainers stop cleanly, the driver requeues its own allocation, and every run
+    # resumes from last.pt with the numbers of an uninterrupted run.
+    cfg = write_experiment(tmp_path, tiny_dir, name="tl", modes='["vanilla"]', inits='["random"]', epochs=14)
+    args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2", "--no-report"]
+    assert launch(*args, "--no-wait").returncode == 0
+    root = tmp_path / "runs" / "tl"
+    job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
+    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 3:
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)  # the steps only, as Slurm does
+    follow = launch(*args, "--timeout", "450", timeout=500)
+    assert follow.returncode == 0, follow.stdout[-3000:]
+    restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Restarts=1" in restarts  # the driver requeued its allocation
+    log = (run / "train.log").read_text()
+    assert "stopped on request (SIGUSR2)" in log and "resuming" in log
+    ref_cfg = write_experiment(tmp_path / "ref", tiny_dir, name="tl", modes='["vanilla"]', inits='["random"]',
+                               epochs=14) if (tmp_path / "ref").mkdir() is None else None
+    assert launch("--config", str(ref_cfg), "--executor", "local", "--no-report").returncode == 0
+    ref = read_jsonl(tmp_path / "ref/runs/tl/synthetic/small_cnn/seed0/stage2-random-vanilla/metrics.jsonl")
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(1, 15))
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in ref]

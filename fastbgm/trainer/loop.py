@@ -118,19 +118,31 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
             for i, t in enumerate(trainers):
                 t.env = env
                 t.pack = [str(x.run_dir) for x in trainers]
-                speed = t.check(env)
-                done = t.finished_result()
-                if done is not None:
-                    log.info("%s is already done; nothing to do", t.run_dir)
-                    results[i] = done
+                locked = False
+                try:
+                    speed = t.check(env)
+                    done = t.finished_result()
+                    if done is not None:
+                        log.info("%s is already done; nothing to do", t.run_dir)
+                        results[i] = done
+                        continue
+                    # one trainer per run folder, for its whole life (rank 0 holds the lock)
+                    if env.is_main:
+                        held.enter_context(exclusive_folder(t.run_dir, "run folder"))
+                        locked = True
+                        stale = C.remove_stale_temp(t.run_dir)
+                        if stale:
+                            log.info("%s: removed %d half-written file(s) of a killed process", t.run_dir,
+                                     len(stale))
+                    s = t.open(env, speed)
+                except Exception as e:  # alone: the caller says it; packed: this run only
+                    if len(trainers) == 1:
+                        raise
+                    results[i] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+                    if locked:  # its folder is ours: say it there too
+                        t._write_result(results[i])
+                    log.error("%s: %s", t.run_dir, results[i]["reason"])
                     continue
-                # one trainer per run folder, for its whole life (rank 0 holds the lock)
-                if env.is_main:
-                    held.enter_context(exclusive_folder(t.run_dir, "run folder"))
-                    stale = C.remove_stale_temp(t.run_dir)
-                    if stale:
-                        log.info("%s: removed %d half-written file(s) of a killed process", t.run_dir, len(stale))
-                s = t.open(env, speed)
                 if len(trainers) > 1 and env.device.type == "cuda":
                     s.stream = torch.cuda.Stream(env.device)
                 if s.epoch >= s.end_epoch:  # killed after its last checkpoint, before its result
