@@ -229,7 +229,12 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
         if kind in ("kill-launcher", "term-launcher", "corrupt-last", "truncate-last"):
             proc.send_signal(signal.SIGTERM if kind == "term-launcher" else signal.SIGKILL)
             proc.wait(timeout=60)
-            _wait_for(lambda: run is None or lock_holder(run) is None, 30)  # its trainers die with it
+            alloc = root / "slurm-allocation.json"
+            if kind in ("corrupt-last", "truncate-last") and executor == "slurm" and alloc.exists():
+                # on Slurm the runs outlive the launcher: damage a stopped run, so lose the allocation too
+                subprocess.run(["scancel", json.loads(alloc.read_text())["job_id"]], capture_output=True,
+                               timeout=60)
+            _wait_for(lambda: run is None or lock_holder(run) is None, 60)  # its trainers are gone
             if kind in ("corrupt-last", "truncate-last") and run is not None and (run / C.LAST).exists():
                 b = (run / C.LAST).read_bytes()
                 (run / C.LAST).write_bytes(os.urandom(len(b)) if kind == "corrupt-last" else b[: len(b) // 2])
