@@ -35,8 +35,9 @@ class AllocationDriver:
     """Callable that submitit runs in the allocation's batch script (picklable: plain data)."""
 
     def __init__(self, runs: list[StepRun], slots: int, cpus_per_task: int, gpus: bool, runs_per_slot: int = 1,
-                 poll_s: float = 0.5):
+                 mem_mb_per_rank: int = 0, poll_s: float = 0.5):
         self.runs = runs
+        self.mem_mb_per_rank = mem_mb_per_rank  # on clusters that count memory: each step its share
         self.runs_per_slot = runs_per_slot
         self.slots = slots  # ranks the allocation holds at once (nodes x slots per node)
         self.cpus_per_task = cpus_per_task
@@ -79,6 +80,8 @@ class AllocationDriver:
             # --gres per step gives each step its own GPUs (--gpus-per-task gives every
             # task of the step all the node's GPUs of the job, in Slurm 22.05)
             cmd.append(f"--gres=gpu:{r.ranks_per_node}")
+        if self.mem_mb_per_rank:  # else a step may claim the whole node's memory and serialise the others
+            cmd.append(f"--mem={self.mem_mb_per_rank * r.ranks_per_node}M")
         cmd += [sys.executable, *train_command(pack), f"--speed.threads={self.cpus_per_task}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cpus_per_task)}
         log.info("starting %s (%d rank(s) on %d node(s))", ", ".join(x.key for x in pack), r.ranks, r.nodes)

@@ -185,7 +185,8 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> str:
         params["gpus_per_node"] = res.gpus
     executor = _executor(exp, **params)
     driver = AllocationDriver([step_run(r, res) for r in runs], res.slots, res.cpus_per_task, gpus=res.gpus > 0,
-                              runs_per_slot=res.runs_per_gpu)
+                              runs_per_slot=res.runs_per_gpu,
+                              mem_mb_per_rank=res.mem_gb * 1024 // res.slots_per_node if res.mem_gb else 0)
     try:
         job = executor.submit(driver)
     except Exception as e:
@@ -245,7 +246,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                         st = "cancelled"
                 states[r.key] = st
             view.update(table(runs, states, "fastbgm on Slurm"))
-            if not queue(list(jobs.values())):
+            if not q:
                 return
             if timeout_s is not None and time.time() - start > timeout_s:
                 raise LaunchError(f"still waiting after {timeout_s:.0f} s; the jobs keep running: run the same "
