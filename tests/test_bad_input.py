@@ -81,7 +81,7 @@ def _train(world: dict[str, Path], *extra: str) -> list[str]:
 # (case, argv after `python -m` (a function of the fixture), words the message must hold)
 CASES = [
     ("prepare: a class folder with no image", lambda w: ["fastbgm.data", "prepare", "imagefolder", "--src",
-     str(w["w"] / "empty-class"), "--out", str(w["w"] / "o1"), "--quiet"], ["class(es) b", "empty folder"]),
+     str(w["w"] / "empty-class"), "--out", str(w["w"] / "o1"), "--quiet"], ["folder(s) b", "empty folder"]),
     ("prepare: --classes names a class with no folder", lambda w: ["fastbgm.data", "prepare", "imagefolder", "--src",
      str(w["w"] / "two"), "--out", str(w["w"] / "o2"), "--classes", "a,b,zebra", "--quiet"], ["zebra", "no folder"]),
     ("prepare: --jpeg-quality 500", lambda w: ["fastbgm.data", "prepare", "synthetic", "--out", str(w["w"] / "o3"),

@@ -175,6 +175,7 @@ def imagefolder_splits(
             f"{src} holds images directly under a split or class level: the imagefolder layout is "
             "split/class/image (e.g. train/cat/0001.png); move class folders under a split folder"
         )
+    explicit = classes is not None  # named by the user with --classes
     if preset is not None and classes is None:
         if preset not in PRESETS:
             raise DatasetError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
@@ -186,6 +187,16 @@ def imagefolder_splits(
     if not classes:
         raise DatasetError(f"{src} has split folders but no class folders inside them: expected split/class/image")
     index = {c: k for k, c in enumerate(classes)}
+    named_but_absent = [c for c in classes if not any(c in cs for cs in found.values())]
+    if explicit and named_but_absent:
+        raise DatasetError(
+            f"--classes names {', '.join(named_but_absent[:5])}, but no split of {src} has a folder for "
+            f"{'it' if len(named_but_absent) == 1 else 'them'} (no folder {split_dirs[0] / named_but_absent[0]}): "
+            "fix the name, add the folder, or leave it out"
+        )
+    if named_but_absent:
+        log.warning("preset %s: no folder for class(es) %s; they will have no samples", preset,
+                    ", ".join(named_but_absent))
     out: dict[str, SplitSource] = {}
     for d in split_dirs:
         unknown = [c for c in found[d.name] if c not in index]
@@ -201,13 +212,12 @@ def imagefolder_splits(
             labels.extend([index[c]] * len(imgs))
         if not files:
             raise DatasetError(f"split folder {d} has no images (.png/.jpg) in its class folders")
-        # a class with no image would be a silent hole in every per-class statistic
-        empty = [c for c in classes if c not in found[d.name] or not _image_files(d / c)]
+        # an empty class folder is a mistake (a failed copy, a typo), not a class with no data
+        empty = [c for c in found[d.name] if not _image_files(d / c)]
         if empty:
             raise DatasetError(
-                f"split {d.name!r} has no images for class(es) {', '.join(empty[:5])} "
-                f"({'no folder' if empty[0] not in found[d.name] else 'an empty folder'} {d / empty[0]}): "
-                "add their images, or leave them out of --classes"
+                f"class folder(s) {', '.join(empty[:5])} of split {d.name!r} hold no images (an empty folder "
+                f"{d / empty[0]}): add their images, or remove the folder(s)"
             )
         out[d.name] = FileSplit(
             name=d.name,
