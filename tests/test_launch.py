@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -330,29 +331,42 @@ def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Pat
             assert res[k][m] == lres[k][m], (k, m)
 
 
-@needs_multinode
-@pytest.mark.timeout(600)
-def test_requeued_allocation_resumes_every_run_exactly(tiny_dir: Path, tmp_path: Path) -> None:
-    cfg = write_experiment(tmp_path, tiny_dir, name="rq", modes='["vanilla"]', epochs=14)
+def _allocation_three_epochs_in(tmp_path: Path, tiny_dir: Path, **kw: Any) -> tuple[list[str], Path, str, Path]:
+    """Submit a 14-epoch vanilla experiment as one allocation on the 2-node cluster and
+    wait until its random-init run has 3 epochs: (launch args, experiment folder, job id,
+    that run's folder)."""
+    cfg = write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', epochs=14, **kw)
     args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2", "--no-report"]
     out = launch(*args, "--no-wait")
     assert out.returncode == 0, out.stdout[-3000:]
-    root = tmp_path / "runs" / "rq"
+    root = tmp_path / "runs" / kw["name"]
     job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
     run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
     deadline = time.time() + 240
     while time.time() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 3:
         time.sleep(0.2)
     assert len(read_jsonl(run / "metrics.jsonl")) >= 3
+    return args, root, job, run
+
+
+def _local_reference(tmp_path: Path, tiny_dir: Path, **kw: Any) -> Path:
+    """The same experiment, uninterrupted, with the local executor: its experiment folder."""
+    (tmp_path / "ref").mkdir()
+    cfg = write_experiment(tmp_path / "ref", tiny_dir, modes='["vanilla"]', epochs=14, **kw)
+    assert launch("--config", str(cfg), "--executor", "local", "--no-report").returncode == 0
+    return tmp_path / "ref" / "runs" / kw["name"]
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_requeued_allocation_resumes_every_run_exactly(tiny_dir: Path, tmp_path: Path) -> None:
+    args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="rq")
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
     follow = launch(*args, "--timeout", "450", timeout=500)  # follows the same job, submits nothing
     assert follow.returncode == 0, follow.stdout[-3000:]
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
     assert "resuming" in (run / "train.log").read_text()
-    ref_cfg = write_experiment(tmp_path / "ref", tiny_dir, name="rq", modes='["vanilla"]', epochs=14) \
-        if (tmp_path / "ref").mkdir() is None else None
-    assert launch("--config", str(ref_cfg), "--executor", "local", "--no-report").returncode == 0
-    ref = tmp_path / "ref" / "runs" / "rq"
+    ref = _local_reference(tmp_path, tiny_dir, name="rq")
     for key, r in results(root).items():
         assert r["status"] == "done"
         rows = read_jsonl(root / key / "metrics.jsonl")
@@ -447,15 +461,7 @@ def test_time_limit_warning_requeues_the_allocation_and_every_run_resumes(tiny_d
     # Before the time limit Slurm signals the job steps (submitit's --signal=USR2@90):
     # the trainers stop cleanly, the driver requeues its own allocation, and every run
     # resumes from last.pt with the numbers of an uninterrupted run.
-    cfg = write_experiment(tmp_path, tiny_dir, name="tl", modes='["vanilla"]', inits='["random"]', epochs=14)
-    args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2", "--no-report"]
-    assert launch(*args, "--no-wait").returncode == 0
-    root = tmp_path / "runs" / "tl"
-    job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
-    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 3:
-        time.sleep(0.2)
+    args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="tl", inits='["random"]')
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)  # the steps only, as Slurm does
     follow = launch(*args, "--timeout", "450", timeout=500)
     assert follow.returncode == 0, follow.stdout[-3000:]
@@ -463,10 +469,8 @@ def test_time_limit_warning_requeues_the_allocation_and_every_run_resumes(tiny_d
     assert "Restarts=1" in restarts  # the driver requeued its allocation
     log = (run / "train.log").read_text()
     assert "stopped on request (SIGUSR2)" in log and "resuming" in log
-    ref_cfg = write_experiment(tmp_path / "ref", tiny_dir, name="tl", modes='["vanilla"]', inits='["random"]',
-                               epochs=14) if (tmp_path / "ref").mkdir() is None else None
-    assert launch("--config", str(ref_cfg), "--executor", "local", "--no-report").returncode == 0
-    ref = read_jsonl(tmp_path / "ref/runs/tl/synthetic/small_cnn/seed0/stage2-random-vanilla/metrics.jsonl")
+    ref_root = _local_reference(tmp_path, tiny_dir, name="tl", inits='["random"]')
+    ref = read_jsonl(ref_root / "synthetic/small_cnn/seed0/stage2-random-vanilla/metrics.jsonl")
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 15))
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in ref]

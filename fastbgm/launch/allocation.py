@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from .job import scontrol_requeue
 from .schedule import Scheduler, StepRun, pack_log, train_command
 
 log = logging.getLogger(__name__)
@@ -85,19 +86,17 @@ class AllocationDriver:
         cmd += [sys.executable, *train_command(pack), f"--speed.threads={self.cpus_per_task}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(self.cpus_per_task)}
         log.info("starting %s (%d rank(s) on %d node(s))", ", ".join(x.key for x in pack), r.ranks, r.nodes)
-        return subprocess.Popen(cmd, env=env, stdout=pack_log(pack), stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        with pack_log(pack) as out:  # the step keeps its own copy of the file descriptor
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     @staticmethod
     def _requeue(job: str) -> None:
-        """Requeue this allocation; SIGTERM (which the requeue itself sends) must not kill
-        scontrol before the request is made."""
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            rc = subprocess.call(["scontrol", "requeue", job], timeout=60)
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        log.info("requeued allocation %s (scontrol exit %s); every unfinished run resumes from last.pt", job, rc)
+            scontrol_requeue(job)
+        except subprocess.CalledProcessError as e:
+            log.error("could not requeue allocation %s (%s); re-launch to resume its runs", job, e)
+            return
+        log.info("requeued allocation %s; every unfinished run resumes from last.pt", job)
         time.sleep(120)  # Slurm ends this instance of the job
 
 

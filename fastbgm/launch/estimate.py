@@ -40,6 +40,7 @@ def estimate(exp: ExperimentConfig, runs: list[RunSpec]) -> dict[str, Any]:
     table = throughput_table()
     res = exp.resources
     hours: dict[str, float] = {}
+    gpu_hours = 0.0
     unmeasured: list[str] = []
     cards: set[str] = set()
     for r in runs:
@@ -55,9 +56,9 @@ def estimate(exp: ExperimentConfig, runs: list[RunSpec]) -> dict[str, Any]:
             continue
         cards.add(row["card"])
         images = c.stop.max_epochs * n * (c.data.copies if c.data.labels == "confusion" else 1)
+        gpu_hours += images / row["images_per_s"] / 3600
         # ranks split the batch: ideal scaling, the optimistic side of the estimate
         hours[r.key] = images / row["images_per_s"] / r.config.dist.world / 3600
-    gpu_hours = sum(h * next(x.config.dist.world for x in runs if x.key == k) for k, h in hours.items())
     return {"gpu_hours": round(gpu_hours, 2), "wall_hours": round(_makespan(runs, hours, res.slots), 2),
             "measured_on": sorted(cards), "runs": {k: round(v, 3) for k, v in hours.items()},
             "unmeasured": unmeasured, "complete": not unmeasured}

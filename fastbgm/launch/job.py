@@ -23,24 +23,28 @@ class RunFailed(RuntimeError):
     """The run ended with status failed (so the Slurm job fails and afterok dependents are cancelled)."""
 
 
-def _requeue_ignoring_sigterm(self: Any, countdown: int) -> None:
-    """submitit's ``scontrol requeue``, made robust: a preemption sends SIGTERM and then
-    the requeue signal, and under load the SIGTERM can reach the job's processes after
-    submitit has already started scontrol, killing it before the request is sent (the
-    job then ends instead of being requeued)."""
+def scontrol_requeue(job_id: str) -> None:
+    """``scontrol requeue JOB``, made robust: a preemption sends SIGTERM and then the
+    requeue signal, and under load the SIGTERM can reach the job's processes after
+    scontrol has started, killing it before the request is sent (the job then ends
+    instead of being requeued). Called from signal handlers, in the main thread."""
     rc = 0
-    # runs in submitit's signal handler, in the main thread; SIG_IGN (unlike a Python
-    # handler) is inherited by scontrol across fork + exec. submitit only logs SIGTERM.
+    # SIG_IGN (unlike a Python handler) is inherited by scontrol across fork + exec
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         for _ in range(3):
-            rc = subprocess.call(["scontrol", "requeue", str(self.job_id)], timeout=60)
+            rc = subprocess.call(["scontrol", "requeue", str(job_id)], timeout=60)
             if rc >= 0:
                 break  # ran to completion (rc < 0: killed by a signal; try again)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if rc != 0:
-        raise subprocess.CalledProcessError(rc, ["scontrol", "requeue", str(self.job_id)])
+        raise subprocess.CalledProcessError(rc, ["scontrol", "requeue", str(job_id)])
+
+
+def _requeue_ignoring_sigterm(self: Any, countdown: int) -> None:
+    """submitit's requeue (its SlurmJobEnvironment._requeue), through :func:`scontrol_requeue`."""
+    scontrol_requeue(self.job_id)
     log.info("requeued job %s (%d remaining timeouts)", self.job_id, countdown)
 
 

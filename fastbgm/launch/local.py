@@ -94,5 +94,6 @@ def _start(pack: list[StepRun], devices: list[str | None], threads: int) -> subp
                *cmd[1:]]
     if devices[0] is None:
         cmd.append(f"--speed.threads={threads}")
-    return subprocess.Popen(cmd, env=env, stdout=pack_log(pack), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    with pack_log(pack) as log:  # the child keeps its own copy of the file descriptor
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)

@@ -50,14 +50,24 @@ def cluster_capacity(partition: str = "") -> dict[str, int]:
     return {"nodes": len(nodes), "cpus": cpus, "gpus": gpus}
 
 
+def job_shape(res: Any) -> tuple[int, int, int]:
+    """(nodes, tasks per node, GPUs per node) of one job: the whole allocation, or, with
+    ``jobs = "per-run"``, one run."""
+    if res.jobs == "allocation":
+        return res.nodes, res.slots_per_node, res.gpus
+    return res.run_nodes, res.run_ranks_per_node, res.run_ranks_per_node if res.gpus else 0
+
+
+def _shape_params(res: Any) -> dict[str, Any]:
+    nodes, tasks, gpus = job_shape(res)
+    return {"nodes": nodes, "tasks_per_node": tasks, **({"gpus_per_node": gpus} if gpus else {})}
+
+
 def check_request(exp: ExperimentConfig) -> None:
     """Reject what the cluster can never run, before anything is submitted or waits."""
     res = exp.resources
     cap = cluster_capacity(res.partition)
-    allocation = res.jobs == "allocation"
-    nodes = res.nodes if allocation else res.run_nodes
-    tasks = res.slots_per_node if allocation else res.run_ranks_per_node
-    gpus = res.gpus if allocation else (res.run_ranks_per_node if res.gpus else 0)
+    nodes, tasks, gpus = job_shape(res)
     problems = []
     if nodes > cap["nodes"]:
         problems.append(f"{nodes} nodes asked, the partition has {cap['nodes']}")
@@ -137,10 +147,7 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
     stage-1 run the runs that start from it (``afterok`` on it). ``max_parallel`` is each
     array's throttle (``%N``); arrays are split to the cluster's ``MaxArraySize``."""
     res = exp.resources
-    params: dict[str, Any] = {"nodes": res.run_nodes, "tasks_per_node": res.run_ranks_per_node}
-    if res.gpus:
-        params["gpus_per_node"] = res.run_ranks_per_node
-    executor = _executor(exp, **params)
+    executor = _executor(exp, **_shape_params(res))
     job_ids = {d.run.key: read_json(d.run.run_dir / JOB_FILE).get("job_id") for d in decisions
                if d.action == "queued"}
     groups: dict[tuple[int, str], list[Decision]] = {}
@@ -178,12 +185,9 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> str:
     from .common import step_run
 
     res = exp.resources
-    params: dict[str, Any] = {"nodes": res.nodes, "tasks_per_node": res.slots_per_node,
-                              "slurm_use_srun": False,  # the driver runs in the batch script and starts steps
-                              "slurm_additional_parameters": {"requeue": True}}
-    if res.gpus:
-        params["gpus_per_node"] = res.gpus
-    executor = _executor(exp, **params)
+    executor = _executor(exp, **_shape_params(res),
+                         slurm_use_srun=False,  # the driver runs in the batch script and starts steps
+                         slurm_additional_parameters={"requeue": True})
     driver = AllocationDriver([step_run(r, res) for r in runs], res.slots, res.cpus_per_task, gpus=res.gpus > 0,
                               runs_per_slot=res.runs_per_gpu,
                               mem_mb_per_rank=res.mem_gb * 1024 // res.slots_per_node if res.mem_gb else 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from typing import Any, Iterator
 
 import torch
@@ -106,8 +107,6 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
     A run already done returns its result; a run whose loss goes non-finite, or that
     raises, is recorded failed and leaves the pack while the others go on (alone, an
     unexpected error is raised after it is recorded)."""
-    import time
-
     _STOP_REQUESTED.clear()
     env = D.setup(trainers[0].cfg.speed.device)
     results: list[dict[str, Any] | None] = [None] * len(trainers)
@@ -157,22 +156,20 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
                         sum(len(s.train) for s in active.values()), env) as advance:
                     failed = train_epoch_together(active, advance)
                 seconds = time.perf_counter() - t0
-                for i, e in failed.items():
-                    results[i] = trainers[i].fail(active.pop(i), e)
-                    if len(trainers) == 1 and not isinstance(e, NonFiniteLoss):
-                        raise e
                 for i in list(active):
                     s, t = active[i], trainers[i]
                     try:
+                        if i in failed:
+                            raise failed[i]
                         loss, acc, n = s.epoch_means()
                         if t.end_epoch(s, loss, acc, n, seconds):
                             results[i] = t._finish(s.module, env, s.speed)
                             del active[i]
-                    except Exception as e:
+                    except Exception as e:  # this run fails; alone, an unexpected error is raised on
                         if _STOP_REQUESTED.is_set():
                             raise
                         results[i] = t.fail(active.pop(i), e)
-                        if len(trainers) == 1:
+                        if len(trainers) == 1 and not isinstance(e, NonFiniteLoss):
                             raise
     except Exception as e:
         if _STOP_REQUESTED.is_set():

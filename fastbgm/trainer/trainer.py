@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -196,8 +197,6 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if speed.precision == "fp16" and env.device.type == "cuda" else None
         start_epoch, stopped = self._resume(module, optimizer, scheduler, scaler, train, env)
         flops = train_flops_per_image(module, self.input_shape, env.device) if cfg.mfu else None
-        import socket
-
         self.hosts = D.all_gather_object(socket.gethostname())  # where each rank ran
         if env.is_main:
             atomic_write_json(self.run_dir / C.ENV, self._provenance(env, speed, module, flops))
