@@ -3,7 +3,7 @@
 # (apt), torch, fastbgm with ffcv (pip). Idempotent: what is there is not reinstalled.
 #   bash launch/install.sh            # needs root or sudo for apt
 #   NO_APT=1 bash launch/install.sh   # skip apt (libraries already there, e.g. conda)
-#   TORCH_SPEC="torch==2.13.0" ...    # pin torch (CI pins a CPU build this way)
+#   TORCH_SPEC="torch==2.11.0" ...    # pin torch (default: 2.13.0 without an NVIDIA driver, else >= 2.4)
 #   WITH_SLURM=1 ...                  # also the Slurm/munge/MariaDB packages for launch/slurm-start.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +20,15 @@ if [ -z "${NO_APT:-}" ]; then
   command -v dpkg >/dev/null || die "no dpkg/apt: this script is for Debian/Ubuntu; see the README's manual install (or NO_APT=1)"
   for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing_apt="$missing_apt $p"; done
 fi
+# torch: with no NVIDIA driver, 2.13.0 (the release CI tests on CPUs; where pip's
+# find-links hold its CPU wheel, as on this project's machines, that is what it takes);
+# with one, the newest torch >= 2.4 for the machine's CUDA.
+if [ -z "${TORCH_SPEC:-}" ]; then
+  if [ -e /proc/driver/nvidia/version ] || command -v nvidia-smi >/dev/null; then TORCH_SPEC="torch>=2.4"; else TORCH_SPEC="torch==2.13.0"; fi
+fi
 missing_pip=""
 "$PY" -c 'import torch, sys; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 4))' \
-  2>/dev/null || missing_pip="$missing_pip ${TORCH_SPEC:-torch>=2.4}"
+  2>/dev/null || missing_pip="$missing_pip $TORCH_SPEC"
 # fastbgm installed from this checkout (asked from another folder, so the checkout itself is not on the path)
 here=$(cd "$(dirname "$0")/.." && pwd)
 [ "$(cd / && "$PY" -c 'import fastbgm, submitit, rich, matplotlib, sklearn, pytest, os; print(os.path.dirname(os.path.dirname(fastbgm.__file__)))' 2>/dev/null)" = "$here" ] \
@@ -47,7 +53,7 @@ if [ -n "$missing_apt" ]; then
     || die "apt-get install$missing_apt failed (see above)"
 fi
 pip() { "$PY" -m pip install -q "$@" || die "pip install $* failed (see above): is the package index reachable?"; }
-case "$missing_pip" in *torch*) pip "${TORCH_SPEC:-torch>=2.4}" ;; esac   # first, so nothing pulls another build
+case "$missing_pip" in *torch*) pip "$TORCH_SPEC" ;; esac   # first, so nothing pulls another build
 case "$missing_pip" in *fastbgm*) pip -e ".[ffcv,dev]" ;; esac
 # ffcv without its declared deps (they pull the GUI opencv-python); the ffcv extra lists what it needs
 case "$missing_pip" in *ffcv==*) pip --no-deps "ffcv==1.0.2" ;; esac
