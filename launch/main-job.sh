@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh
-echo "main job: the paper in miniature (about 7 min on 2 CPU cores); report in runs/paper-mini/report/"
+echo "main job: the paper in miniature (7-16 min on 2 CPU cores, by CPU); report in runs/paper-mini/report/"
 exec "${PYTHON:-python3}" -m fastbgm.launch --config configs/paper-mini.toml --executor local "$@"
