@@ -81,9 +81,19 @@ def setup(device_pref: str = "auto", timeout_s: int = 1800) -> DistEnv:
     return DistEnv(rank, world, local_rank, device)
 
 
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(abort: bool = False) -> None:
+    """End the process group. ``abort`` when a rank failed or is stopping: its peers may
+    sit inside a collective that will never complete, and NCCL's orderly destroy would
+    wait for it; aborting lets this process exit, which ends the peers' wait too."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if abort and dist.get_backend() == "nccl":
+        from torch.distributed import distributed_c10d as c10d
+
+        if hasattr(c10d, "_abort_process_group"):  # torch >= 2.5
+            c10d._abort_process_group()
+        return  # older torch: leave it to the process's exit
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

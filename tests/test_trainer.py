@@ -406,3 +406,84 @@ def test_bench_pack_measures_k_runs_through_the_packed_loop(tmp_path: Path) -> N
     rows = json.loads((tmp_path / "pack.json").read_text())["rows"]
     assert [r["K"] for r in rows] == [1, 2] and rows[0]["x_k1"] == 1.0
     assert all(r["images_per_s"] > 0 for r in rows) and "x K=1" in out.stdout
+
+
+def _address_space_limit(limit_bytes: int):
+    """A real memory ceiling for one process (the CPU's stand-in for a full GPU)."""
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return apply
+
+
+# A batch that does not fit under OOM_LIMIT, while the whole process (torch, the loader,
+# the small model) does: the CPU allocator fails as CUDA's would, in a training step.
+OOM_LIMIT = 1 << 30  # 1 GiB: the process peaks at 0.75 GiB with a small batch, 1.55 GiB with this one
+OOM_MODEL = {"model.width": 256, "model.depth": 3, "optim.batch_size": 512, "data.copies": 4,
+             "stop.max_epochs": 2}
+_LEAN = {"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}  # fewer threads and arenas: a steady address space
+
+
+def test_out_of_memory_fails_the_run_with_its_reason_and_the_fix(tiny_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "oom"
+    p = subprocess.run([sys.executable, "-m", "fastbgm.train", "--run-dir", str(run), "--quiet",
+                        "--speed.threads=1", *_overrides(tiny_dir, **OOM_MODEL)],
+                       env={**os.environ, **_LEAN}, cwd=REPO, capture_output=True, text=True, timeout=180,
+                       preexec_fn=_address_space_limit(OOM_LIMIT))
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr + p.stdout, "a run that does not fit is a failure of the run, not a crash"
+    res = json.loads((run / C.RESULT).read_text())
+    assert res["status"] == "failed"
+    assert res["reason"].startswith("out of memory on cpu: small_cnn at 512 images per rank does not fit"), res
+    assert res["epoch"] == 1, "it failed in a training step, not while being set up"
+    assert "lower optim.batch_size" in res["reason"] and "resources.ranks_per_run" in res["reason"]
+    assert res["reason"] in p.stdout + p.stderr
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_a_rank_out_of_memory_ends_its_ddp_run_with_that_ranks_reason(tiny_dir: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp-oom"
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, **_LEAN, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fastbgm.train", "--run-dir", str(run), "--quiet", "--speed.threads=1",
+             *_overrides(tiny_dir, **{**OOM_MODEL, "optim.batch_size": 1024})],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=_address_space_limit(OOM_LIMIT) if rank == 1 else None))  # only rank 1 runs out
+    # rank 0 must not sit in its collective until the process group's 30-minute timeout
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outs
+    res = json.loads((run / C.RESULT).read_text())
+    assert res["status"] == "failed" and res["failed_rank"] == 1, res
+    assert res["reason"].startswith("rank 1 failed: out of memory on cpu: small_cnn at 512 images per rank"), res
+    assert "Traceback" not in outs[0][1] + outs[1][1]
+
+
+def test_launcher_reads_a_ranks_reason_when_its_peers_were_stopped_first(tmp_path: Path) -> None:
+    # srun --kill-on-bad-exit and torchrun stop rank 0 when rank 1 exits: no result.json,
+    # and a step that ends by signal, or rank 0's stop exit, must not read as "resume later"
+    import subprocess as sp
+
+    from fastbgm.fileio import atomic_write_json
+    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.train import STOP_EXIT
+
+    run = tmp_path / "r"
+    run.mkdir()
+    atomic_write_json(C.rank_failure_path(run, 1), {"rank": 1, "status": "failed", "reason": "out of memory on cuda:1"})
+    sched = Scheduler([StepRun("r", str(run))], ["slot0"],
+                      lambda pack, slots: sp.Popen([sys.executable, "-c", f"raise SystemExit({STOP_EXIT})"]))
+    while not sched.finished:
+        sched.poll()
+        time.sleep(0.05)
+    assert sched.states["r"] == "failed" and not sched.stop_requested
+    res = json.loads((run / C.RESULT).read_text())
+    assert res["reason"] == "rank 1 failed: out of memory on cuda:1" and res["failed_rank"] == 1

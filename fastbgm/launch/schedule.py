@@ -97,7 +97,8 @@ class Scheduler(Generic[S]):
             del self.running[key]
             self.free.extend(slots)
             for r in pack:
-                if proc.returncode == STOP_EXIT and run_status(Path(r.run_dir))[0] not in ("done", "failed"):
+                if (proc.returncode == STOP_EXIT and run_status(Path(r.run_dir))[0] not in ("done", "failed")
+                        and not C.rank_failures(r.run_dir)):  # not a rank's peers stopped after it failed
                     self.stop_requested = True
                     self.states[r.key] = "running"  # resumable from last.pt
                     log.info("%s: stopped on request; it resumes later", r.key)
@@ -150,6 +151,13 @@ class Scheduler(Generic[S]):
         status = run_status(Path(r.run_dir))[0]
         if status in ("done", "failed"):
             return status
+        failed_ranks = C.rank_failures(r.run_dir)
+        if failed_ranks:  # a rank said why, and its peers were stopped before rank 0 wrote it down
+            first = failed_ranks[0]
+            atomic_write_json(Path(r.run_dir) / C.RESULT, {
+                "name": r.key, "status": "failed", "failed_rank": first["rank"],
+                "reason": f"rank {first['rank']} failed: {first['reason']}"})
+            return "failed"
         if returncode < 0 or returncode > 128:  # killed by a signal (SIGKILL, the OOM killer; srun says
             # 128 + the signal): interrupted, not failed
             log.info("%s: killed (exit %d); it resumes from its last checkpoint on the next launch",

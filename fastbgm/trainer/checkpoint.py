@@ -15,6 +15,7 @@ Every file is written to a temp file and renamed (see fastbgm.fileio).
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,23 @@ FINAL = "final.pt"
 RESULT = "result.json"
 PLANNED = "planned-config.json"
 TRAIN_LOG = "train.log"  # what a launcher's trainer process prints
+
+
+def rank_failure_path(run_dir: str | Path, rank: int) -> Path:
+    """Where a rank other than 0 says why it failed (rank 0 writes result.json): under
+    DDP the first rank to fail is the one that knows why; the others only see a peer go."""
+    return Path(run_dir) / f"failed-rank{rank}.json"
+
+
+def rank_failures(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The failure records of this attempt's ranks, the first to fail first."""
+    found = []
+    for p in Path(run_dir).glob("failed-rank*.json"):
+        try:
+            found.append((p.stat().st_mtime, json.loads(p.read_text())))
+        except (OSError, ValueError):
+            continue  # being replaced, or not one of ours
+    return [rec for _, rec in sorted(found, key=lambda x: x[0])]
 
 
 def remove_stale_temp(run_dir: str | Path) -> list[str]:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import traceback
 from typing import Any, Iterator
 
 import torch
@@ -28,7 +29,7 @@ from .. import distributed as D
 from ..data.loader import DeviceLoader
 from ..fileio import exclusive_folder
 from . import checkpoint as C
-from .trainer import _STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast
+from .trainer import _STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, run_failure
 
 log = logging.getLogger("fastbgm.trainer")
 
@@ -110,6 +111,7 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
     _STOP_REQUESTED.clear()
     env = D.setup(trainers[0].cfg.speed.device)
     results: list[dict[str, Any] | None] = [None] * len(trainers)
+    aborting = True
     try:
         with contextlib.ExitStack() as held:
             # ---- set up every run (identity check, finished?, folder lock, build + resume)
@@ -135,12 +137,15 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
                                      len(stale))
                     s = t.open(env, speed)
                 except Exception as e:  # alone: the caller says it; packed: this run only
-                    if len(trainers) == 1:
+                    if len(trainers) == 1 and not run_failure(e):
                         raise
-                    results[i] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
-                    if locked:  # its folder is ours: say it there too
-                        t._write_result(results[i])
-                    log.error("%s: %s", t.run_dir, results[i]["reason"])
+                    traceback.clear_frames(e.__traceback__)
+                    if locked or not env.is_main:  # its folder is ours: say it there too
+                        results[i] = t.fail(None, e)
+                    else:
+                        results[i] = {"status": "failed", "reason": t.failure_reason(e)}
+                        log.error("%s: %s", t.run_dir, results[i]["reason"])
+                    _release_memory(env)
                     continue
                 if len(trainers) > 1 and env.device.type == "cuda":
                     s.stream = torch.cuda.Stream(env.device)
@@ -168,17 +173,27 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
                     except Exception as e:  # this run fails; alone, an unexpected error is raised on
                         if _STOP_REQUESTED.is_set():
                             raise
+                        traceback.clear_frames(e.__traceback__)
                         results[i] = t.fail(active.pop(i), e)
-                        if len(trainers) == 1 and not isinstance(e, NonFiniteLoss):
+                        _release_memory(env)
+                        if len(trainers) == 1 and not run_failure(e) and "failed_rank" not in results[i]:
                             raise
     except Exception as e:
         if _STOP_REQUESTED.is_set():
             log.warning("stopped while being requeued (%s: %s); last.pt is kept and the run(s) resume from it",
                         type(e).__name__, e)
         raise
+    else:  # a rank that failed leaves its peers inside a collective: do not wait for them
+        aborting = any(r is not None and r.get("status") == "failed" for r in results)
     finally:
-        D.teardown()
+        D.teardown(abort=aborting)
     return [r if r is not None else {"status": "failed", "reason": "did not run"} for r in results]
+
+
+def _release_memory(env: D.DistEnv) -> None:
+    """Give a failed run's memory back to the runs still training (a pack on one GPU)."""
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: None) -> dict[int, BaseException]:
@@ -200,6 +215,7 @@ def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: N
             except Exception as e:  # this run fails; the others go on
                 if _STOP_REQUESTED.is_set():
                     raise
+                traceback.clear_frames(e.__traceback__)  # its step's tensors: memory the others can use
                 failed[i] = e
                 del steps[i]
             advance(1)

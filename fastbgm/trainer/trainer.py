@@ -65,6 +65,24 @@ class NonFiniteLoss(RuntimeError):
         self.epoch, self.step = epoch, step
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's (a RuntimeError that says so)."""
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def run_failure(e: BaseException) -> bool:
+    """A failure of the run itself (diverged, does not fit the device), not a bug:
+    recorded in result.json and said in one line, never raised as a traceback."""
+    return isinstance(e, NonFiniteLoss) or out_of_memory(e)
+
+
+# How long rank 0, having lost a peer, waits for that rank to say why it failed.
+PEER_REASON_WAIT_S = 10.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Speed:
     """The resolved speed switches (what config.json records)."""
@@ -143,6 +161,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.hosts: list[str] = []
+        self.env: D.DistEnv | None = None  # set by the loop that trains it
         self.pack: list[str] = [str(self.run_dir)]  # the runs trained in this process with it
 
     def __call__(self) -> dict[str, Any]:
@@ -182,6 +201,7 @@ class Trainer:
 
         cfg = self.cfg
         self.speed = speed
+        C.rank_failure_path(self.run_dir, env.rank).unlink(missing_ok=True)  # an earlier attempt's
         if speed.device == "cpu" and cfg.speed.threads:
             torch.set_num_threads(cfg.speed.threads)
         torch.backends.cudnn.benchmark = speed.cudnn_benchmark
@@ -240,16 +260,53 @@ class Trainer:
                      epoch + 1)
         return stop or s.epoch >= s.end_epoch
 
-    def fail(self, s: "RunState", e: BaseException) -> dict[str, Any]:
-        """Record why this run failed (a non-finite loss says where)."""
+    def fail(self, s: "RunState | None", e: BaseException) -> dict[str, Any]:
+        """Record why this run failed (a non-finite loss says where; running out of
+        memory says what to change). ``s`` is None when it failed while being set up.
+
+        Under DDP the rank that fails first is the one that knows why: a rank other than
+        0 writes its reason beside the run (``failed-rank<r>.json``), and rank 0, which
+        then only sees its peer go, records that reason in result.json."""
+        env = s.env if s is not None else self.env
+        result: dict[str, Any] = {"status": "failed", "reason": self.failure_reason(e)}
         if isinstance(e, NonFiniteLoss):
-            result = {"status": "failed", "reason": str(e), "epoch": e.epoch, "step": e.step}
+            result.update(epoch=e.epoch, step=e.step)
+        elif s is not None:
+            result["epoch"] = s.epoch + 1
+        if env is not None and not env.is_main:
+            atomic_write_json(C.rank_failure_path(self.run_dir, env.rank), {"rank": env.rank, **result})
         else:
-            result = {"status": "failed", "reason": f"{type(e).__name__}: {e}", "epoch": s.epoch + 1}
-        if s.env.is_main:
+            if env is not None and env.world > 1 and not run_failure(e):
+                peer = self._peer_failure()
+                if peer is not None:
+                    result.update(reason=f"rank {peer['rank']} failed: {peer['reason']} (rank 0 then saw: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
+                                  failed_rank=peer["rank"])
             self._write_result(result)
         log.error("%s: %s", self.run_dir, result["reason"])
         return result
+
+    def failure_reason(self, e: BaseException) -> str:
+        if isinstance(e, NonFiniteLoss):
+            return str(e)
+        if not out_of_memory(e):
+            return f"{type(e).__name__}: {e}"
+        env = self.env
+        world = env.world if env is not None else max(1, self.cfg.dist.world)
+        device = env.device if env is not None else self.cfg.speed.device
+        packed = f", packed with {len(self.pack) - 1} other run(s)" if len(self.pack) > 1 else ""
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+        return (f"out of memory on {device}: {self.cfg.model.name} at {self.cfg.optim.batch_size // world} images "
+                f"per rank{packed} does not fit ({detail}); lower optim.batch_size, pack fewer runs per GPU "
+                "(resources.runs_per_gpu), or spread the run over more ranks (resources.ranks_per_run)")
+
+    def _peer_failure(self) -> dict[str, Any] | None:
+        deadline = time.monotonic() + PEER_REASON_WAIT_S
+        while True:
+            found = C.rank_failures(self.run_dir)
+            if found or time.monotonic() >= deadline:
+                return found[0] if found else None
+            time.sleep(0.2)
 
     # ------------------------------------------------------------------ pieces
     def _config_problem(self, speed: Speed, env: D.DistEnv) -> str | None:
