@@ -474,3 +474,29 @@ def test_time_limit_warning_requeues_the_allocation_and_every_run_resumes(tiny_d
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 15))
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in ref]
+
+
+def test_packs_are_filled_from_one_group_first(tmp_path: Path) -> None:
+    # stage-1 runs stop when memorised, stage-2 runs train a fixed number of epochs: a pack
+    # of one of each would leave its slot to a straggler; same-group runs end together
+    import subprocess as sp
+
+    from fastbgm.launch.schedule import Scheduler, StepRun
+
+    runs = [StepRun(f"s2-{i}", str(tmp_path / f"s2-{i}"), group="stage2/a/m") for i in range(2)]
+    runs += [StepRun(f"s1-{i}", str(tmp_path / f"s1-{i}"), group="stage1/a/m") for i in range(3)]
+    runs.insert(1, runs.pop(2))  # interleaved: s2-0, s1-0, s2-1, s1-1, s1-2
+    packs: list[list[str]] = []
+
+    def start(pack: list[StepRun], slots: list[str]) -> sp.Popen:
+        packs.append([r.key for r in pack])
+        for r in pack:
+            Path(r.run_dir).mkdir(exist_ok=True)
+            (Path(r.run_dir) / "result.json").write_text(json.dumps({"status": "done"}))
+        return sp.Popen([sys.executable, "-c", "pass"])
+
+    sched = Scheduler(runs, ["gpu0"], start, runs_per_slot=2)
+    while not sched.finished:
+        sched.poll()
+        time.sleep(0.02)
+    assert packs == [["s2-0", "s2-1"], ["s1-0", "s1-1"], ["s1-2"]]

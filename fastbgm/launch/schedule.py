@@ -36,6 +36,10 @@ class StepRun:
     depends_on: list[str] = field(default_factory=list)
     ranks: int = 1  # processes (one per GPU, or CPU tasks)
     ranks_per_node: int = 1
+    # Runs of one group (a stage of one dataset and model) take about as long as each
+    # other: a pack is filled from its first run's group first, so that its runs end
+    # together and the slot does not idle with one straggler for most of its life.
+    group: str = ""
 
     @property
     def nodes(self) -> int:
@@ -114,8 +118,9 @@ class Scheduler(Generic[S]):
             if r is None:
                 break
             pack = [r]
-            if r.ranks == 1:  # one-rank runs share a slot, up to runs_per_slot of them
-                pack += [x for x in ready if x is not r and x.ranks == 1][:self.runs_per_slot - 1]
+            if r.ranks == 1:  # one-rank runs share a slot, up to runs_per_slot of them, its group first
+                partners = sorted((x for x in ready if x is not r and x.ranks == 1), key=lambda x: x.group != r.group)
+                pack += partners[:self.runs_per_slot - 1]
             slots, self.free = self.free[:r.ranks], self.free[r.ranks:]
             for x in pack:
                 ready.remove(x)
