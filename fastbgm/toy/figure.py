@@ -65,6 +65,6 @@ def write_figure(result: ToyResult, path: str | Path) -> tuple[Path, int]:
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
     return path, len(chosen)
