@@ -161,7 +161,7 @@ class Scheduler(Generic[S]):
             first = failed_ranks[0]
             atomic_write_json(Path(r.run_dir) / C.RESULT, {
                 "name": r.key, "status": "failed", "failed_rank": first["rank"],
-                "reason": f"rank {first['rank']} failed: {first['reason']}"})
+                "reason": C.rank_failure_reason(first)})
             return "failed"
         if returncode < 0 or returncode > 128:  # killed by a signal (SIGKILL, the OOM killer; srun says
             # 128 + the signal): interrupted, not failed

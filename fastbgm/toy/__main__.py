@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import ConfigError, from_dict, parse_overrides
     from ..fileio import atomic_write_json
     from ..ui import console as make_console
-    from . import ToyConfig, run_toy, seed_statistics, toy_summary, write_figure
+    from . import ToyConfig, run_toy, toy_summary, write_figure
 
     console = make_console()
     try:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] cannot write to {escape(str(args.out))}: {escape(e.strerror or str(e))}")
         return 2
 
-    stats = seed_statistics(results)
+    stats = summary["statistics"]
     seeds = ", ".join(str(s) for s in summary["seeds"])
     t = Table(title=f"toy example: accuracy (%), seed{'s' if args.seeds > 1 else ''} {seeds}"
                     + (", mean ± std" if args.seeds > 1 else ""))

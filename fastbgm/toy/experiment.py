@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, check
 from ..data.hashing import scalar_seed
 from ..data.labels import LabelSpec, make_label_table
 from ..experiment.config import INITS, expand_modes, parse_mode
@@ -70,19 +70,14 @@ class ToyConfig:
     momentum: float = 0.9  # m
 
     def __post_init__(self) -> None:
-        positive = ("train_per_class", "test_per_class", "width", "copies", "stage1_max_steps", "stage2_steps")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"toy: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_per_class", "test_per_class", "width", "copies", "stage1_max_steps", "stage2_steps"):
+            check(int(getattr(self, name)) >= 1, "toy", f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("separation", "spread", "frequency", "stage1_lr", "stage2_lr"):
-            if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"toy: {name} must be > 0, got {getattr(self, name)}")
+            check(float(getattr(self, name)) > 0, "toy", f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("copy_noise", "da_noise", "weight_decay"):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f"toy: {name} must be >= 0, got {getattr(self, name)}")
+            check(float(getattr(self, name)) >= 0, "toy", f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("stage1_momentum", "momentum"):
-            if not 0 <= float(getattr(self, name)) < 1:
-                raise ConfigError(f"toy: {name} must be in [0, 1), got {getattr(self, name)}")
+            check(0 <= float(getattr(self, name)) < 1, "toy", f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.modes:
             raise ConfigError("toy: modes is empty; give at least one, e.g. vanilla")
         object.__setattr__(self, "modes", tuple(expand_modes(list(self.modes))))

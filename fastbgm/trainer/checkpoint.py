@@ -51,6 +51,11 @@ def rank_failures(run_dir: str | Path) -> list[dict[str, Any]]:
     return [rec for _, rec in sorted(found, key=lambda x: x[0])]
 
 
+def rank_failure_reason(record: dict[str, Any]) -> str:
+    """How a run's result names the rank that failed first, from its record."""
+    return f"rank {record['rank']} failed: {record['reason']}"
+
+
 def remove_stale_temp(run_dir: str | Path) -> list[str]:
     """Delete the temporary files of writes that a killed process left half done (only
     its trainer writes in a run folder, and the caller holds the folder's lock)."""

@@ -140,11 +140,7 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
                     if len(trainers) == 1 and not run_failure(e):
                         raise
                     traceback.clear_frames(e.__traceback__)
-                    if locked or not env.is_main:  # its folder is ours: say it there too
-                        results[i] = t.fail(None, e)
-                    else:
-                        results[i] = {"status": "failed", "reason": t.failure_reason(e)}
-                        log.error("%s: %s", t.run_dir, results[i]["reason"])
+                    results[i] = t.fail(None, e, record=locked)  # in its folder only once that is ours
                     _release_memory(env)
                     continue
                 if len(trainers) > 1 and env.device.type == "cuda":

@@ -260,9 +260,11 @@ class Trainer:
                      epoch + 1)
         return stop or s.epoch >= s.end_epoch
 
-    def fail(self, s: "RunState | None", e: BaseException) -> dict[str, Any]:
+    def fail(self, s: "RunState | None", e: BaseException, record: bool = True) -> dict[str, Any]:
         """Record why this run failed (a non-finite loss says where; running out of
-        memory says what to change). ``s`` is None when it failed while being set up.
+        memory says what to change). ``s`` is None when it failed while being set up;
+        ``record`` False when its folder is not this trainer's to write (it failed before
+        taking the folder's lock): then the reason is only logged and returned.
 
         Under DDP the rank that fails first is the one that knows why: a rank other than
         0 writes its reason beside the run (``failed-rank<r>.json``), and rank 0, which
@@ -275,13 +277,13 @@ class Trainer:
             result["epoch"] = s.epoch + 1
         if env is not None and not env.is_main:
             atomic_write_json(C.rank_failure_path(self.run_dir, env.rank), {"rank": env.rank, **result})
-        else:
+        elif record:
             if env is not None and env.world > 1 and not run_failure(e):
                 peer = self._peer_failure()
                 if peer is not None:
-                    result.update(reason=f"rank {peer['rank']} failed: {peer['reason']} (rank 0 then saw: "
-                                         f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})",
-                                  failed_rank=peer["rank"])
+                    seen = str(e).splitlines()[0][:200] if str(e) else ""
+                    result.update(reason=f"{C.rank_failure_reason(peer)} (rank 0 then saw: {type(e).__name__}: "
+                                         f"{seen})", failed_rank=peer["rank"])
             self._write_result(result)
         log.error("%s: %s", self.run_dir, result["reason"])
         return result
