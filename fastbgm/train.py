@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, help="the run folder (default: runs/<name>)")
     p.add_argument("--pack", type=Path, nargs="+", metavar="RUN_DIR",
                    help="train these run folders together, each from its planned-config.json")
+    p.add_argument("--pack-mode", default="auto", choices=["auto", "serial", "streams", "threads"],
+                   help="how packed runs share the device (default: threads on a GPU, serial on a CPU)")
     p.add_argument("--quiet", action="store_true")
     args, rest = p.parse_known_args(argv)
     from rich.logging import RichHandler
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     where = ", ".join(str(t.run_dir) for t in trainers)
     try:
-        results = train_runs(trainers)
+        results = train_runs(trainers, pack_mode=args.pack_mode)
     except StopRequested as e:
         print(f"{where}: stopped on request ({e}); resumes from the last checkpoint", file=sys.stderr)
         return STOP_EXIT

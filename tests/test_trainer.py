@@ -350,12 +350,13 @@ def _packed_setup(tiny_dir: Path, root: Path) -> list[Trainer]:
     return [Trainer(c, root / name) for name, c in cfgs.items()]
 
 
-def test_packed_runs_compute_exactly_what_they_compute_alone(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["serial", "threads"])
+def test_packed_runs_compute_exactly_what_they_compute_alone(tiny_dir: Path, tmp_path: Path, mode: str) -> None:
     from fastbgm.trainer.loop import train_runs
 
     alone = [t.run() for t in _packed_setup(tiny_dir, tmp_path / "alone")]
     packed_trainers = _packed_setup(tiny_dir, tmp_path / "packed")
-    packed = train_runs(packed_trainers)
+    packed = train_runs(packed_trainers, pack_mode=mode)
     assert [r["status"] for r in packed] == ["done", "done", "failed"]  # the NaN fails only its own run
     assert "non-finite loss" in packed[2]["reason"] and packed[2]["reason"] == alone[2]["reason"]
     keys = ("epochs", "train_acc", "train_loss", "test_acc", "test_loss", "epochs_to_100_train")
@@ -371,24 +372,75 @@ def test_packed_runs_compute_exactly_what_they_compute_alone(tiny_dir: Path, tmp
         assert len(env["pack"]) == 3  # where it ran, and with whom
 
 
+def test_step_graphs_compute_exactly_what_plain_steps_compute(tiny_dir: Path, tmp_path: Path) -> None:
+    """The whole step as one replayable unit (speed.step_graph): on a CPU it is called
+    where a GPU replays its capture, so all but the capture is checked here; a last,
+    smaller batch and a learning rate that changes every epoch need graphs of their own."""
+    over = {"optim.batch_size": 48, "optim.warmup_epochs": 2, "optim.milestones": "[3]", "optim.momentum": 0.9,
+            "optim.weight_decay": 5e-4, "data.augment": "true", "stop.max_epochs": 4}
+    plain = Trainer(run_config(tiny_dir, **over), tmp_path / "plain").run()
+    graphed = Trainer(run_config(tiny_dir, **over, **{"speed.step_graph": "true"}), tmp_path / "graph").run()
+    keys = ("epochs", "train_acc", "train_loss", "test_acc", "test_loss")
+    assert {k: plain[k] for k in keys} == {k: graphed[k] for k in keys}
+    wa, wg = (C.load(tmp_path / d / C.FINAL)["model"] for d in ("plain", "graph"))
+    assert all(torch.equal(wa[k], wg[k]) for k in wa)  # bitwise
+    rows = read_jsonl(tmp_path / "graph" / C.METRICS)
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in read_jsonl(tmp_path / "plain" / C.METRICS)]
+    # 6 steps an epoch (5 of 48, 1 of 16); 3 eager warm-up steps; then every step a replay,
+    # with a capture for each new (batch, learning rate): lr 0.025, 0.05, 0.05, 0.005 (warm-up,
+    # then the milestone), so none in epoch 3; 6 captures in all, the oldest given up past 4
+    assert [r["graph_steps"] for r in rows] == [3, 9, 15, 21] and [r["graph_captures"] for r in rows] == [2, 4, 4, 6]
+    with pytest.raises(ConfigError, match="step_graph = true does not work.*fp16"):
+        Trainer(run_config(tiny_dir, **{"speed.step_graph": "true", "speed.precision": "fp16"}),
+                tmp_path / "fp16").run()
+
+
+def test_pack_mode_never_replays_cuda_graphs_of_two_runs_on_two_streams() -> None:
+    """CUDA-graph trees of one thread share one memory pool: graphs of two runs replayed on
+    two streams would overwrite each other. Device-independent logic, checked without a GPU."""
+    from fastbgm.config import ConfigError
+    from fastbgm.trainer.loop import resolve_pack_mode
+    from fastbgm.trainer.trainer import Speed
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    graphs = Speed("cuda", True, "reduce-overhead", True, "bf16", True, 1)
+    plain = Speed("cuda", True, "default", True, "bf16", True, 1)
+    assert resolve_pack_mode("auto", gpu, [graphs, graphs]) == "threads"
+    assert resolve_pack_mode("auto", cpu, [plain]) == "serial"
+    assert resolve_pack_mode("streams", gpu, [plain, plain]) == "streams"
+    with pytest.raises(ConfigError, match="share one memory pool.*'threads'"):
+        resolve_pack_mode("streams", gpu, [plain, graphs])
+    with pytest.raises(ConfigError, match="not one of"):
+        resolve_pack_mode("fused", gpu, [plain])
+
+
 def test_packed_group_resumes_after_sigkill(tiny_dir: Path, tmp_path: Path) -> None:
     from fastbgm.config import to_dict
     from fastbgm.fileio import atomic_write_json
+    from fastbgm.train import STOP_EXIT
 
     ref = {t.run_dir.name: t.run() for t in _packed_setup(tiny_dir, tmp_path / "alone")[:2]}
     group = _packed_setup(tiny_dir, tmp_path / "g")[:2]
     for t in group:
         t.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(t.run_dir / C.PLANNED, to_dict(t.cfg))
+    # each run's epoch in its own thread, as on a GPU: a stop request (Slurm's warning)
+    # ends every thread at its next step; then a SIGKILL; each time the runs resume exactly
     cmd = [sys.executable, "-m", "fastbgm.train", "--pack", *(str(t.run_dir) for t in group), "--quiet",
-           "--speed.threads=2"]
-    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_jsonl(group[0].run_dir / C.METRICS)) < 2:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait(timeout=30)
-    assert json.loads((group[0].run_dir / C.RESULT).read_text())["status"] == "running"
+           "--speed.threads=2", "--pack-mode=threads"]
+
+    def interrupt(sig: signal.Signals, epochs: int) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(read_jsonl(group[0].run_dir / C.METRICS)) < epochs:
+            time.sleep(0.02)
+        p.send_signal(sig)
+        p.wait(timeout=30)
+        assert json.loads((group[0].run_dir / C.RESULT).read_text())["status"] == "running"
+        return p
+
+    assert interrupt(signal.SIGUSR2, 1).returncode == STOP_EXIT
+    interrupt(signal.SIGKILL, 2)
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     for t in group:
@@ -404,8 +456,9 @@ def test_bench_pack_measures_k_runs_through_the_packed_loop(tmp_path: Path) -> N
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "pack.json").read_text())["rows"]
-    assert [r["K"] for r in rows] == [1, 2] and rows[0]["x_k1"] == 1.0
-    assert all(r["images_per_s"] > 0 for r in rows) and "x K=1" in out.stdout
+    assert [(r["K"], r["pack_mode"]) for r in rows] == [(1, "alone"), (2, "serial"), (2, "threads")]
+    assert rows[0]["x_k1"] == 1.0 and all(r["images_per_s"] > 0 for r in rows) and "x K=1" in out.stdout
+    assert all(r["max_abs_diff"] == 0.0 for r in rows)  # run 0 of a pack is run 0 alone, bitwise on a CPU
 
 
 def _address_space_limit(limit_bytes: int):

@@ -25,13 +25,18 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--batch-size", type=int, default=512)
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
+            s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
+                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, loader, train, ddp)")
         if name == "pack":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--runs", default="1,2,4,8", help="K values: runs packed on the device")
             s.add_argument("--batch-size", type=int, default=128)
             s.add_argument("--steps", type=int, default=20, help="steps per run per timed epoch")
-            s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs"], default="auto",
-                           help="auto: CUDA graphs on a GPU, eager on a CPU")
+            s.add_argument("--pack-modes", default="serial,threads",
+                           help="how K > 1 runs share the device: serial, threads, streams (see fastbgm.trainer.loop)")
+            s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
+                           default="auto", help="auto: cudagraphs (torch.compile's) on a GPU, eager on a CPU; "
+                           "stepgraph: each run's whole step one CUDA graph")
         if name == "faults":
             s.add_argument("--faults", type=int, default=50, help="how many faults to inject")
             s.add_argument("--seed", type=int, default=0, help="chooses the faults and their moments")
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         from .pack import run as run_pack
 
         run_pack(device, args.models.split(","), [int(k) for k in args.runs.split(",")], args.batch_size, args.steps,
-                 args.out, args.mode)
+                 args.out, args.mode, tuple(args.pack_modes.split(",")))
     elif args.what == "train":
         from .train import run as run_train
 
@@ -88,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .gpu import run as run_gpu
 
-        run_gpu(device, args.data, args.out, args.seconds, args.budget)
+        from .gpu import SECTIONS
+
+        run_gpu(device, args.data, args.out, args.seconds, args.budget,
+                tuple(x for x in args.sections.split(",") if x) or SECTIONS)
     return 0
 
 

@@ -1,16 +1,27 @@
-"""``python -m fastbgm.bench gpu --out DIR``: the one command to run on a GPU machine.
+"""``python -m fastbgm.bench gpu --out DIR [--sections A,B] [--budget S]``: the one
+command to run on a GPU machine.
 
-Sections, in priority order, each skipped (and said so) once the time budget is
-spent: device and versions; loader images/s (resident; stream only with ffcv);
-training images/s and MFU for ResNet18 and VGG16 on 32x32, eager vs compiled, bf16,
-with the loader in the loop and without; the same ResNet18 on 2 processes when
-there are 2+ GPUs; a short real two-stage run through the Trainer (compiled, bf16)
-when a prepared dataset is found under ``--data`` (``<data>/cifar10/train.beton`` or
-its resident cache), or the JPEG archive ``<data>/cifar10-jpeg.tar.xz`` (decoded
-without ffcv into resident caches); else that section says it was skipped. Writes ``gpu.json`` (updated after
-every section) and prints the table last.
+Sections (:data:`SECTIONS`), in the order the open work needs them, each skipped (and
+said so) once the time budget is spent:
+
+- ``train128``: the bare compiled step of ResNet18 and VGG16 at batch 128 (the
+  baseline the Trainer is held to);
+- ``pack``: K = 1, 2, 4, 8 batch-128 runs on the GPU with torch.compile's CUDA graphs,
+  pack modes threads and serial, and how far run 0 ends from run 0 alone;
+- ``pack-stepgraph``: the same with each run's whole step one CUDA graph
+  (``speed.step_graph``), pack modes streams and threads;
+- ``two-stage``: stage 1 and both stage-2 runs of ResNet18 on real CIFAR-10 through the
+  Trainer, alone and packed, with and without step graphs (when ``--data`` holds a
+  prepared CIFAR-10, ``<data>/cifar10/train.beton`` or its resident cache, or the JPEG
+  archive ``<data>/cifar10-jpeg.tar.xz``, decoded here without ffcv);
+- ``trainer/bare``: the Trainer's images/s over the bare step's (goal: >= 90%);
+- ``pack-unsafe``: torch.compile's graphs of 4 runs replayed on 4 streams, the design
+  the trainer refuses (their graphs share one memory pool): its difference column;
+- ``loader``, ``train`` (batch 512, eager / compiled / CUDA graphs, loader in the loop
+  or not), ``ddp`` (2 processes, when there are 2+ GPUs).
+
+Writes ``gpu.json`` (updated after every section) and prints the table last.
 """
-
 from __future__ import annotations
 
 import json
@@ -85,12 +96,17 @@ def _caches_from_archive(archive: Path, out: Path, per_class: tuple[int, int] = 
         prepare_cache_only({"test": splits["test"]}, out, normalization=norm, limit_per_class=per_class[1])
 
 
-def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int) -> list[list[Any]]:
-    """Stage 1 on the confusion set, then stage 2 from it and from random init."""
+def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
+                     results: dict[str, Any]) -> list[list[Any]]:
+    """Stage 1 on the confusion set, then stage 2 from it and from random init, through
+    the Trainer; then both stage-2 runs packed on the GPU, and how far each ends from
+    alone. Twice: with torch.compile's CUDA graphs (the default), then with step graphs
+    (``speed.step_graph``: the whole step one CUDA graph; its pack replays on streams)."""
     from fastbgm.config import load
     from fastbgm.fileio import read_jsonl
     from fastbgm.trainer import RunConfig, Trainer
     from fastbgm.trainer import checkpoint as C
+    from fastbgm.trainer.loop import train_runs
 
     beton = data / "cifar10" / "train.beton"
     test = data / "cifar10" / "test.beton"
@@ -100,44 +116,110 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int) 
     if not (beton.exists() or beton.with_name("train.resident.npz").exists()):
         return [["two-stage", "real CIFAR-10 run", float("nan"),
                  f"skipped: no {beton} (or its resident cache), and no {archive}"]]
-    base = {"data": {"train": str(beton), "test": str(test)}, "model": {"name": "resnet18"},
-            "optim": {"lr": 0.1, "batch_size": 128, "milestones": []},
-            "stop": {"max_epochs": epochs, "train_eval_every": epochs, "test_eval_every": epochs},
-            "speed": {"device": device.type, "compile": "true", "precision": "bf16", "channels_last": "true"}}
-    rows = []
-    s1 = load(RunConfig, None, ["--name=stage1", "--data.labels=confusion", "--data.copies=2",
-                                "--data.zero_ratio=0.1"], base=json.loads(json.dumps(base)))
-    runs = {"stage1": (s1, work / "stage1")}
-    for init in ("random", "adversarial"):
-        extra = [f"--name=stage2-{init}"] + ([f"--init_from={work / 'stage1'}"] if init == "adversarial" else [])
-        runs[f"stage2-{init}"] = (load(RunConfig, None, extra, base=json.loads(json.dumps(base))),
-                                  work / f"stage2-{init}")
-    for name, (cfg, run_dir) in runs.items():
-        t0 = time.perf_counter()
-        res = Trainer(cfg, run_dir).run()
-        wall = time.perf_counter() - t0
+    rows: list[list[Any]] = []
+
+    def config(name: str, step_graph: bool, *extra: str) -> RunConfig:
+        base = {"data": {"train": str(beton), "test": str(test)}, "model": {"name": "resnet18"},
+                "optim": {"lr": 0.1, "batch_size": 128, "milestones": []},
+                "stop": {"max_epochs": epochs, "train_eval_every": epochs, "test_eval_every": epochs},
+                "speed": {"device": device.type, "compile": "true", "precision": "bf16", "channels_last": "true",
+                          "step_graph": "true" if step_graph else "false"}}
+        return load(RunConfig, None, [f"--name={name}", *extra], base=base)
+
+    def record(name: str, run_dir: Path, res: dict[str, Any], wall: float, label: str) -> None:
         m = read_jsonl(run_dir / C.METRICS)
-        steady = [r for r in m[1:]] or m
+        steady = m[1:] or m
         ips = sum(r["images_per_s"] for r in steady) / max(1, len(steady))
         mfu = [r["mfu"] for r in steady if r.get("mfu")]
-        rows.append(["two-stage", f"{name}: resnet18 compiled ({res.get('speed', {}).get('compile_mode')}) bf16, "
-                     f"{len(m)} epochs", ips,
+        extras = sum(r.get("eval_seconds", 0) for r in steady) / max(1e-9, sum(r["epoch_seconds"] for r in steady))
+        results.setdefault("two_stage", []).append({"run": name, "label": label, "images_per_s": ips, "wall_s": wall,
+                                                    "eval_over_train": extras, "result": res})
+        if res.get("status") != "done":
+            rows.append(["two-stage", f"{name} ({label})", float("nan"), f"{res.get('status')}: {res.get('reason')}"])
+            return
+        rows.append(["two-stage", f"{name}: resnet18 {label} bf16, {len(m)} epochs", ips,
                      f"train loss {m[0]['train_loss']:.3f} -> {m[-1]['train_loss']:.3f}, "
                      f"train acc {res.get('train_acc', float('nan')):.3f}, test acc {res.get('test_acc') or float('nan'):.3f}, "
-                     + (f"MFU {100 * sum(mfu) / len(mfu):.1f}%, " if mfu else "") + f"wall {wall:.0f}s"])
+                     + (f"MFU {100 * sum(mfu) / len(mfu):.1f}%, " if mfu else "")
+                     + f"per-epoch extras {100 * extras:.0f}% of training time, wall {wall:.0f}s"])
+
+    def max_diff(a: Path, b: Path) -> float:
+        if not ((a / C.FINAL).exists() and (b / C.FINAL).exists()):
+            return float("nan")
+        wa, wb = C.load(a / C.FINAL)["model"], C.load(b / C.FINAL)["model"]
+        return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa if wa[k].is_floating_point())
+
+    t0 = time.perf_counter()
+    res = Trainer(config("stage1", False, "--data.labels=confusion", "--data.copies=2", "--data.zero_ratio=0.1"),
+                  work / "stage1").run()
+    record("stage1", work / "stage1", res, time.perf_counter() - t0, "compiled (reduce-overhead)")
+    stage2 = {"random": [], "adversarial": [f"--init_from={work / 'stage1'}"]}
+    for graphs, label in ((False, "compiled (reduce-overhead)"), (True, "step graphs")):
+        tag = "-graphs" if graphs else ""
+        for init, extra in stage2.items():
+            d = work / f"stage2-{init}{tag}"
+            t0 = time.perf_counter()
+            res = Trainer(config(f"stage2-{init}", graphs, *extra), d).run()
+            record(f"stage2-{init}", d, res, time.perf_counter() - t0, label)
+        # both stage-2 runs in one pack (pack mode auto: threads, or streams with step graphs)
+        t0 = time.perf_counter()
+        packed = train_runs([Trainer(config(f"stage2-{init}", graphs, *extra), work / f"packed-{init}{tag}")
+                             for init, extra in stage2.items()])
+        wall = time.perf_counter() - t0
+        diff = max(max_diff(work / f"stage2-{i}{tag}", work / f"packed-{i}{tag}") for i in stage2)
+        results.setdefault("packed_vs_alone", []).append({"label": label, "max_abs_diff": diff, "wall_s": wall,
+                                                          "results": packed})
+        rows.append(["two-stage", f"both stage-2 runs packed vs alone, {label}", float("nan"),
+                     f"max |dw| {diff:.3g}; status " + ", ".join(r.get("status", "?") for r in packed)
+                     + "; test acc " + ", ".join(f"{r.get('test_acc') or float('nan'):.4f}" for r in packed)
+                     + f"; wall {wall:.0f}s"])
+    diff = max_diff(work / "stage2-random", work / "stage2-random-graphs")
+    results["graphs_vs_compiled"] = diff
+    rows.append(["two-stage", "stage2-random: step graphs vs compiled (other kernels: float noise)", float("nan"),
+                 f"max |dw| {diff:.3g}"])
     return rows
 
 
-def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0) -> dict:
+def _trainer_vs_bare(results: dict[str, Any]) -> list[list[Any]]:
+    """The Trainer at batch 128 against the bare compiled step (goal: within 10%)."""
+    bare = next((r["images_per_s"] for r in results.get("train", []) if r["model"] == "resnet18"
+                 and r["batch"] == 128 and r["mode"] == "cudagraphs-bf16" and not r["loader"]), None)
+    out = []
+    for label in ("compiled (reduce-overhead)", "step graphs"):
+        runs = [r for r in results.get("two_stage", []) if r["run"] != "stage1" and r["label"] == label
+                and r["result"].get("status") == "done"]
+        if bare is None or not runs:
+            out.append(["trainer/bare", label, float("nan"), "skipped: needs the train and two-stage sections"])
+            continue
+        ips = sum(r["images_per_s"] for r in runs) / len(runs)
+        results.setdefault("trainer_over_bare", {})[label] = ips / bare
+        out.append(["trainer/bare", f"resnet18 batch 128: Trainer epoch ({label}) vs bare compiled step", ips,
+                    f"{100 * ips / bare:.0f}% of the bare step's {bare:,.0f} img/s (goal >= 90%)"])
+    return out
+
+
+SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "loader", "train",
+            "ddp")
+
+
+def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0,
+        sections: tuple[str, ...] = SECTIONS) -> dict:
+    """The sections asked for, in :data:`SECTIONS`' order (what the open work needs first),
+    each skipped once ``budget_s`` is spent."""
+    unknown = [x for x in sections if x not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown GPU-check section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     start = time.time()
     deadline = start + budget_s
     info = device_info(device)
     info["cuda_devices"] = torch.cuda.device_count()
-    results: dict[str, Any] = {"info": info, "rows": [], "skipped": []}
+    results: dict[str, Any] = {"info": info, "rows": [], "skipped": [], "train": []}
     rows: list[list[Any]] = [["device", f"{info['name']}; torch {info['torch']}; CUDA {info.get('cuda')}",
                               float("nan"), f"{info['cuda_devices']} GPU(s)"]]
 
     def section(name: str, fn, *a) -> None:
+        if name not in sections:
+            return
         if time.time() > deadline:
             rows.append([name, "-", float("nan"), "skipped: time budget spent"])
             return
@@ -151,42 +233,49 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         results.setdefault("section_seconds", {})[name] = time.time() - t0
         write_json(out, "gpu", results)
 
-    section("loader", _loader_section, device, seconds)
-
-    def train_rows() -> list[list[Any]]:
+    def train_rows(batch: int, modes: list[str], loader_modes: tuple[str, ...], steps: int) -> list[list[Any]]:
         from .train import run as run_train
 
-        res = run_train(device, data, ["resnet18", "vgg16_bn"], [512],
-                        ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"], 40, out,
-                        loader_modes=("without", "with"), deadline=deadline - 120)
-        res2 = run_train(device, data, ["resnet18", "vgg16_bn"], [128], ["cudagraphs-bf16"], 60, None,
-                         loader_modes=("without",), deadline=deadline - 120)
+        res = run_train(device, data, ["resnet18", "vgg16_bn"], [batch], modes, steps, None,
+                        loader_modes=loader_modes, deadline=deadline - 120)
         out_rows = []
-        for r in res["rows"] + res2["rows"]:
+        for r in res["rows"]:
             note = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "MFU -"
             if "loader_overhead" in r:
                 note += f", loader overhead {100 * r['loader_overhead']:.1f}%"
             out_rows.append(["train", f"{r['model']} batch {r['batch']} {r['mode']} "
                              f"{'loader in loop' if r['loader'] else 'fixed batch'}", r["images_per_s"],
                              note + f", warm-up {r['warmup_s']:.0f}s"])
-        results["train"] = res["rows"] + res2["rows"]
-        results["skipped"] += res["skipped"] + res2["skipped"]
+        results["train"] += res["rows"]
+        results["skipped"] += res["skipped"]
         return out_rows
 
-    section("train", train_rows)
-
-    def pack_rows() -> list[list[Any]]:
+    def pack_rows(key: str, models: list[str], ks: list[int], mode: str, pack_modes: tuple[str, ...],
+                  keep: Any = lambda r: True) -> list[list[Any]]:
         from .pack import run as run_pack
 
-        res = run_pack(device, ["resnet18", "vgg16_bn"], [1, 2, 4, 8], 128, 40, out)
-        results["pack"] = res
-        return [["pack", f"{r['model']} batch 128, K={r['K']} runs on the GPU", r["images_per_s"],
-                 f"x{r['x_k1']:.2f} of K=1"] for r in res]
+        res = [r for r in run_pack(device, models, ks, 128, 40, None, mode, pack_modes, deadline=deadline - 150)
+               if keep(r)]
+        results[key] = res
+        return [["pack", f"{r['model']} batch 128 {mode}, K={r['K']} {r['pack_mode']}"
+                 + (" (unsafe)" if r["unsafe"] else ""), r["images_per_s"],
+                 f"x{r['x_k1']:.2f} of K=1, max |dw| vs alone {r['max_abs_diff']:.2g}"] for r in res]
 
-    section("pack", pack_rows)
-    section("ddp", _two_gpu_section, out or Path("."))
     work = Path(tempfile.mkdtemp(prefix="fastbgm-gpu-"))
-    section("two-stage", _trainer_section, device, data, work, 8)
+    section("train128", train_rows, 128, ["cudagraphs-bf16"], ("without",), 60)
+    # torch.compile's CUDA graphs: runs in threads (each its own graph pool), or in turn
+    section("pack", pack_rows, "pack", ["resnet18", "vgg16_bn"], [1, 2, 4, 8], "cudagraphs", ("threads", "serial"))
+    # each run's whole step one CUDA graph, replayed on its own stream
+    section("pack-stepgraph", pack_rows, "pack_stepgraph", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph",
+            ("streams", "threads"))
+    section("two-stage", _trainer_section, device, data, work, 8, results)
+    section("trainer/bare", _trainer_vs_bare, results)
+    # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams
+    section("pack-unsafe", pack_rows, "pack_unsafe", ["resnet18"], [1, 4], "cudagraphs", ("streams",),
+            lambda r: r["K"] > 1)
+    section("loader", _loader_section, device, seconds)
+    section("train", train_rows, 512, ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"], ("without", "with"), 40)
+    section("ddp", _two_gpu_section, out or Path("."))
     results["wall_seconds"] = time.time() - start
     write_json(out, "gpu", results)
     print_table(f"fastbgm GPU check ({results['wall_seconds']:.0f} s)", ["section", "what", "images/s", "notes"], rows)

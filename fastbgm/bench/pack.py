@@ -1,7 +1,8 @@
 """Several batch-128 runs on one device: images/s for K = 1, 2, 4, 8 packed runs, and
 the ratio to K = 1, all measured in one run, through the trainer's own packed loop
 (:func:`fastbgm.trainer.loop.train_epoch_together`: each run its own model, optimizer,
-data order and, on a GPU, CUDA stream; their steps taken in turn)."""
+data order and, on a GPU in pack modes other than ``serial``, CUDA stream), in each
+pack mode asked for; and how far run 0 of each pack ends from run 0 trained alone."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from fastbgm.data import loader_from_arrays
 from fastbgm.models import build_model
 from fastbgm.trainer.loop import RunState, train_epoch_together
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
+from fastbgm.trainer.stepgraph import StepGraphs
 from fastbgm.trainer.trainer import Speed, make_sgd
 
 from .common import device_info, print_table, synchronize, write_json
@@ -38,16 +40,23 @@ def _state(name: str, seed: int, images: Any, labels: Any, batch: int, speed: Sp
     train = loader_from_arrays(images, labels, batch_size=batch, device=device, augment=True, seed=seed,
                                dtype=dtype, drop_last=True, channels_last=speed.channels_last, num_classes=10)
     env = D.DistEnv(0, 1, 0, device)
-    return RunState(None, env, speed, module, model, opt, None, None, train, train, None, {}, None, None, 0, 1,
-                    stream=torch.cuda.Stream(device) if packed and device.type == "cuda" else None)
+    s = RunState(None, env, speed, module, model, opt, None, None, train, train, None, {}, None, None, 0, 1,
+                 stream=torch.cuda.Stream(device) if packed and device.type == "cuda" else None)
+    if speed.step_graph:
+        s.graphs = StepGraphs(s)
+    return s
 
 
 def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: torch.device,
-            arrays: tuple[Any, Any]) -> dict[str, Any]:
+            arrays: tuple[Any, Any], pack_mode: str = "serial") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """images/s of ``k`` runs packed as ``pack_mode`` says; and run 0's final weights (on
+    the CPU), which must equal those of run 0 trained alone."""
     images, labels = arrays[0][: batch * steps], arrays[1][: batch * steps]
-    states = {i: _state(name, i, images, labels, batch, speed, device, k > 1) for i in range(k)}
+    streams = k > 1 and pack_mode != "serial"
+    states = {i: _state(name, i, images, labels, batch, speed, device, streams) for i in range(k)}
+    threads = pack_mode == "threads"
     t0 = time.perf_counter()
-    train_epoch_together(states)  # warm-up epoch: compilation, CUDA graph capture, allocator
+    train_epoch_together(states, threads=threads)  # warm-up epoch: compilation, CUDA graph capture, allocator
     synchronize(device)
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -55,7 +64,7 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
     for e in range(epochs):
         for s in states.values():
             s.epoch = e + 1
-        failed = train_epoch_together(states)
+        failed = train_epoch_together(states, threads=threads)
         if failed:
             raise RuntimeError(f"{name} K={k}: {next(iter(failed.values()))}")
     synchronize(device)
@@ -63,34 +72,57 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
     ips = k * epochs * len(images) / dt
     flops = train_flops_per_image(states[0].module, (3, 32, 32), device)
     peak = peak_flops(device, speed.precision)
-    return {"model": name, "K": k, "batch": batch, "images_per_s": ips, "warmup_s": warm,
-            "mfu": flops * ips / peak if peak else None}
+    weights = {n: p.detach().float().cpu() for n, p in states[0].module.state_dict().items() if p.is_floating_point()}
+    del states
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"model": name, "K": k, "pack_mode": pack_mode if k > 1 else "alone", "batch": batch,
+            "images_per_s": ips, "warmup_s": warm, "mfu": flops * ips / peak if peak else None}, weights
 
 
 def run(device: torch.device, models: list[str], ks: list[int], batch: int, steps: int, out: Path | None,
-        mode: str = "auto") -> list[dict[str, Any]]:
+        mode: str = "auto", pack_modes: tuple[str, ...] = ("serial", "threads"),
+        deadline: float | None = None) -> list[dict[str, Any]]:
+    """The table: for each model, K = 1 alone, then each K > 1 in each pack mode, with the
+    largest difference of run 0's weights from run 0 alone (0 on a CPU: bitwise).
+    ``mode``: eager, compiled, cudagraphs (torch.compile's reduce-overhead) or stepgraph
+    (compiled, each run's whole step one CUDA graph).
+
+    ``streams`` with CUDA graphs (``mode`` cudagraphs) is measured when asked, and marked
+    unsafe: the trainer refuses it, because the runs' graphs share one memory pool; its
+    difference column shows what that race does."""
     gpu = device.type == "cuda"
     if mode == "auto":
         mode = "cudagraphs" if gpu else "eager"
     compile_mode = "reduce-overhead" if mode == "cudagraphs" else "default"
+    # stepgraph: compiled (inductor's kernels), the whole step one CUDA graph (trainer/stepgraph.py)
     speed = Speed(device.type, mode != "eager", compile_mode, True, "bf16" if gpu else "fp32", gpu,
-                  torch.get_num_threads())
+                  torch.get_num_threads(), step_graph=mode == "stepgraph")
     arrays = synthetic_arrays(batch * steps)
     rows = []
     for name in models:
-        base = None
+        base, ref = None, None
         for k in ks:
-            r = measure(name, k, batch, steps, speed, device, arrays)
-            base = base or r["images_per_s"]
-            r["x_k1"] = r["images_per_s"] / base
-            rows.append(r)
-            log.info("%s K=%d: %.0f img/s (x%.2f)", name, k, r["images_per_s"], r["x_k1"])
+            for pm in (pack_modes if k > 1 else ("serial",)):
+                if deadline is not None and time.time() > deadline:
+                    log.warning("time budget spent: %s K=%d %s skipped", name, k, pm)
+                    continue
+                r, w = measure(name, k, batch, steps, speed, device, arrays, pm)
+                if base is None:
+                    base, ref = r["images_per_s"], w
+                r["x_k1"] = r["images_per_s"] / base
+                r["max_abs_diff"] = max(float((w[n] - ref[n]).abs().max()) for n in ref)
+                r["unsafe"] = pm == "streams" and gpu and mode == "cudagraphs"
+                rows.append(r)
+                log.info("%s K=%d %s: %.0f img/s (x%.2f), max |dw| %.3g", name, k, r["pack_mode"],
+                         r["images_per_s"], r["x_k1"], r["max_abs_diff"])
     info = device_info(device)
     print_table(f"packed runs, batch {batch}, {speed.precision}, "
                 f"{mode} on {info['device']}",
-                ["model", "K", "images/s", "x K=1", "MFU", "warm-up s"],
-                [[r["model"], r["K"], f"{r['images_per_s']:,.0f}", f"{r['x_k1']:.2f}",
+                ["model", "K", "pack mode", "images/s", "x K=1", "max |dw| vs alone", "MFU", "warm-up s"],
+                [[r["model"], r["K"], r["pack_mode"] + (" (unsafe: graphs race)" if r["unsafe"] else ""),
+                  f"{r['images_per_s']:,.0f}", f"{r['x_k1']:.2f}", f"{r['max_abs_diff']:.2g}",
                   f"{100 * r['mfu']:.1f}%" if r["mfu"] else "", f"{r['warmup_s']:.1f}"] for r in rows])
     if out:
-        write_json(out, "pack", {"device": info, "rows": rows})
+        write_json(out, "pack", {"device": info, "compile": mode, "rows": rows})
     return rows

@@ -119,8 +119,12 @@ class SpeedConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 uses a GradScaler)
     cudnn_benchmark: str = "auto"
     threads: int = 0  # CPU threads (0 = torch's default)
+    # the whole step (forward, loss, backward, SGD, metrics) as one CUDA graph; one-rank
+    # runs, not fp16; compile_mode auto then means default (see trainer/stepgraph.py)
+    step_graph: str = "false"  # true | false
 
     def __post_init__(self) -> None:
+        check(self.step_graph in ("true", "false"), "speed.step_graph", f"must be true or false, got {self.step_graph!r}")
         for k in ("compile", "channels_last", "cudnn_benchmark"):
             v = getattr(self, k)
             check(v in ("auto", "true", "false"), f"speed.{k}", f"must be auto, true or false, got {v!r}")

@@ -2,10 +2,25 @@
 
 A GPU is mostly idle under one of the paper's batch-128 CIFAR runs, so runs can share
 a device: each packed run keeps everything of its own (config, folder, seed, data
-order, noise, optimizer, metrics, checkpoints, resume, failure) and the runs take
-their steps in turn, each on its own CUDA stream on a GPU so that their kernels can
-overlap. A run computes exactly what it computes alone: the same operations on the
-same tensors in the same order (bitwise on CPU; tested). One run is a pack of one.
+order, noise, optimizer, metrics, checkpoints, resume, failure). A run computes
+exactly what it computes alone: the same operations on the same tensors in the same
+order (bitwise on CPU; tested). One run is a pack of one.
+
+How the runs of a pack share the device (:data:`PACK_MODES`):
+
+- ``serial``: their steps in turn, on one stream. Always safe; no overlap on a GPU.
+- ``streams``: their steps in turn from one thread, each run on its own CUDA stream,
+  so that their kernels overlap. Unsafe with CUDA graphs from ``torch.compile``
+  (``compile_mode = "reduce-overhead"``): every graph one thread records shares one
+  memory pool and may only be replayed one after another, so two runs' graphs
+  replayed on two streams would overwrite each other's memory. Refused then. Safe
+  with step graphs (``speed.step_graph``: stepgraph.py), each run's in a pool of its
+  own; the default for a pack whose runs all use them.
+- ``threads``: each run's epoch in its own thread on its own stream. CUDA-graph trees
+  belong to a thread, so each run replays graphs from its own pool: safe with
+  ``reduce-overhead``, and the runs still overlap. The default on a GPU otherwise.
+
+On a CPU the default is ``serial`` (its cores are already shared by every op).
 
 Read :func:`train_runs` top to bottom: set up each run; then, epoch after epoch, step
 every active run through its batches, end each run's epoch (evaluate, checkpoint,
@@ -17,8 +32,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import torch
@@ -26,12 +43,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as D
+from ..config import ConfigError
 from ..data.loader import DeviceLoader
 from ..fileio import exclusive_folder
 from . import checkpoint as C
-from .trainer import _STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, run_failure
+from .stepgraph import StepGraphs
+from .trainer import _STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, resolve_speed, run_failure
 
 log = logging.getLogger("fastbgm.trainer")
+
+PACK_MODES = ("auto", "serial", "streams", "threads")
+
+
+def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> str:
+    """The way a pack shares ``device`` (see the module's docstring)."""
+    if mode not in PACK_MODES:
+        raise ConfigError(f"pack mode {mode!r} is not one of {', '.join(PACK_MODES)}")
+    if mode == "auto":
+        if device.type != "cuda":
+            return "serial"
+        # a run's step graphs replay from one call each: no thread needed to overlap them
+        return "streams" if all(s.step_graph for s in speeds) else "threads"
+    graphs = [s for s in speeds if s.compile and s.compile_mode in ("reduce-overhead", "max-autotune")]
+    if mode == "streams" and device.type == "cuda" and graphs:
+        raise ConfigError("pack mode 'streams' cannot replay CUDA graphs (speed.compile_mode = "
+                          f"{graphs[0].compile_mode!r}): the runs' graphs share one memory pool and would "
+                          "overwrite each other; use pack mode 'threads', or speed.compile_mode=default")
+    return mode
 
 
 @dataclasses.dataclass
@@ -55,6 +93,7 @@ class RunState:
     epoch: int  # epochs done
     end_epoch: int  # the epoch it stops at unless its stop rule fires first
     stream: Any = None  # its CUDA stream when packed on a GPU
+    graphs: Any = None  # its step graphs (speed.step_graph): see stepgraph.py
 
     def __post_init__(self) -> None:
         dev = self.env.device
@@ -71,13 +110,26 @@ class RunState:
         return enumerate(self.train)
 
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One optimizer step on one batch."""
+        """One optimizer step on one batch (replayed as one CUDA graph with step graphs)."""
+        if self.graphs is not None:
+            self.graphs.step(step, x, y)
+        else:
+            self.body(x, y, self.env.world / self.sizes[step], step)
+        if step % 20 == 19 or step == len(self.sizes) - 1:  # a host sync only every 20 steps
+            flag = D.all_reduce_sum(torch.stack([(self.bad_step >= 0).long(), self.bad_step.clamp(min=0)]))
+            if flag[0] > 0:
+                raise NonFiniteLoss(self.epoch + 1, int(flag[1]) // int(flag[0]))
+
+    def body(self, x: torch.Tensor, y: torch.Tensor, scale: float, step: int | torch.Tensor) -> None:
+        """The step's work: forward, loss, backward, SGD, the epoch's sums. Everything it
+        keeps is written in place, so that a captured copy of it (``step`` then a tensor)
+        can be replayed."""
         with autocast(self.speed):
             out = self.model(x)
         loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
-        # sum / global batch x world: DDP's gradient average then equals the gradient
-        # of the mean loss over the whole global batch
-        loss = loss_sum * (self.env.world / self.sizes[step])
+        # sum / global batch x world (``scale``): DDP's gradient average then equals the
+        # gradient of the mean loss over the whole global batch
+        loss = loss_sum * scale
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -87,14 +139,10 @@ class RunState:
             loss.backward()
             self.optimizer.step()
         with torch.no_grad():
-            bad = (self.bad_step < 0) & ~torch.isfinite(loss_sum)
-            self.bad_step = torch.where(bad, torch.full_like(self.bad_step, step), self.bad_step)
+            at = step if isinstance(step, torch.Tensor) else torch.full_like(self.bad_step, step)
+            self.bad_step.copy_(torch.where((self.bad_step < 0) & ~torch.isfinite(loss_sum), at, self.bad_step))
             self.sums += torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double(),
-                                      torch.tensor(float(len(y)), device=y.device, dtype=torch.float64)])
-        if step % 20 == 19 or step == len(self.sizes) - 1:  # a host sync only every 20 steps
-            flag = D.all_reduce_sum(torch.stack([(self.bad_step >= 0).long(), self.bad_step.clamp(min=0)]))
-            if flag[0] > 0:
-                raise NonFiniteLoss(self.epoch + 1, int(flag[1]) // int(flag[0]))
+                                      torch.full((), float(len(y)), device=y.device, dtype=torch.float64)])
 
     def epoch_means(self) -> tuple[float, float, int]:
         D.all_reduce_sum(self.sums)
@@ -102,14 +150,20 @@ class RunState:
         return (s[0] / s[2]).item(), (s[1] / s[2]).item(), int(s[2].item())
 
 
-def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
+def train_runs(trainers: list[Trainer], pack_mode: str = "auto") -> list[dict[str, Any]]:
     """Train ``trainers``' runs side by side in this process; their results, in order.
 
     A run already done returns its result; a run whose loss goes non-finite, or that
     raises, is recorded failed and leaves the pack while the others go on (alone, an
-    unexpected error is raised after it is recorded)."""
+    unexpected error is raised after it is recorded). ``pack_mode``: how the runs
+    share the device (:data:`PACK_MODES`)."""
     _STOP_REQUESTED.clear()
     env = D.setup(trainers[0].cfg.speed.device)
+    try:
+        mode = resolve_pack_mode(pack_mode, env.device, [resolve_speed(t.cfg, env.device) for t in trainers])
+    except ConfigError:
+        D.teardown(abort=False)
+        raise
     results: list[dict[str, Any] | None] = [None] * len(trainers)
     aborting = True
     try:
@@ -143,8 +197,10 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
                     results[i] = t.fail(None, e, record=locked)  # in its folder only once that is ours
                     _release_memory(env)
                     continue
-                if len(trainers) > 1 and env.device.type == "cuda":
+                if len(trainers) > 1 and env.device.type == "cuda" and mode != "serial":
                     s.stream = torch.cuda.Stream(env.device)
+                if s.speed.step_graph:
+                    s.graphs = StepGraphs(s)
                 if s.epoch >= s.end_epoch:  # killed after its last checkpoint, before its result
                     results[i] = t._finish(s.module, env, speed)
                 else:
@@ -155,7 +211,7 @@ def train_runs(trainers: list[Trainer]) -> list[dict[str, Any]]:
                 with trainers[next(iter(active))]._progress(
                         f"epoch {min(s.epoch for s in active.values()) + 1}",
                         sum(len(s.train) for s in active.values()), env) as advance:
-                    failed = train_epoch_together(active, advance)
+                    failed = train_epoch_together(active, advance, threads=mode == "threads")
                 seconds = time.perf_counter() - t0
                 for i in list(active):
                     s, t = active[i], trainers[i]
@@ -192,11 +248,30 @@ def _release_memory(env: D.DistEnv) -> None:
         torch.cuda.empty_cache()
 
 
-def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: None) -> dict[int, BaseException]:
-    """One epoch of every run in ``active``, their steps taken in turn (each on its own
-    stream when it has one). Returns the runs that raised, with what they raised."""
-    steps = {i: s.begin_epoch() for i, s in active.items()}
+def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: None,
+                         threads: bool = False) -> dict[int, BaseException]:
+    """One epoch of every run in ``active``: their steps taken in turn from this thread,
+    or (``threads``) each run's epoch in a thread of its own; each run on its stream
+    when it has one. Returns the runs that raised, with what they raised."""
+    dev = next(iter(active.values())).env.device if active else None
+    for s in active.values():  # what the default stream did for a run (set-up, resume,
+        if s.stream is not None:  # evaluation) comes before its steps
+            s.stream.wait_stream(torch.cuda.current_stream(dev))
+    if threads and len(active) > 1:
+        failed = _epoch_in_threads(active, advance)
+    else:
+        failed = _epoch_in_turn(active, advance)
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return failed
+
+
+def _epoch_in_turn(active: dict[int, RunState], advance: Any) -> dict[int, BaseException]:
+    steps: dict[int, Iterator] = {}
     failed: dict[int, BaseException] = {}
+    for i, s in active.items():
+        with _on_stream(s.stream):
+            steps[i] = s.begin_epoch()
     while steps:
         for i in list(steps):
             s = active[i]
@@ -215,9 +290,35 @@ def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: N
                 failed[i] = e
                 del steps[i]
             advance(1)
-    dev = next(iter(active.values())).env.device if active else None
-    if dev is not None and dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+    return failed
+
+
+def _epoch_in_threads(active: dict[int, RunState], advance: Any) -> dict[int, BaseException]:
+    halt = threading.Event()  # this thread was stopped (a signal): each run ends its step and returns
+
+    def epoch(s: RunState) -> None:
+        with _on_stream(s.stream):
+            for step, (x, y, _) in s.begin_epoch():
+                if halt.is_set():
+                    return
+                s.step(step, x, y)
+                advance(1)
+
+    failed: dict[int, BaseException] = {}
+    with ThreadPoolExecutor(len(active), thread_name_prefix="fastbgm-run") as pool:
+        futures = {i: pool.submit(epoch, s) for i, s in active.items()}
+        try:
+            for i, f in futures.items():
+                e = f.exception()  # waits; a signal handler's exception is raised here
+                if e is None:
+                    continue
+                if _STOP_REQUESTED.is_set() or not isinstance(e, Exception):
+                    raise e
+                traceback.clear_frames(e.__traceback__)
+                failed[i] = e
+        except BaseException:
+            halt.set()  # the pool's exit then waits only for the steps under way
+            raise
     return failed
 
 

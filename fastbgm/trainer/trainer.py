@@ -94,6 +94,7 @@ class Speed:
     precision: str
     cudnn_benchmark: bool
     threads: int
+    step_graph: bool = False
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -108,11 +109,13 @@ def resolve_speed(cfg: RunConfig, device: torch.device) -> Speed:
 
     precision = cfg.speed.precision if cfg.speed.precision != "auto" else ("bf16" if gpu else "fp32")
     mode = cfg.speed.compile_mode
+    step_graph = cfg.speed.step_graph == "true"
     if mode == "auto":
-        # CUDA graphs remove the per-kernel launch cost that bounds CIFAR-size steps on a GPU
-        mode = "reduce-overhead" if gpu else "default"
+        # CUDA graphs remove the per-kernel launch cost that bounds CIFAR-size steps on a
+        # GPU: torch.compile's around forward and backward, unless the whole step is one
+        mode = "reduce-overhead" if gpu and not step_graph else "default"
     return Speed(device.type, flag(cfg.speed.compile), mode, flag(cfg.speed.channels_last), precision,
-                 flag(cfg.speed.cudnn_benchmark), cfg.speed.threads or torch.get_num_threads())
+                 flag(cfg.speed.cudnn_benchmark), cfg.speed.threads or torch.get_num_threads(), step_graph)
 
 
 def autocast(speed: Speed) -> contextlib.AbstractContextManager:
@@ -237,6 +240,8 @@ class Trainer:
                                "images_per_s": ips, "epoch_seconds": seconds}
         if s.flops and s.peak:
             row["mfu"] = s.flops * ips / env.world / s.peak
+        if s.graphs is not None:  # how many steps were replays, and how many captures it took
+            row["graph_steps"], row["graph_captures"] = s.graphs.replays, s.graphs.captures
         row.update(complexity(s.module, s.init, self.input_shape))
         last = epoch + 1 == cfg.stop.max_epochs
         stop = False
@@ -314,6 +319,14 @@ class Trainer:
     def _config_problem(self, speed: Speed, env: D.DistEnv) -> str | None:
         """Why this config may not run in this folder (None: it may)."""
         want = self.cfg.dist.world
+        if speed.step_graph:
+            why = ("it spans several ranks (DDP's gradient hooks are not captured)" if env.world > 1 else
+                   "fp16 needs a GradScaler, whose checks are host syncs" if speed.precision == "fp16" else
+                   f"speed.compile_mode = {speed.compile_mode!r} captures CUDA graphs of its own"
+                   if speed.compile and speed.compile_mode in ("reduce-overhead", "max-autotune") else None)
+            if why:
+                return (f"speed.step_graph = true does not work for {self.cfg.name}: {why}; "
+                        "use speed.step_graph=false")
         if want and want != env.world:
             return (f"{self.cfg.name} is a {want}-rank run (dist.world = {want}) but was started with {env.world} "
                     f"rank(s); start it with {want}, or give it another run folder")
@@ -341,7 +354,8 @@ class Trainer:
         s = dataclasses.replace(self.cfg.speed, device=speed.device, compile=b(speed.compile),
                                 compile_mode=speed.compile_mode,
                                 channels_last=b(speed.channels_last), precision=speed.precision,
-                                cudnn_benchmark=b(speed.cudnn_benchmark), threads=speed.threads)
+                                cudnn_benchmark=b(speed.cudnn_benchmark), threads=speed.threads,
+                                step_graph=b(speed.step_graph))
         dist = dataclasses.replace(self.cfg.dist, world=env.world,
                                    per_rank_batch=-(-self.cfg.optim.batch_size // env.world))
         model = dataclasses.replace(self.cfg.model, sync_bn=b(self._sync_bn(env)))
