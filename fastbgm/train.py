@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, help="the run folder (default: runs/<name>)")
     p.add_argument("--pack", type=Path, nargs="+", metavar="RUN_DIR",
                    help="train these run folders together, each from its planned-config.json")
+    p.add_argument("--inbox", type=Path, metavar="DIR",
+                   help="a pack's inbox: runs a scheduler offers join the pack between epochs (fastbgm.trainer.inbox)")
     p.add_argument("--pack-mode", default="auto", choices=["auto", "serial", "streams", "threads"],
                    help="how packed runs share the device (default: threads on a GPU, serial on a CPU)")
     p.add_argument("--quiet", action="store_true")
@@ -68,8 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR2, stop)
     signal.signal(signal.SIGTERM, stop)
     where = ", ".join(str(t.run_dir) for t in trainers)
+
+    def more(last: bool) -> list[Trainer]:
+        from .fileio import atomic_write_json
+        from .trainer import inbox
+
+        joined = []
+        for d in inbox.close(args.inbox) if last else inbox.claim(args.inbox):
+            try:
+                joined.append(Trainer(load(RunConfig, d / C.PLANNED, rest), d))
+            except (ConfigError, OSError) as e:  # that run only: the pack goes on
+                atomic_write_json(d / C.RESULT, {"status": "failed", "reason": f"could not join a pack: {e}"})
+        trainers.extend(joined)  # (train_runs keeps its own list: this one is for the summary below)
+        return joined
+
     try:
-        results = train_runs(trainers, pack_mode=args.pack_mode)
+        results = train_runs(trainers, pack_mode=args.pack_mode, more=more if args.inbox else None)
     except StopRequested as e:
         print(f"{where}: stopped on request ({e}); resumes from the last checkpoint", file=sys.stderr)
         return STOP_EXIT

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The one command to run on a GPU machine (no install, no network, no ffcv needed):
 #   bash launch/gpu-check.sh --out DIR [--data DIR] [--budget SECONDS]
-# It runs `python -m fastbgm.bench gpu` from this checkout: loader and training
-# images/s + MFU (ResNet18, VGG16; eager vs compiled; bf16), 2-process DDP when 2+
-# GPUs, and a short real two-stage run when DIR/cifar10 holds a prepared CIFAR-10
-# (its .beton, or just its .resident.npz caches + manifests copied from a machine
-# with ffcv). Writes DIR/gpu.json and DIR/train.json, prints the table last.
+# It runs `python -m fastbgm.bench gpu` from this checkout, sections in the order the
+# open work needs them (see fastbgm/bench/gpu.py; --sections A,B picks some):
+# the bare batch-128 step; K = 1, 2, 4, 8 packed batch-128 runs (torch.compile's CUDA
+# graphs in threads, and step graphs on streams) with each pack's largest difference
+# from alone; the two-stage Trainer runs on real CIFAR-10, alone and packed, with and
+# without step graphs (when the --data folder holds a prepared cifar10/, or
+# cifar10-jpeg.tar.xz); the Trainer over the bare step; then the loader,
+# batch-512 training and 2-GPU DDP rows. Writes OUT/gpu.json after every section and
+# prints the table last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

@@ -296,39 +296,54 @@ def _spans(root: Path) -> dict[str, dict]:
     return out
 
 
+_LOCAL_ALLOC: dict[str, dict] = {}  # the local executor's results of the "alloc" experiment, run once
+
+
 @needs_multinode
 @pytest.mark.timeout(600)
-def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Path, tmp_path: Path) -> None:
-    cfg = write_experiment(tmp_path, tiny_dir, name="alloc", seeds="[0, 1]", epochs=4)  # 10 runs, 6 ready at once
+@pytest.mark.parametrize("k", [1, 2])
+def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Path, tmp_path: Path, k: int) -> None:
+    # K = 1: 10 runs (6 ready at once), each on its own (node, GPU) of 2 x 2. K = 2: 15 runs
+    # on 2 x 1 GPUs, up to 2 per GPU in one job step; the pack of a stage-1 run and a
+    # (shorter) stage-2 run takes a run offered to it when the latter ends (its inbox on
+    # the shared disk)
+    n_seeds = 2 if k == 1 else 3
+    cfg = write_experiment(tmp_path, tiny_dir, name="alloc", seeds=str(list(range(n_seeds))), epochs=4)
     before = sacct_count()
-    out = launch("--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2",
-                 "--timeout", "500", "--no-report", timeout=560)
+    gpus = 2 if k == 1 else 1
+    out = launch("--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", str(gpus),
+                 "--runs-per-gpu", str(k), "--timeout", "500", "--no-report", timeout=560)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert sacct_count() == before + 1  # ONE job for the experiment
     root = tmp_path / "runs" / "alloc"
     job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
     spans = _spans(root)
-    assert len(spans) == 10 and {s["job"] for s in spans.values()} == {job}
+    assert len(spans) == 5 * n_seeds and {s["job"] for s in spans.values()} == {job}
     events = sorted(t for s in spans.values() for t in (s["start"], s["end"]))
-    for t in events:  # at every moment: at most 4 runs, each on its own (node, GPU)
+    for t in events:  # at every moment: at most K runs on each of the 2 x gpus (node, GPU)
         live = [s for s in spans.values() if s["start"] <= t < s["end"]]
-        assert len(live) <= 4
+        assert len(live) <= 2 * gpus * k
         places = [(s["hosts"][0], s["gpus"]) for s in live]
-        assert len(set(places)) == len(places), places
+        assert max(places.count(x) for x in places) <= k if places else True, places
     assert {s["hosts"][0] for s in spans.values()} == {"node1", "node2"}
     for key, s in spans.items():
         if "stage2-adversarial" in key:
             parent = key.rsplit("/", 1)[0] + "/stage1-R2-z0.1"
             assert s["start"] >= spans[parent]["end"], key
-    local_cfg = write_experiment(tmp_path / "local", tiny_dir, name="alloc", seeds="[0, 1]", epochs=4) \
-        if (tmp_path / "local").mkdir() is None else None
-    loc = launch("--config", str(local_cfg), "--executor", "local", "--no-report")
-    assert loc.returncode == 0, loc.stdout[-3000:]
-    res, lres = results(root), results(tmp_path / "local" / "runs" / "alloc")
-    assert res.keys() == lres.keys()
-    for k in res:
+    assert not list(root.rglob("pack-inbox*"))
+    if k > 1:  # a job step trained a run it was given while it ran
+        assert any("joins the pack" in p.read_text() for p in root.rglob("train.log"))
+    if not _LOCAL_ALLOC:
+        (tmp_path / "local").mkdir()
+        local_cfg = write_experiment(tmp_path / "local", tiny_dir, name="alloc", seeds="[0, 1]", epochs=4)
+        loc = launch("--config", str(local_cfg), "--executor", "local", "--no-report")
+        assert loc.returncode == 0, loc.stdout[-3000:]
+        _LOCAL_ALLOC.update(results(tmp_path / "local" / "runs" / "alloc"))
+    res = results(root)
+    assert set(res) >= set(_LOCAL_ALLOC) and len(_LOCAL_ALLOC) == 10  # seeds 0 and 1: same configs, same results
+    for key in _LOCAL_ALLOC:
         for m in ("train_acc", "test_acc", "epochs", "train_loss"):
-            assert res[k][m] == lres[k][m], (k, m)
+            assert res[key][m] == _LOCAL_ALLOC[key][m], (key, m)
 
 
 def _allocation_three_epochs_in(tmp_path: Path, tiny_dir: Path, **kw: Any) -> tuple[list[str], Path, str, Path]:
@@ -441,15 +456,15 @@ def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tiny_dir: Path, tmp
         assert out.returncode == 0, out.stdout[-3000:]
         root = d / "runs" / "pack"
         results_by_k[k] = results(root)
-        envs = [json.loads(p.read_text()) for p in root.rglob("env.json")]
-        by_pid: dict[int, int] = {}
-        for e in envs:
-            by_pid[e["pid"]] = by_pid.get(e["pid"], 0) + 1
-        assert max(by_pid.values()) <= k and (k == 1 or max(by_pid.values()) == 2)  # never more than K a process
         spans = [(json.loads((p.parent / "env.json").read_text())["started"], json.loads(p.read_text())["written"],
                   json.loads((p.parent / "env.json").read_text())["pid"]) for p in root.rglob("result.json")]
-        for t, _, _ in spans:  # one slot: one process at a time
+        for t, _, _ in spans:  # one slot: one process at a time, never more than K runs in it at once
             assert len({pid for a, b, pid in spans if a <= t < b}) == 1
+            assert sum(a <= t < b for a, b, _ in spans) <= k
+        per_pid = [sum(pid == q for _, _, q in spans) for pid in {q for _, _, q in spans}]
+        # K = 2: a pack takes runs that become ready as its own end, stage 2 after its stage 1
+        assert max(per_pid) == 1 if k == 1 else max(per_pid) > 2, per_pid
+        assert not list(root.rglob("pack-inbox*"))  # the launcher cleans up after its packs
     for key, r in results_by_k[1].items():
         for m in ("train_acc", "train_loss", "test_acc", "epochs"):
             assert results_by_k[2][key][m] == r[m], (key, m)
@@ -500,3 +515,48 @@ def test_packs_are_filled_from_one_group_first(tmp_path: Path) -> None:
         sched.poll()
         time.sleep(0.02)
     assert packs == [["s2-0", "s2-1"], ["s1-0", "s1-1"], ["s1-2"]]
+
+
+def test_a_pack_with_room_is_offered_ready_runs_and_what_it_never_claims_runs_later(tmp_path: Path) -> None:
+    # x ends early in the pack [x, y]: z, waiting for a slot, is offered to that pack. This
+    # pack's process ends without claiming it (as one killed would): z starts on its own.
+    import subprocess as sp
+
+    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.trainer import inbox
+
+    runs = [StepRun(k, str(tmp_path / k)) for k in ("x", "y", "z")]
+    for r in runs:
+        Path(r.run_dir).mkdir()
+    packs: list[list[str]] = []
+    done = lambda r: json.dumps({"status": "done"})  # noqa: E731
+
+    def start(pack: list[StepRun], slots: list[str]) -> sp.Popen:
+        packs.append([r.key for r in pack])
+        (Path(pack[0].run_dir) / "result.json").write_text(done(pack[0]))
+        rest = [str(Path(r.run_dir) / "result.json") for r in pack[1:]]
+        code = f"import time, pathlib; time.sleep(1.5); [pathlib.Path(p).write_text('{done(None)}') for p in {rest!r}]"
+        return sp.Popen([sys.executable, "-c", code])
+
+    sched = Scheduler(runs, ["gpu0"], start, runs_per_slot=2)
+    offered = False
+    while not sched.finished:
+        sched.poll()
+        offered = offered or bool(inbox.unclaimed(inbox.inbox_for(tmp_path / "x")))
+        time.sleep(0.05)
+    assert offered and packs == [["x", "y"], ["z"]]
+    assert sched.states == {"x": "done", "y": "done", "z": "done"}
+    assert not (tmp_path / "x" / inbox.INBOX).exists()
+
+
+def test_an_inbox_refuses_offers_once_closed(tmp_path: Path) -> None:
+    from fastbgm.trainer import inbox
+
+    box = inbox.inbox_for(tmp_path)
+    inbox.open_inbox(box)
+    assert inbox.offer(box, "exp/a", tmp_path / "a") and inbox.offer(box, "exp/b", tmp_path / "b")
+    assert sorted(inbox.unclaimed(box)) == ["exp/a", "exp/b"]
+    assert inbox.claim(box) == [tmp_path / "a", tmp_path / "b"] and inbox.claim(box) == []
+    assert inbox.offer(box, "exp/c", tmp_path / "c")
+    assert inbox.close(box) == [tmp_path / "c"]  # what landed before it closed is the pack's
+    assert not inbox.offer(box, "exp/d", tmp_path / "d") and inbox.unclaimed(box) == []

@@ -24,7 +24,6 @@ Writes ``gpu.json`` (updated after every section) and prints the table last.
 """
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys

@@ -12,6 +12,7 @@ Slurm job step) is the caller's ``start`` function.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..experiment import run_status
 from ..fileio import atomic_write_json
 from ..train import STOP_EXIT
 from ..trainer import checkpoint as C
+from ..trainer import inbox as I
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,11 @@ class StepRun:
 
 
 def train_command(pack: list[StepRun]) -> list[str]:
-    """``-m fastbgm.train ...`` for one run or a pack, from the planned configs."""
+    """``-m fastbgm.train ...`` for one run or a pack, from the planned configs; with the
+    pack's inbox when the scheduler opened one (it may then give the pack more runs)."""
+    box = I.inbox_for(pack[0].run_dir)
+    if box.is_dir():
+        return ["-m", "fastbgm.train", "--pack", *(r.run_dir for r in pack), "--inbox", str(box)]
     if len(pack) == 1:
         r = pack[0]
         return ["-m", "fastbgm.train", "--config", str(Path(r.run_dir) / C.PLANNED), "--run-dir", r.run_dir]
@@ -72,7 +78,9 @@ class Scheduler(Generic[S]):
     """Start ready runs on free slots; call :meth:`poll` until :attr:`finished`.
 
     With ``runs_per_slot`` K > 1, up to K ready one-rank runs start together on one slot
-    as one process (``fastbgm.train --pack``)."""
+    as one process (``fastbgm.train --pack``); and when a pack trains fewer than K runs
+    (some ended, or too few were ready when it started) while ready runs wait for a slot,
+    they are offered to it (``fastbgm.trainer.inbox``): it takes them between epochs."""
 
     def __init__(self, runs: Sequence[StepRun], slots: Sequence[S],
                  start: Callable[[list[StepRun], list[S]], subprocess.Popen], runs_per_slot: int = 1):
@@ -97,10 +105,24 @@ class Scheduler(Generic[S]):
         """Settle the runs that ended, cancel what can no longer run, start what is ready."""
         for key, (proc, pack, slots) in list(self.running.items()):
             if proc.poll() is None:
+                for r in pack:  # a pack's run that ended: its dependents need not wait for the pack
+                    if len(pack) > 1 and self.states[r.key] == "running":
+                        status = run_status(Path(r.run_dir))[0]
+                        if status in ("done", "failed"):
+                            self.states[r.key] = status
+                            log.info("%s: %s (seen before its pack's process ends)", r.key, status)
                 continue
             del self.running[key]
             self.free.extend(slots)
+            box = I.inbox_for(pack[0].run_dir)
+            never = set(I.unclaimed(box))
+            for d in (box, box.with_name(I.CLOSED)):
+                shutil.rmtree(d, ignore_errors=True)
             for r in pack:
+                if r.key in never:  # offered, but the pack ended first: it waits for a slot again
+                    self.states[r.key] = "pending"
+                    self.todo.append(r)
+                    continue
                 if (proc.returncode == STOP_EXIT and run_status(Path(r.run_dir))[0] not in ("done", "failed")
                         and not C.rank_failures(r.run_dir)):  # not a rank's peers stopped after it failed
                     self.stop_requested = True
@@ -126,7 +148,13 @@ class Scheduler(Generic[S]):
                 ready.remove(x)
                 self.todo.remove(x)
                 self.states[x.key] = "running"
+            box = I.inbox_for(r.run_dir)
+            if r.ranks == 1 and self.runs_per_slot > 1:
+                I.open_inbox(box)
+            else:  # an earlier launch's
+                shutil.rmtree(box, ignore_errors=True)
             self.running[r.key] = (self.start(pack, slots), pack, slots)
+        self._refill([x for x in ready if x.ranks == 1])
         if not self.running and self.todo and not any(self._ready(r) for r in self.todo):
             for r in self.todo:  # waiting on something that will never finish
                 mark_cancelled(r.run_dir, r.key, "a dependency did not finish")
@@ -149,6 +177,24 @@ class Scheduler(Generic[S]):
                 p.wait()
 
     # ------------------------------------------------------------------ pieces
+    def _refill(self, ready: list[StepRun]) -> None:
+        """Offer ready one-rank runs that found no free slot to packs with room."""
+        for proc, pack, _ in self.running.values():
+            if not ready:
+                return
+            if pack[0].ranks != 1 or self.runs_per_slot == 1 or proc.poll() is not None:
+                continue
+            live = sum(run_status(Path(r.run_dir))[0] not in ("done", "failed", "cancelled") for r in pack)
+            box = I.inbox_for(pack[0].run_dir)
+            for x in sorted(ready, key=lambda x: x.group != pack[0].group)[:self.runs_per_slot - live]:
+                if not I.offer(box, x.key, x.run_dir):
+                    break  # the pack is ending
+                pack.append(x)
+                ready.remove(x)
+                self.todo.remove(x)
+                self.states[x.key] = "running"
+                log.info("%s: offered to the pack of %s", x.key, pack[0].key)
+
     def _ready(self, r: StepRun) -> bool:
         return all(self.states.get(d) == "done" for d in r.depends_on)
 

@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -150,13 +150,16 @@ class RunState:
         return (s[0] / s[2]).item(), (s[1] / s[2]).item(), int(s[2].item())
 
 
-def train_runs(trainers: list[Trainer], pack_mode: str = "auto") -> list[dict[str, Any]]:
+def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
+               more: Callable[[bool], list[Trainer]] | None = None) -> list[dict[str, Any]]:
     """Train ``trainers``' runs side by side in this process; their results, in order.
 
     A run already done returns its result; a run whose loss goes non-finite, or that
     raises, is recorded failed and leaves the pack while the others go on (alone, an
     unexpected error is raised after it is recorded). ``pack_mode``: how the runs
-    share the device (:data:`PACK_MODES`)."""
+    share the device (:data:`PACK_MODES`). ``more(last)``: runs that join the pack
+    between two epochs (a scheduler's offers, inbox.py); ``last`` is True once nothing
+    is left to train, after which none may come. Their results follow, in order."""
     _STOP_REQUESTED.clear()
     env = D.setup(trainers[0].cfg.speed.device)
     try:
@@ -164,13 +167,16 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto") -> list[dict[st
     except ConfigError:
         D.teardown(abort=False)
         raise
+    alone = len(trainers) == 1 and more is None
+    trainers = list(trainers)
     results: list[dict[str, Any] | None] = [None] * len(trainers)
     aborting = True
     try:
         with contextlib.ExitStack() as held:
-            # ---- set up every run (identity check, finished?, folder lock, build + resume)
             active: dict[int, RunState] = {}
-            for i, t in enumerate(trainers):
+
+            def open_run(i: int, t: Trainer) -> None:
+                """Set one run up: identity check, finished?, folder lock, build + resume."""
                 t.env = env
                 t.pack = [str(x.run_dir) for x in trainers]
                 locked = False
@@ -180,7 +186,8 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto") -> list[dict[st
                     if done is not None:
                         log.info("%s is already done; nothing to do", t.run_dir)
                         results[i] = done
-                        continue
+                        return
+                    resolve_pack_mode(mode, env.device, [speed])  # a run that joins: fits the pack's mode?
                     # one trainer per run folder, for its whole life (rank 0 holds the lock)
                     if env.is_main:
                         held.enter_context(exclusive_folder(t.run_dir, "run folder"))
@@ -191,13 +198,13 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto") -> list[dict[st
                                      len(stale))
                     s = t.open(env, speed)
                 except Exception as e:  # alone: the caller says it; packed: this run only
-                    if len(trainers) == 1 and not run_failure(e):
+                    if alone and not run_failure(e):
                         raise
                     traceback.clear_frames(e.__traceback__)
                     results[i] = t.fail(None, e, record=locked)  # in its folder only once that is ours
                     _release_memory(env)
-                    continue
-                if len(trainers) > 1 and env.device.type == "cuda" and mode != "serial":
+                    return
+                if not alone and env.device.type == "cuda" and mode != "serial":
                     s.stream = torch.cuda.Stream(env.device)
                 if s.speed.step_graph:
                     s.graphs = StepGraphs(s)
@@ -205,6 +212,18 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto") -> list[dict[st
                     results[i] = t._finish(s.module, env, speed)
                 else:
                     active[i] = s
+
+            def join(last: bool) -> None:
+                """Runs a scheduler gave this pack meanwhile (none when it has no ``more``)."""
+                for t in more(last) if more is not None else []:
+                    trainers.append(t)
+                    results.append(None)
+                    log.info("%s joins the pack", t.run_dir)
+                    open_run(len(trainers) - 1, t)
+
+            for i, t in enumerate(trainers):
+                open_run(i, t)
+            join(not active)
             # ---- epoch after epoch, every active run through its own batches, in turn
             while active:
                 t0 = time.perf_counter()
@@ -228,8 +247,9 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto") -> list[dict[st
                         traceback.clear_frames(e.__traceback__)
                         results[i] = t.fail(active.pop(i), e)
                         _release_memory(env)
-                        if len(trainers) == 1 and not run_failure(e) and "failed_rank" not in results[i]:
+                        if alone and not run_failure(e) and "failed_rank" not in results[i]:
                             raise
+                join(not active)
     except Exception as e:
         if _STOP_REQUESTED.is_set():
             log.warning("stopped while being requeued (%s: %s); last.pt is kept and the run(s) resume from it",
