@@ -113,7 +113,7 @@ cpus_per_task = 1
 def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:
     from fastbgm.bench.gpu import _trainer_section, _two_gpu_section
 
-    rows = _trainer_section(torch.device("cpu"), tmp_path, tmp_path / "work", 1)
+    rows = _trainer_section(torch.device("cpu"), tmp_path, tmp_path / "work", 1, {})
     assert rows[0][0] == "two-stage" and "skipped: no" in rows[0][3]
     if torch.cuda.device_count() < 2:
         assert "skipped: only one GPU" in _two_gpu_section(tmp_path)[0][3]

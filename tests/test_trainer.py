@@ -377,7 +377,7 @@ def test_step_graphs_compute_exactly_what_plain_steps_compute(tiny_dir: Path, tm
     where a GPU replays its capture, so all but the capture is checked here; a last,
     smaller batch and a learning rate that changes every epoch need graphs of their own."""
     over = {"optim.batch_size": 48, "optim.warmup_epochs": 2, "optim.milestones": "[3]", "optim.momentum": 0.9,
-            "optim.weight_decay": 5e-4, "data.augment": "true", "stop.max_epochs": 4}
+            "optim.weight_decay": 5e-4, "data.augment": "true", "stop.max_epochs": 5}
     plain = Trainer(run_config(tiny_dir, **over), tmp_path / "plain").run()
     graphed = Trainer(run_config(tiny_dir, **over, **{"speed.step_graph": "true"}), tmp_path / "graph").run()
     keys = ("epochs", "train_acc", "train_loss", "test_acc", "test_loss")
@@ -386,10 +386,13 @@ def test_step_graphs_compute_exactly_what_plain_steps_compute(tiny_dir: Path, tm
     assert all(torch.equal(wa[k], wg[k]) for k in wa)  # bitwise
     rows = read_jsonl(tmp_path / "graph" / C.METRICS)
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in read_jsonl(tmp_path / "plain" / C.METRICS)]
-    # 6 steps an epoch (5 of 48, 1 of 16); 3 eager warm-up steps; then every step a replay,
-    # with a capture for each new (batch, learning rate): lr 0.025, 0.05, 0.05, 0.005 (warm-up,
-    # then the milestone), so none in epoch 3; 6 captures in all, the oldest given up past 4
-    assert [r["graph_steps"] for r in rows] == [3, 9, 15, 21] and [r["graph_captures"] for r in rows] == [2, 4, 4, 6]
+    # 6 steps an epoch (5 of 48, then 1 of 16), lr 0.025, 0.05, 0.05, 0.005, 0.005 (warm-up,
+    # then the milestone). A key is captured the 2nd time it is seen (the 4th for the first):
+    # epoch 1: 3 eager, capture, replay, (16) eager; 2: (48, new lr) eager, capture, 3 replays,
+    # (16) eager; 3: 5 replays, (16) capture; 4: like 2; 5: like 3, its capture the 5th, the
+    # oldest graph given up
+    assert [r["graph_steps"] for r in rows] == [2, 6, 12, 16, 22]
+    assert [r["graph_captures"] for r in rows] == [1, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match="step_graph = true does not work.*fp16"):
         Trainer(run_config(tiny_dir, **{"speed.step_graph": "true", "speed.precision": "fp16"}),
                 tmp_path / "fp16").run()

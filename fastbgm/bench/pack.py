@@ -73,6 +73,8 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
     flops = train_flops_per_image(states[0].module, (3, 32, 32), device)
     peak = peak_flops(device, speed.precision)
     weights = {n: p.detach().float().cpu() for n, p in states[0].module.state_dict().items() if p.is_floating_point()}
+    for s in states.values():
+        s.close()
     del states
     if device.type == "cuda":
         torch.cuda.empty_cache()

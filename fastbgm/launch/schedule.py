@@ -119,9 +119,10 @@ class Scheduler(Generic[S]):
             for d in (box, box.with_name(I.CLOSED)):
                 shutil.rmtree(d, ignore_errors=True)
             for r in pack:
-                if r.key in never:  # offered, but the pack ended first: it waits for a slot again
-                    self.states[r.key] = "pending"
+                if r.key in never:  # offered, but the pack ended first: it waits for a slot again,
+                    self.states[r.key] = "pending"  # in its place in the plan
                     self.todo.append(r)
+                    self.todo.sort(key=self.runs.index)
                     continue
                 if (proc.returncode == STOP_EXIT and run_status(Path(r.run_dir))[0] not in ("done", "failed")
                         and not C.rank_failures(r.run_dir)):  # not a rank's peers stopped after it failed

@@ -16,9 +16,10 @@ How the runs of a pack share the device (:data:`PACK_MODES`):
   replayed on two streams would overwrite each other's memory. Refused then. Safe
   with step graphs (``speed.step_graph``: stepgraph.py), each run's in a pool of its
   own; the default for a pack whose runs all use them.
-- ``threads``: each run's epoch in its own thread on its own stream. CUDA-graph trees
-  belong to a thread, so each run replays graphs from its own pool: safe with
-  ``reduce-overhead``, and the runs still overlap. The default on a GPU otherwise.
+- ``threads``: each run's epochs in a thread of its own (the same one for the run's
+  whole life) on its own stream. CUDA-graph trees belong to a thread, so each run
+  replays graphs from its own pool: safe with ``reduce-overhead``, and the runs still
+  overlap. The default on a GPU otherwise.
 
 On a CPU the default is ``serial`` (its cores are already shared by every op).
 
@@ -95,7 +96,20 @@ class RunState:
     stream: Any = None  # its CUDA stream when packed on a GPU
     graphs: Any = None  # its step graphs (speed.step_graph): see stepgraph.py
 
+    def thread(self) -> ThreadPoolExecutor:
+        """The one thread this run's epochs run in (pack mode threads), for its whole life:
+        torch.compile's CUDA graphs belong to the thread that recorded them."""
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="fastbgm-run")
+        return self._thread
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
     def __post_init__(self) -> None:
+        self._thread: ThreadPoolExecutor | None = None
         dev = self.env.device
         self.sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count (this epoch)
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
@@ -174,6 +188,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
     try:
         with contextlib.ExitStack() as held:
             active: dict[int, RunState] = {}
+            held.callback(lambda: [s.close() for s in active.values()])  # their threads, however this ends
 
             def open_run(i: int, t: Trainer) -> None:
                 """Set one run up: identity check, finished?, folder lock, build + resume."""
@@ -230,7 +245,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                 with trainers[next(iter(active))]._progress(
                         f"epoch {min(s.epoch for s in active.values()) + 1}",
                         sum(len(s.train) for s in active.values()), env) as advance:
-                    failed = train_epoch_together(active, advance, threads=mode == "threads")
+                    failed = train_epoch_together(active, advance, threads=mode == "threads" and not alone)
                 seconds = time.perf_counter() - t0
                 for i in list(active):
                     s, t = active[i], trainers[i]
@@ -241,11 +256,13 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                         if t.end_epoch(s, loss, acc, n, seconds):
                             results[i] = t._finish(s.module, env, s.speed)
                             del active[i]
+                            s.close()
                     except Exception as e:  # this run fails; alone, an unexpected error is raised on
                         if _STOP_REQUESTED.is_set():
                             raise
                         traceback.clear_frames(e.__traceback__)
                         results[i] = t.fail(active.pop(i), e)
+                        s.close()
                         _release_memory(env)
                         if alone and not run_failure(e) and "failed_rank" not in results[i]:
                             raise
@@ -277,7 +294,7 @@ def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: N
     for s in active.values():  # what the default stream did for a run (set-up, resume,
         if s.stream is not None:  # evaluation) comes before its steps
             s.stream.wait_stream(torch.cuda.current_stream(dev))
-    if threads and len(active) > 1:
+    if threads:  # (even when one run is left: its CUDA graphs belong to its thread)
         failed = _epoch_in_threads(active, advance)
     else:
         failed = _epoch_in_turn(active, advance)
@@ -325,20 +342,22 @@ def _epoch_in_threads(active: dict[int, RunState], advance: Any) -> dict[int, Ba
                 advance(1)
 
     failed: dict[int, BaseException] = {}
-    with ThreadPoolExecutor(len(active), thread_name_prefix="fastbgm-run") as pool:
-        futures = {i: pool.submit(epoch, s) for i, s in active.items()}
-        try:
-            for i, f in futures.items():
-                e = f.exception()  # waits; a signal handler's exception is raised here
-                if e is None:
-                    continue
-                if _STOP_REQUESTED.is_set() or not isinstance(e, Exception):
-                    raise e
-                traceback.clear_frames(e.__traceback__)
-                failed[i] = e
-        except BaseException:
-            halt.set()  # the pool's exit then waits only for the steps under way
-            raise
+    futures = {i: s.thread().submit(epoch, s) for i, s in active.items()}
+    try:
+        for i, f in futures.items():
+            e = f.exception()  # waits; a signal handler's exception is raised here
+            if e is None:
+                continue
+            if _STOP_REQUESTED.is_set() or not isinstance(e, Exception):
+                raise e
+            traceback.clear_frames(e.__traceback__)
+            failed[i] = e
+    except BaseException:
+        halt.set()  # then wait only for the steps under way
+        for f in futures.values():
+            with contextlib.suppress(BaseException):
+                f.exception()
+        raise
     return failed
 
 

@@ -9,10 +9,12 @@ then replayed: one launch per step, plus copying the batch into the graph's inpu
 Exactness: a replay runs the very kernels, with the very arguments, that the captured
 eager step launched, so a run with step graphs computes what it computes without them.
 What a graph bakes in is its key: the batch shape, the loss scale (the global batch
-size) and every group's learning rate. A step whose key has no graph yet is captured
-anew (after :data:`WARMUP` eager steps: compilation, cuBLAS workspaces and the momentum
-buffers come first); the last, smaller batch of an epoch and each new learning rate get
-graphs of their own, the oldest given up beyond :data:`MAX_GRAPHS`.
+size) and every group's learning rate. A key is captured the second time it is seen
+(the first run's first key after :data:`WARMUP` eager steps: compilation, cuBLAS
+workspaces and the momentum buffers come first; any other key after one, so that a new
+batch shape is compiled before, not during, a capture); the last, smaller batch of an
+epoch and each new learning rate get graphs of their own, the oldest given up beyond
+:data:`MAX_GRAPHS`.
 
 Each run's graphs share one private memory pool and are replayed on the run's own
 stream, so the runs of a pack may replay theirs on their streams side by side (pack
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastbgm.trainer")
 
-WARMUP = 3  # eager steps before the first capture
+WARMUP = 3  # eager steps before the first capture (one before any later key's)
 MAX_GRAPHS = 4  # per run: the full batch, the last batch, and a change of learning rate
 _CAPTURE = threading.Lock()  # one capture at a time in a process (pack mode threads)
 
@@ -57,7 +59,7 @@ class StepGraphs:
         self.device = state.env.device
         self.cuda = self.device.type == "cuda"
         self.graphs: OrderedDict[tuple, _Replay] = OrderedDict()
-        self.eager_steps = 0
+        self.seen: dict[tuple, int] = {}  # eager steps taken per key
         self.captures = 0
         self.replays = 0
         self.pool: Any = None
@@ -75,8 +77,8 @@ class StepGraphs:
             key = (tuple(x.shape), x.dtype, tuple(y.shape), scale,
                    tuple((g["lr"], g["momentum"], g["weight_decay"]) for g in s.optimizer.param_groups))
             g = self.graphs.get(key)
-            if g is None and self.eager_steps < WARMUP:
-                self.eager_steps += 1
+            if g is None and self.seen.get(key, 0) < (WARMUP if self.captures == 0 else 1):
+                self.seen[key] = self.seen.get(key, 0) + 1
                 s.body(x, y, scale, step)
             else:
                 if g is None:
