@@ -98,10 +98,17 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path,
     done_before = len(read_jsonl(run / C.METRICS))
     assert 2 <= done_before < 6
     assert json.loads((run / C.RESULT).read_text())["status"] == "running"
+    # as if the kill had landed between last.pt and its epoch's row: the row comes back from it
+    saved = C.load(run / C.LAST)["epoch"]
+    kept = [r for r in read_jsonl(run / C.METRICS) if r["epoch"] < saved]
+    (run / C.METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
     again = _spawn_train(run, ov)
     assert again.wait(timeout=240) == 0, again.stderr.read()[-3000:]
     a, b = read_jsonl(tmp_path / "ref" / C.METRICS), read_jsonl(run / C.METRICS)
     assert [r["epoch"] for r in b] == list(range(1, 7))
+    # every per-epoch extra says what it cost (the restored row: all but its checkpoint's)
+    assert all({"epoch_seconds", "measures_seconds", "eval_seconds"} <= r.keys() for r in b)
+    assert sum("checkpoint_seconds" in r for r in b) == 5 and "checkpoint_seconds" not in b[saved - 1]
     for ra, rb in zip(a, b):
         for k in ("train_loss", "train_acc", "test_acc", "param_l2", "dist_from_init"):
             if k in ra:

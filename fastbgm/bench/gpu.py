@@ -130,7 +130,8 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
         steady = m[1:] or m
         ips = sum(r["images_per_s"] for r in steady) / max(1, len(steady))
         mfu = [r["mfu"] for r in steady if r.get("mfu")]
-        extras = sum(r.get("eval_seconds", 0) for r in steady) / max(1e-9, sum(r["epoch_seconds"] for r in steady))
+        extras = (sum(r.get("eval_seconds", 0) + r.get("checkpoint_seconds", 0) for r in steady)
+                  / max(1e-9, sum(r["epoch_seconds"] for r in steady)))
         results.setdefault("two_stage", []).append({"run": name, "label": label, "images_per_s": ips, "wall_s": wall,
                                                     "eval_over_train": extras, "result": res})
         if res.get("status") != "done":

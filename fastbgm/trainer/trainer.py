@@ -242,7 +242,9 @@ class Trainer:
             row["mfu"] = s.flops * ips / env.world / s.peak
         if s.graphs is not None:  # how many steps were replays, and how many captures it took
             row["graph_steps"], row["graph_captures"] = s.graphs.replays, s.graphs.captures
+        t_measures = time.perf_counter()
         row.update(complexity(s.module, s.init, self.input_shape))
+        row["measures_seconds"] = time.perf_counter() - t_measures
         last = epoch + 1 == cfg.stop.max_epochs
         stop = False
         # under DDP each rank's BatchNorm buffers saw only its own batches: every rank
@@ -253,10 +255,14 @@ class Trainer:
             stop = cfg.stop.target_train_acc > 0 and row["train_eval_acc"] >= cfg.stop.target_train_acc
         if s.test is not None and ((epoch + 1) % cfg.stop.test_eval_every == 0 or last or stop):
             row["test_loss"], row["test_acc"] = self._evaluate(s.module, s.test, s.speed)
-        row["eval_seconds"] = time.perf_counter() - t0
+        row["eval_seconds"] = time.perf_counter() - t0  # the measures and the evaluations
         if env.is_main:
+            # the checkpoint carries its epoch's row, so that its seconds can be in the row: a
+            # kill between the two is mended on resume (the row comes back from last.pt)
+            t_ckpt = time.perf_counter()
+            self._save_last(s.module, s.optimizer, s.scheduler, s.scaler, s.train, epoch + 1, stop, row)
+            row["checkpoint_seconds"] = time.perf_counter() - t_ckpt
             append_line(self.run_dir / C.METRICS, json.dumps(row))
-            self._save_last(s.module, s.optimizer, s.scheduler, s.scaler, s.train, epoch + 1, stop)
             self._log_epoch(row)
         D.barrier()
         s.epoch = epoch + 1
@@ -460,6 +466,8 @@ class Trainer:
         epoch = int(ckpt["epoch"])
         if env.is_main:  # drop metric rows written after the checkpoint we resume from
             rows = [r for r in read_jsonl(self.run_dir / C.METRICS) if r.get("epoch", 0) <= epoch]
+            if ckpt.get("metrics_row") and (not rows or rows[-1].get("epoch") != epoch):
+                rows.append(ckpt["metrics_row"])  # killed after the checkpoint, before its row
             from ..fileio import atomic_write_text
 
             atomic_write_text(self.run_dir / C.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
@@ -495,11 +503,11 @@ class Trainer:
         return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
     def _save_last(self, module, optimizer, scheduler, scaler, train: DeviceLoader, epoch: int,
-                   stopped: bool) -> None:
+                   stopped: bool, row: dict[str, Any]) -> None:
         atomic_torch_save({
             "model": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "stopped": stopped,
-            "rng": C.rng_state(), "loader": {"epoch": epoch},
+            "rng": C.rng_state(), "loader": {"epoch": epoch}, "metrics_row": dict(row),
         }, self.run_dir / C.LAST)
 
     def _finish(self, module: nn.Module, env: D.DistEnv, speed: Speed) -> dict[str, Any]:
@@ -518,7 +526,8 @@ class Trainer:
                 "epochs_to_100_train": first_full,
                 "target_reached": bool(self.cfg.stop.target_train_acc)
                 and last.get("train_eval_acc", 0) >= self.cfg.stop.target_train_acc,
-                "wall_seconds": sum(r.get("epoch_seconds", 0) + r.get("eval_seconds", 0) for r in rows),
+                "wall_seconds": sum(r.get("epoch_seconds", 0) + r.get("eval_seconds", 0)
+                                    + r.get("checkpoint_seconds", 0) for r in rows),
                 "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
                 "speed": dataclasses.asdict(speed),
             })
