@@ -114,7 +114,7 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                     base, ref = r["images_per_s"], w
                 r["x_k1"] = r["images_per_s"] / base
                 r["max_abs_diff"] = max(float((w[n] - ref[n]).abs().max()) for n in ref)
-                r["unsafe"] = pm == "streams" and gpu and mode == "cudagraphs"
+                r["unsafe"] = pm == "streams" and gpu and speed.torch_graphs
                 rows.append(r)
                 log.info("%s K=%d %s: %.0f img/s (x%.2f), max |dw| %.3g", name, k, r["pack_mode"],
                          r["images_per_s"], r["x_k1"], r["max_abs_diff"])

@@ -12,7 +12,6 @@ Slurm job step) is the caller's ``start`` function.
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +104,10 @@ class Scheduler(Generic[S]):
         """Settle the runs that ended, cancel what can no longer run, start what is ready."""
         for key, (proc, pack, slots) in list(self.running.items()):
             if proc.poll() is None:
-                for r in pack:  # a pack's run that ended: its dependents need not wait for the pack
-                    if len(pack) > 1 and self.states[r.key] == "running":
+                # a packed run that ended: its dependents need not wait for its pack, and its
+                # place in the pack can be offered (_refill)
+                for r in pack:
+                    if self.runs_per_slot > 1 and self.states[r.key] == "running":
                         status = run_status(Path(r.run_dir))[0]
                         if status in ("done", "failed"):
                             self.states[r.key] = status
@@ -116,8 +117,7 @@ class Scheduler(Generic[S]):
             self.free.extend(slots)
             box = I.inbox_for(pack[0].run_dir)
             never = set(I.unclaimed(box))
-            for d in (box, box.with_name(I.CLOSED)):
-                shutil.rmtree(d, ignore_errors=True)
+            I.remove(box)
             for r in pack:
                 if r.key in never:  # offered, but the pack ended first: it waits for a slot again,
                     self.states[r.key] = "pending"  # in its place in the plan
@@ -153,7 +153,7 @@ class Scheduler(Generic[S]):
             if r.ranks == 1 and self.runs_per_slot > 1:
                 I.open_inbox(box)
             else:  # an earlier launch's
-                shutil.rmtree(box, ignore_errors=True)
+                I.remove(box)
             self.running[r.key] = (self.start(pack, slots), pack, slots)
         self._refill([x for x in ready if x.ranks == 1])
         if not self.running and self.todo and not any(self._ready(r) for r in self.todo):
@@ -185,7 +185,7 @@ class Scheduler(Generic[S]):
                 return
             if pack[0].ranks != 1 or self.runs_per_slot == 1 or proc.poll() is not None:
                 continue
-            live = sum(run_status(Path(r.run_dir))[0] not in ("done", "failed", "cancelled") for r in pack)
+            live = sum(self.states[r.key] == "running" for r in pack)  # (settled above, from the folders)
             box = I.inbox_for(pack[0].run_dir)
             for x in sorted(ready, key=lambda x: x.group != pack[0].group)[:self.runs_per_slot - live]:
                 if not I.offer(box, x.key, x.run_dir):

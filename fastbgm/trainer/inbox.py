@@ -34,10 +34,15 @@ def inbox_for(first_run_dir: str | os.PathLike) -> Path:
     return Path(first_run_dir) / INBOX
 
 
-def open_inbox(inbox: Path) -> None:
-    """A fresh, empty inbox (an earlier pack's, open or closed, is removed)."""
+def remove(inbox: Path) -> None:
+    """The inbox gone, open or closed."""
     for d in (inbox, inbox.with_name(CLOSED)):
         shutil.rmtree(d, ignore_errors=True)
+
+
+def open_inbox(inbox: Path) -> None:
+    """A fresh, empty inbox (an earlier pack's, open or closed, is removed)."""
+    remove(inbox)
     inbox.mkdir(parents=True)
 
 
@@ -76,14 +81,11 @@ def claim(inbox: Path) -> list[Path]:
 
 def close(inbox: Path) -> list[Path]:
     """No more offers: the run folders offered before the inbox closed (claimed now)."""
-    closed = inbox.with_name(CLOSED)
+    closed = inbox.with_name(CLOSED)  # (open_inbox removed any earlier one)
     try:
         os.replace(inbox, closed)
     except FileNotFoundError:
         return []
-    except OSError:  # an earlier closed inbox is in the way
-        shutil.rmtree(closed, ignore_errors=True)
-        os.replace(inbox, closed)
     return claim(closed)
 
 

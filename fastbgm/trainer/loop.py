@@ -49,7 +49,8 @@ from ..data.loader import DeviceLoader
 from ..fileio import exclusive_folder
 from . import checkpoint as C
 from .stepgraph import StepGraphs
-from .trainer import _STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, resolve_speed, run_failure
+from .trainer import (_STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, on_stream, resolve_speed,
+                      run_failure)
 
 log = logging.getLogger("fastbgm.trainer")
 
@@ -65,7 +66,7 @@ def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> s
             return "serial"
         # a run's step graphs replay from one call each: no thread needed to overlap them
         return "streams" if all(s.step_graph for s in speeds) else "threads"
-    graphs = [s for s in speeds if s.compile and s.compile_mode in ("reduce-overhead", "max-autotune")]
+    graphs = [s for s in speeds if s.torch_graphs]
     if mode == "streams" and device.type == "cuda" and graphs:
         raise ConfigError("pack mode 'streams' cannot replay CUDA graphs (speed.compile_mode = "
                           f"{graphs[0].compile_mode!r}): the runs' graphs share one memory pool and would "
@@ -307,13 +308,13 @@ def _epoch_in_turn(active: dict[int, RunState], advance: Any) -> dict[int, BaseE
     steps: dict[int, Iterator] = {}
     failed: dict[int, BaseException] = {}
     for i, s in active.items():
-        with _on_stream(s.stream):
+        with on_stream(s.stream):
             steps[i] = s.begin_epoch()
     while steps:
         for i in list(steps):
             s = active[i]
             try:
-                with _on_stream(s.stream):
+                with on_stream(s.stream):
                     nxt = next(steps[i], None)
                     if nxt is None:
                         del steps[i]
@@ -334,7 +335,7 @@ def _epoch_in_threads(active: dict[int, RunState], advance: Any) -> dict[int, Ba
     halt = threading.Event()  # this thread was stopped (a signal): each run ends its step and returns
 
     def epoch(s: RunState) -> None:
-        with _on_stream(s.stream):
+        with on_stream(s.stream):
             for step, (x, y, _) in s.begin_epoch():
                 if halt.is_set():
                     return
@@ -359,7 +360,3 @@ def _epoch_in_threads(active: dict[int, RunState], advance: Any) -> dict[int, Ba
                 f.exception()
         raise
     return failed
-
-
-def _on_stream(stream: Any) -> contextlib.AbstractContextManager:
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from .trainer import on_stream
+
 if TYPE_CHECKING:
     from .loop import RunState
 
@@ -73,7 +75,7 @@ class StepGraphs:
         own = self.cuda and self.stream is not s.stream  # the caller's stream is not ours: order both ways
         if own:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with _on(self.stream):
+        with on_stream(self.stream):
             key = (tuple(x.shape), x.dtype, tuple(y.shape), scale,
                    tuple((g["lr"], g["momentum"], g["weight_decay"]) for g in s.optimizer.param_groups))
             g = self.graphs.get(key)
@@ -112,9 +114,3 @@ class StepGraphs:
         log.debug("%s: step graph %d captured for batch %s, lr %s", self.s.trainer.cfg.name if self.s.trainer else "",
                   self.captures, tuple(x.shape), key[-1])
         return g
-
-
-def _on(stream: Any) -> Any:
-    import contextlib
-
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

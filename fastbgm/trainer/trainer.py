@@ -97,6 +97,11 @@ class Speed:
     step_graph: bool = False
 
     @property
+    def torch_graphs(self) -> bool:
+        """torch.compile records CUDA graphs of its own (CUDA-graph trees, on a GPU)."""
+        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
+
+    @property
     def amp_dtype(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
@@ -123,6 +128,11 @@ def autocast(speed: Speed) -> contextlib.AbstractContextManager:
     if speed.amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=speed.device, dtype=speed.amp_dtype)
+
+
+def on_stream(stream: Any) -> contextlib.AbstractContextManager:
+    """Work on ``stream`` (a CUDA stream), or where it is when there is none."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def lr_factor(cfg: RunConfig, epoch: int) -> float:
@@ -329,7 +339,7 @@ class Trainer:
             why = ("it spans several ranks (DDP's gradient hooks are not captured)" if env.world > 1 else
                    "fp16 needs a GradScaler, whose checks are host syncs" if speed.precision == "fp16" else
                    f"speed.compile_mode = {speed.compile_mode!r} captures CUDA graphs of its own"
-                   if speed.compile and speed.compile_mode in ("reduce-overhead", "max-autotune") else None)
+                   if speed.torch_graphs else None)
             if why:
                 return (f"speed.step_graph = true does not work for {self.cfg.name}: {why}; "
                         "use speed.step_graph=false")
