@@ -3,7 +3,8 @@
 
 Runs one training run, or (``--pack``) several runs side by side in one process on one
 device, each from the planned config in its folder (``planned-config.json``, as the
-launcher writes it); each packed run computes exactly what it computes alone. Works as
+launcher writes it); each packed run computes exactly what it computes alone (to float
+tolerance in pack mode fused). Works as
 one plain process, under ``torchrun`` (one process per device) and inside a Slurm job
 or job step (submitit's variables, or the step's own).
 
@@ -31,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="train these run folders together, each from its planned-config.json")
     p.add_argument("--inbox", type=Path, metavar="DIR",
                    help="a pack's inbox: runs a scheduler offers join the pack between epochs (fastbgm.trainer.inbox)")
-    p.add_argument("--pack-mode", default="auto", choices=["auto", "serial", "streams", "threads"],
-                   help="how packed runs share the device (default: threads on a GPU, serial on a CPU)")
+    p.add_argument("--pack-mode", default="auto", choices=["auto", "serial", "streams", "threads", "fused"],
+                   help="how packed runs share the device (fastbgm.trainer.loop; default: threads on a GPU, "
+                        "streams when every run uses step graphs, serial on a CPU; fused: runs of one "
+                        "architecture as one vmapped network, equal to alone to float tolerance)")
     p.add_argument("--quiet", action="store_true")
     args, rest = p.parse_known_args(argv)
     from rich.logging import RichHandler

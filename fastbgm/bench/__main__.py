@@ -26,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
             s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
-                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, loader, train, ddp)")
+                           "train128, pack, pack-stepgraph, pack-fused, two-stage, trainer/bare, pack-unsafe, loader, train, ddp)")
         if name == "pack":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--runs", default="1,2,4,8", help="K values: runs packed on the device")
             s.add_argument("--batch-size", type=int, default=128)
             s.add_argument("--steps", type=int, default=20, help="steps per run per timed epoch")
             s.add_argument("--pack-modes", default="serial,threads",
-                           help="how K > 1 runs share the device: serial, threads, streams (see fastbgm.trainer.loop)")
+                           help="how K > 1 runs share the device: serial, threads, streams (see fastbgm.trainer.loop), "
+                           "fused (one vmapped network: fastbgm.trainer.fused)")
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
                            default="auto", help="auto: cudagraphs (torch.compile's) on a GPU, eager on a CPU; "
                            "stepgraph: each run's whole step one CUDA graph")
@@ -81,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                          [k for k in args.kinds.split(",") if k] or None)
         return 0 if res["total"]["damaged"] == 0 and res["total"]["recovered"] == res["total"]["injected"] else 1
     elif args.what == "pack":
-        from .pack import run as run_pack
+        from .pack import PACK_MODES, run as run_pack
 
+        bad = [m for m in args.pack_modes.split(",") if m not in PACK_MODES]
+        if bad:
+            print(f"error: --pack-modes {','.join(bad)} unknown: choose from {', '.join(PACK_MODES)}",
+                  file=sys.stderr)
+            return 2
         run_pack(device, args.models.split(","), [int(k) for k in args.runs.split(",")], args.batch_size, args.steps,
                  args.out, args.mode, tuple(args.pack_modes.split(",")))
     elif args.what == "train":

@@ -10,8 +10,11 @@ said so) once the time budget is spent:
   pack modes threads and serial, and how far run 0 ends from run 0 alone;
 - ``pack-stepgraph``: the same with each run's whole step one CUDA graph
   (``speed.step_graph``), pack modes streams and threads;
+- ``pack-fused``: K = 4, 8 runs fused into one vmapped network (HFTA; trainer/fused.py:
+  compiled, the whole fused step one CUDA graph), against the same K = 1 as
+  ``pack-stepgraph``;
 - ``two-stage``: stage 1 and both stage-2 runs of ResNet18 on real CIFAR-10 through the
-  Trainer, alone and packed, with and without step graphs (when ``--data`` holds a
+  Trainer, alone and packed, with and without step graphs, and fused (when ``--data`` holds a
   prepared CIFAR-10, ``<data>/cifar10/train.beton`` or its resident cache, or the JPEG
   archive ``<data>/cifar10-jpeg.tar.xz``, decoded here without ffcv);
 - ``trainer/bare``: the Trainer's images/s over the bare step's (goal: >= 90%);
@@ -143,6 +146,15 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
                      + (f"MFU {100 * sum(mfu) / len(mfu):.1f}%, " if mfu else "")
                      + f"per-epoch extras {100 * extras:.0f}% of training time, wall {wall:.0f}s"])
 
+    def pack_ips(dirs: list[Path]) -> float:
+        """The pack's images/s: its runs' steady epochs summed (each run's row counts its own images)."""
+        total = 0.0
+        for d in dirs:
+            m = read_jsonl(d / C.METRICS)
+            steady = m[1:] or m
+            total += sum(r["images_per_s"] for r in steady) / max(1, len(steady))
+        return total
+
     def max_diff(a: Path, b: Path) -> float:
         if not ((a / C.FINAL).exists() and (b / C.FINAL).exists()):
             return float("nan")
@@ -169,10 +181,24 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
         diff = max(max_diff(work / f"stage2-{i}{tag}", work / f"packed-{i}{tag}") for i in stage2)
         results.setdefault("packed_vs_alone", []).append({"label": label, "max_abs_diff": diff, "wall_s": wall,
                                                           "results": packed})
-        rows.append(["two-stage", f"both stage-2 runs packed vs alone, {label}", float("nan"),
+        rows.append(["two-stage", f"both stage-2 runs packed vs alone, {label}",
+                     pack_ips([work / f"packed-{i}{tag}" for i in stage2]),
                      f"max |dw| {diff:.3g}; status " + ", ".join(r.get("status", "?") for r in packed)
                      + "; test acc " + ", ".join(f"{r.get('test_acc') or float('nan'):.4f}" for r in packed)
                      + f"; wall {wall:.0f}s"])
+    # both stage-2 runs fused into one network (HFTA, pack mode fused): float tolerance
+    t0 = time.perf_counter()
+    fused = train_runs([Trainer(config(f"stage2-{init}", False, *extra), work / f"fused-{init}")
+                        for init, extra in stage2.items()], pack_mode="fused")
+    wall = time.perf_counter() - t0
+    diff = max(max_diff(work / f"stage2-{i}", work / f"fused-{i}") for i in stage2)
+    results.setdefault("packed_vs_alone", []).append({"label": "fused", "max_abs_diff": diff, "wall_s": wall,
+                                                      "results": fused})
+    rows.append(["two-stage", "both stage-2 runs fused (one vmapped network) vs alone",
+                 pack_ips([work / f"fused-{i}" for i in stage2]),
+                 f"max |dw| {diff:.3g}; status " + ", ".join(r.get("status", "?") for r in fused)
+                 + "; test acc " + ", ".join(f"{r.get('test_acc') or float('nan'):.4f}" for r in fused)
+                 + f"; wall {wall:.0f}s"])
     diff = max_diff(work / "stage2-random", work / "stage2-random-graphs")
     results["graphs_vs_compiled"] = diff
     rows.append(["two-stage", "stage2-random: step graphs vs compiled (other kernels: float noise)", float("nan"),
@@ -198,7 +224,7 @@ def _trainer_vs_bare(results: dict[str, Any]) -> list[list[Any]]:
     return out
 
 
-SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "loader", "train",
+SECTIONS = ("train128", "pack", "pack-stepgraph", "pack-fused", "two-stage", "trainer/bare", "pack-unsafe", "loader", "train",
             "ddp")
 
 
@@ -254,13 +280,14 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
                   keep: Any = lambda r: True) -> list[list[Any]]:
         from .pack import run as run_pack
 
-        res = [r for r in run_pack(device, models, ks, 128, 40, None, mode, pack_modes, deadline=deadline - 150)
-               if keep(r)]
+        res = [r for r in run_pack(device, models, ks, 128, 40, None, mode, pack_modes, deadline=deadline - 150,
+                                   baselines=baselines) if keep(r)]
         results[key] = res
         return [["pack", f"{r['model']} batch 128 {mode}, K={r['K']} {r['pack_mode']}"
                  + (" (unsafe)" if r["unsafe"] else ""), r["images_per_s"],
                  f"x{r['x_k1']:.2f} of K=1, max |dw| vs alone {r['max_abs_diff']:.2g}"] for r in res]
 
+    baselines: dict = {}  # K = 1 of a model and mode, measured once for every section
     work = Path(tempfile.mkdtemp(prefix="fastbgm-gpu-"))
     section("train128", train_rows, 128, ["cudagraphs-bf16"], ("without",), 60)
     # torch.compile's CUDA graphs: runs in threads (each its own graph pool), or in turn
@@ -268,6 +295,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     # each run's whole step one CUDA graph, replayed on its own stream
     section("pack-stepgraph", pack_rows, "pack_stepgraph", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph",
             ("streams", "threads"))
+    # K runs as one vmapped network (HFTA), its whole step one CUDA graph
+    section("pack-fused", pack_rows, "pack_fused", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph", ("fused",))
     section("two-stage", _trainer_section, device, data, work, 8, results)
     section("trainer/bare", _trainer_vs_bare, results)
     # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams

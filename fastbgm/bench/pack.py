@@ -1,8 +1,9 @@
 """Several batch-128 runs on one device: images/s for K = 1, 2, 4, 8 packed runs, and
 the ratio to K = 1, all measured in one run, through the trainer's own packed loop
 (:func:`fastbgm.trainer.loop.train_epoch_together`: each run its own model, optimizer,
-data order and, on a GPU in pack modes other than ``serial``, CUDA stream), in each
-pack mode asked for; and how far run 0 of each pack ends from run 0 trained alone."""
+data order and, on a GPU in pack modes threads and streams, CUDA stream; or fused into
+one network), in each pack mode asked for; and how far run 0 of each pack ends from run
+0 trained alone."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from fastbgm import distributed as D
 from fastbgm.data import loader_from_arrays
 from fastbgm.models import build_model
-from fastbgm.trainer.loop import RunState, train_epoch_together
+from fastbgm.trainer.loop import PACK_MODES as LOOP_PACK_MODES, RunState, train_epoch_together
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
 from fastbgm.trainer.stepgraph import StepGraphs
 from fastbgm.trainer.trainer import Speed, make_sgd
@@ -26,9 +27,11 @@ from .train import synthetic_arrays
 
 log = logging.getLogger(__name__)
 
+PACK_MODES = tuple(m for m in LOOP_PACK_MODES if m != "auto")
+
 
 def _state(name: str, seed: int, images: Any, labels: Any, batch: int, speed: Speed, device: torch.device,
-           packed: bool) -> RunState:
+           packed: bool, graphs: bool = True) -> RunState:
     torch.manual_seed(seed)
     module = build_model(name, 10).to(device)
     if speed.channels_last:
@@ -42,7 +45,7 @@ def _state(name: str, seed: int, images: Any, labels: Any, batch: int, speed: Sp
     env = D.DistEnv(0, 1, 0, device)
     s = RunState(None, env, speed, module, model, opt, None, None, train, train, None, {}, None, None, 0, 1,
                  stream=torch.cuda.Stream(device) if packed and device.type == "cuda" else None)
-    if speed.step_graph:
+    if speed.step_graph and graphs:
         s.graphs = StepGraphs(s)
     return s
 
@@ -52,11 +55,20 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
     """images/s of ``k`` runs packed as ``pack_mode`` says; and run 0's final weights (on
     the CPU), which must equal those of run 0 trained alone."""
     images, labels = arrays[0][: batch * steps], arrays[1][: batch * steps]
-    streams = k > 1 and pack_mode != "serial"
-    states = {i: _state(name, i, images, labels, batch, speed, device, streams) for i in range(k)}
+    fused = k > 1 and pack_mode == "fused"
+    streams = k > 1 and pack_mode not in ("serial", "fused")
+    states = {i: _state(name, i, images, labels, batch, speed, device, streams, graphs=not fused)
+              for i in range(k)}
     threads = pack_mode == "threads"
+    fusions: dict | None = {} if fused else None  # the loop's fused groups, kept across epochs
+
+    def epoch(runs: dict[int, RunState]) -> None:
+        failed = train_epoch_together(runs, threads=threads, fusions=fusions)
+        if failed:
+            raise RuntimeError(f"{name} K={k}: {next(iter(failed.values()))}")
+
     t0 = time.perf_counter()
-    train_epoch_together(states, threads=threads)  # warm-up epoch: compilation, CUDA graph capture, allocator
+    epoch(states)  # warm-up epoch: compilation, CUDA graph capture, allocator
     synchronize(device)
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -64,9 +76,7 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
     for e in range(epochs):
         for s in states.values():
             s.epoch = e + 1
-        failed = train_epoch_together(states, threads=threads)
-        if failed:
-            raise RuntimeError(f"{name} K={k}: {next(iter(failed.values()))}")
+        epoch(states)
     synchronize(device)
     dt = time.perf_counter() - t0
     ips = k * epochs * len(images) / dt
@@ -84,11 +94,15 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
 
 def run(device: torch.device, models: list[str], ks: list[int], batch: int, steps: int, out: Path | None,
         mode: str = "auto", pack_modes: tuple[str, ...] = ("serial", "threads"),
-        deadline: float | None = None) -> list[dict[str, Any]]:
+        deadline: float | None = None, baselines: dict | None = None) -> list[dict[str, Any]]:
     """The table: for each model, K = 1 alone, then each K > 1 in each pack mode, with the
-    largest difference of run 0's weights from run 0 alone (0 on a CPU: bitwise).
-    ``mode``: eager, compiled, cudagraphs (torch.compile's reduce-overhead) or stepgraph
-    (compiled, each run's whole step one CUDA graph).
+    largest difference of run 0's weights from run 0 alone (0 on a CPU: bitwise, but for
+    ``fused``: other kernels, float tolerance). ``mode``: eager, compiled, cudagraphs
+    (torch.compile's reduce-overhead) or stepgraph (compiled, each run's whole step one
+    CUDA graph); pack mode ``fused`` (trainer/fused.py) compiles when ``mode`` does and
+    captures the whole fused step as one CUDA graph on a GPU. ``baselines``: K = 1 rows
+    (and weights) already measured in this process, by model, mode, batch and steps,
+    reused instead of measured again (and filled).
 
     ``streams`` with CUDA graphs (``mode`` cudagraphs) is measured when asked, and marked
     unsafe: the trainer refuses it, because the runs' graphs share one memory pool; its
@@ -109,7 +123,13 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                 if deadline is not None and time.time() > deadline:
                     log.warning("time budget spent: %s K=%d %s skipped", name, k, pm)
                     continue
-                r, w = measure(name, k, batch, steps, speed, device, arrays, pm)
+                key = (name, mode, batch, steps)
+                if k == 1 and baselines is not None and key in baselines:
+                    r, w = dict(baselines[key][0]), baselines[key][1]
+                else:
+                    r, w = measure(name, k, batch, steps, speed, device, arrays, pm)
+                    if k == 1 and baselines is not None:
+                        baselines[key] = (r, w)
                 if base is None:
                     base, ref = r["images_per_s"], w
                 r["x_k1"] = r["images_per_s"] / base

@@ -21,6 +21,12 @@ How the runs of a pack share the device (:data:`PACK_MODES`):
   replays graphs from its own pool: safe with ``reduce-overhead``, and the runs still
   overlap. The default on a GPU otherwise.
 
+- ``fused``: runs of one architecture, batch shape and speed switches trained as one
+  network (HFTA; fused.py): their parameters stacked, the step ``torch.func.vmap``-ed
+  over the runs, so each kernel does K runs' work (and on a GPU the whole fused step is
+  one CUDA graph). Other kernels than alone (a grouped convolution's): equal to the
+  run alone to float tolerance, not bitwise. A run that fits no group steps in turn.
+
 On a CPU the default is ``serial`` (its cores are already shared by every op).
 
 Read :func:`train_runs` top to bottom: set up each run; then, epoch after epoch, step
@@ -48,13 +54,14 @@ from ..config import ConfigError
 from ..data.loader import DeviceLoader
 from ..fileio import exclusive_folder
 from . import checkpoint as C
+from .fused import FusedRuns, fused_epoch, fusion_key
 from .stepgraph import StepGraphs
 from .trainer import (_STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, on_stream, resolve_speed,
                       run_failure)
 
 log = logging.getLogger("fastbgm.trainer")
 
-PACK_MODES = ("auto", "serial", "streams", "threads")
+PACK_MODES = ("auto", "serial", "streams", "threads", "fused")
 
 
 def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> str:
@@ -189,6 +196,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
     try:
         with contextlib.ExitStack() as held:
             active: dict[int, RunState] = {}
+            fusions: dict[tuple[int, ...], FusedRuns] | None = {} if mode == "fused" and not alone else None
             held.callback(lambda: [s.close() for s in active.values()])  # their threads, however this ends
 
             def open_run(i: int, t: Trainer) -> None:
@@ -220,7 +228,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                     results[i] = t.fail(None, e, record=locked)  # in its folder only once that is ours
                     _release_memory(env)
                     return
-                if not alone and env.device.type == "cuda" and mode != "serial":
+                if not alone and env.device.type == "cuda" and mode in ("streams", "threads"):
                     s.stream = torch.cuda.Stream(env.device)
                 if s.speed.step_graph:
                     s.graphs = StepGraphs(s)
@@ -246,7 +254,8 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                 with trainers[next(iter(active))]._progress(
                         f"epoch {min(s.epoch for s in active.values()) + 1}",
                         sum(len(s.train) for s in active.values()), env) as advance:
-                    failed = train_epoch_together(active, advance, threads=mode == "threads" and not alone)
+                    failed = train_epoch_together(active, advance, threads=mode == "threads" and not alone,
+                                                  fusions=fusions)
                 seconds = time.perf_counter() - t0
                 for i in list(active):
                     s, t = active[i], trainers[i]
@@ -286,16 +295,19 @@ def _release_memory(env: D.DistEnv) -> None:
         torch.cuda.empty_cache()
 
 
-def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: None,
-                         threads: bool = False) -> dict[int, BaseException]:
+def train_epoch_together(active: dict[int, RunState], advance: Any = lambda n: None, threads: bool = False,
+                         fusions: dict[tuple[int, ...], FusedRuns] | None = None) -> dict[int, BaseException]:
     """One epoch of every run in ``active``: their steps taken in turn from this thread,
     or (``threads``) each run's epoch in a thread of its own; each run on its stream
-    when it has one. Returns the runs that raised, with what they raised."""
+    when it has one; or (``fusions``, pack mode fused: the groups fused so far, kept
+    across epochs) fused. Returns the runs that raised, with what they raised."""
     dev = next(iter(active.values())).env.device if active else None
     for s in active.values():  # what the default stream did for a run (set-up, resume,
         if s.stream is not None:  # evaluation) comes before its steps
             s.stream.wait_stream(torch.cuda.current_stream(dev))
-    if threads:  # (even when one run is left: its CUDA graphs belong to its thread)
+    if fusions is not None:
+        failed = _epoch_fused(active, advance, fusions)
+    elif threads:  # (even when one run is left: its CUDA graphs belong to its thread)
         failed = _epoch_in_threads(active, advance)
     else:
         failed = _epoch_in_turn(active, advance)
@@ -359,4 +371,42 @@ def _epoch_in_threads(active: dict[int, RunState], advance: Any) -> dict[int, Ba
             with contextlib.suppress(BaseException):
                 f.exception()
         raise
+    return failed
+
+
+def _epoch_fused(active: dict[int, RunState], advance: Any,
+                 fusions: dict[tuple[int, ...], FusedRuns]) -> dict[int, BaseException]:
+    """Each group of runs that can be fused (fused.fusion_key) through one epoch as one
+    network; any other run steps in turn. A group's fused state lives while its members
+    do (a run that leaves or joins makes a new group); between epochs every run's own
+    module and optimizer hold its state, for evaluation and checkpoints."""
+    groups: dict[Any, list[int]] = {}
+    for i, s in active.items():
+        key = fusion_key(s)
+        groups.setdefault(key if key is not None else ("alone", i), []).append(i)
+    fused = [tuple(ix) for ix in groups.values() if len(ix) > 1]
+    for ix in [ix for ix in fusions if ix not in fused]:
+        del fusions[ix]
+    failed = _epoch_in_turn({ix[0]: active[ix[0]] for ix in groups.values() if len(ix) == 1}, advance)
+    for ix in fused:
+        try:
+            f = fusions.get(ix)
+            if f is None:
+                f = fusions[ix] = FusedRuns([active[i] for i in ix])
+            else:
+                f.load()
+            for _ in fused_epoch(f):
+                advance(len(ix))
+            f.write_back()
+        except Exception as e:  # the fused step itself failed (say, out of memory): its runs fail
+            if _STOP_REQUESTED.is_set():
+                raise
+            traceback.clear_frames(e.__traceback__)
+            fusions.pop(ix, None)
+            failed.update({i: e for i in ix})
+            continue
+        for i in ix:  # a non-finite loss fails its own run only
+            s = active[i]
+            if int(s.bad_step) >= 0:
+                failed[i] = NonFiniteLoss(s.epoch + 1, int(s.bad_step))
     return failed

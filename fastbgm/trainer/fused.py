@@ -1,0 +1,314 @@
+"""K runs of one architecture trained as one network (HFTA, MLSys'21): pack mode
+``fused`` of loop.py, one of the candidate ways to share a GPU that ``bench pack
+--pack-modes fused`` measures against the others (opt-in until a GPU shows it faster).
+
+Why: at the paper's batch 128 one run's kernels are too small to fill a GPU. K runs
+in threads or on streams still launch K times as many small kernels; fused, their
+parameters are stacked (one tensor per parameter, runs first) and the step is
+``torch.func.vmap`` over the run dimension, so a convolution of K runs is one grouped
+convolution and a BatchNorm of K runs one BatchNorm over K times the channels: kernels
+K times the size, as many as one run launches. On a GPU the whole fused step
+(forward, loss, backward, SGD, each run's sums and non-finite check) is one CUDA graph.
+
+Each run keeps its own data (its loader's batch), initial weights, BatchNorm
+statistics, loss scale, learning rate, momentum, Nesterov switch and weight decay
+(per parameter group); they must share the architecture and the batch shape.
+
+Exactness: the same operations per run, but other kernels (a grouped convolution's
+backward is not a plain one's), so a fused run equals the run alone to float
+tolerance, not bitwise, even on a CPU (what the bench's difference column shows).
+Runs share no parameter, so one run's NaN reaches no other. Which kernels a run's step
+takes depends on its packmates at that epoch, so a resumed fused run also equals the
+uninterrupted one to float tolerance only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from .trainer import on_stream
+
+if TYPE_CHECKING:
+    from .loop import RunState
+
+log = logging.getLogger("fastbgm.trainer")
+
+WARMUP = 3  # eager fused steps before the capture (cuDNN/cuBLAS set-up, momentum buffers)
+
+
+def _hyper(group: dict[str, Any]) -> tuple[float, float, float, bool]:
+    return float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]), bool(group["nesterov"])
+
+
+def signature(module: nn.Module) -> tuple:
+    """What runs must share to be fused: the architecture (class, parameter and buffer shapes)."""
+    return (type(module).__qualname__, tuple((n, tuple(p.shape)) for n, p in module.named_parameters()),
+            tuple((n, tuple(b.shape)) for n, b in module.named_buffers()))
+
+
+def fusion_key(s: "RunState") -> tuple | None:
+    """Runs with equal keys can be fused (same architecture, speed switches and batches);
+    None: this run cannot be (it spans several ranks, or trains in fp16)."""
+    if s.env.world != 1 or s.speed.precision == "fp16":  # fp16 needs a GradScaler: its checks are host syncs
+        return None
+    return signature(s.module), s.speed, tuple(s.train.order.global_batch_sizes())
+
+
+_BASES: dict[tuple, nn.Module] = {}  # one storage-less copy per architecture: compiled code is reused
+_compiled: Any = None
+
+
+def _forward(base: nn.Module, low: tuple[str, ...], dtype: torch.dtype | None, params: dict, buffers: dict,
+             x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every run's summed loss and correct count; its BatchNorm statistics updated in place.
+
+    Mixed precision by hand: autocast does not reach inside ``vmap`` (its batching rules
+    run below it), so the parameters of the layers autocast would run in ``dtype``
+    (``low``: convolutions and linear layers) are cast here, as autocast casts them; the
+    rest stays in float32, BatchNorm computes in float32 (``_NormInFloat32``), and the
+    loss is taken in float32."""
+    if dtype is not None:
+        params = {n: p.to(dtype) if n in low else p for n, p in params.items()}
+
+    def one(p: dict, b: dict, xk: torch.Tensor, yk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.func.functional_call(base, (p, b), (xk,))
+        return F.cross_entropy(out.float(), yk, reduction="sum"), (out.argmax(1) == yk).sum()
+
+    return torch.func.vmap(one)(params, buffers, x, y)
+
+
+class _NormInFloat32:
+    """A BatchNorm that takes a low-precision input in float32 (as autocast's does inside):
+    under ``vmap`` a bfloat16 input with float32 statistics is refused."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)  # type: ignore[misc]
+
+
+_NORMS_IN_FLOAT32: dict[type, type] = {}
+
+
+def _norms_in_float32(module: nn.Module) -> nn.Module:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _NormInFloat32):
+            cls = type(m)
+            m.__class__ = _NORMS_IN_FLOAT32.setdefault(cls, type(f"{cls.__name__}InFloat32", (_NormInFloat32, cls), {}))
+    return module
+
+
+def low_precision_params(module: nn.Module) -> tuple[str, ...]:
+    """The parameters autocast runs in low precision: those of convolutions and linear layers."""
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    return tuple(f"{m}.{n}" if m else n for m, mod in module.named_modules() if isinstance(mod, kinds)
+                 for n, _ in mod.named_parameters(recurse=False))
+
+
+def _forward_for(speed: Any) -> Callable:
+    """The fused forward: inductor's kernels when the runs compile, but never torch.compile's
+    own CUDA graphs (the whole fused step is captured here)."""
+    global _compiled
+    if not speed.compile:
+        return _forward
+    if _compiled is None:
+        _compiled = torch.compile(_forward, dynamic=False)
+    return _compiled
+
+
+class FusedRuns:
+    """The runs of ``states`` (same architecture, batch and speed) stepped as one.
+
+    Between epochs each run's module and optimizer hold its state: :meth:`load` stacks
+    them into the fused tensors (in place: a captured step stays valid), :meth:`write_back`
+    puts each run's slice back (weights, BatchNorm statistics, momentum buffers)."""
+
+    def __init__(self, states: list["RunState"]):
+        if not states:
+            raise ValueError("FusedRuns needs at least one run")
+        self.states = states
+        first = states[0]
+        self.device, self.speed = first.env.device, first.speed
+        self.cuda = self.device.type == "cuda"
+        sig = signature(first.module)
+        for s in states:
+            if signature(s.module) != sig:
+                raise ConfigError("fused runs must share one architecture: "
+                                  f"{type(s.module).__name__} differs from {type(first.module).__name__}")
+            if s.speed != self.speed:
+                raise ConfigError(f"fused runs must share the speed switches: {s.speed} vs {self.speed}")
+            if fusion_key(s) is None:
+                raise ConfigError("fused runs train on one device each (dist.world = 1), not in fp16")
+        self.names = [n for n, _ in first.module.named_parameters()]
+        key = (sig, self.speed.amp_dtype)
+        if key not in _BASES:  # the architecture without storage: functional_call fills it per run
+            base = copy.deepcopy(first.module).to("meta").train()
+            _BASES[key] = _norms_in_float32(base) if self.speed.amp_dtype is not None else base
+        self.base = _BASES[key]
+        self.forward = _forward_for(self.speed)
+        self.low = low_precision_params(first.module)
+        k = len(states)
+        with torch.no_grad():
+            self.params = {n: torch.stack([p.detach() for p in self._each(n)]).requires_grad_(True)
+                           for n in self.names}
+            self.buffers = {n: torch.stack([dict(s.module.named_buffers())[n] for s in states])
+                            for n, _ in first.module.named_buffers()}
+            self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        # per run and parameter: its group's hyper-parameters, as tensors the step reads
+        # (so that a new learning rate needs no new graph)
+        self.lr = {n: torch.zeros(k, device=self.device) for n in self.names}
+        self.wd = {n: torch.zeros(k, device=self.device) for n in self.names}
+        self.mom = torch.zeros(k, device=self.device)
+        self.nesterov = torch.zeros(k, dtype=torch.bool, device=self.device)
+        self.scale = torch.zeros(k, device=self.device)
+        self._hyper_now: Any = None
+        self.graph: Any = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.static_step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.eager_steps = 0
+        self.replays = 0
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.load()
+
+    def _each(self, name: str) -> list[torch.Tensor]:
+        return [dict(s.module.named_parameters())[name] for s in self.states]
+
+    @torch.no_grad()
+    def load(self) -> None:
+        """Each run's module and optimizer state into the fused tensors. A run with no
+        momentum buffer yet gets zeros: torch's first step (buffer = update) is then the
+        same step as every other (buffer = momentum x 0 + update)."""
+        for n in self.names:
+            self.params[n].copy_(torch.stack([p.detach() for p in self._each(n)]))
+            self.momentum[n].copy_(torch.stack([
+                s.optimizer.state.get(p, {}).get("momentum_buffer") if
+                s.optimizer.state.get(p, {}).get("momentum_buffer") is not None else torch.zeros_like(p)
+                for s, p in zip(self.states, self._each(n))]))
+        for n, b in self.buffers.items():
+            b.copy_(torch.stack([dict(s.module.named_buffers())[n] for s in self.states]))
+
+    # ---------------------------------------------------------------- the step
+    def step(self, step: int, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
+        """One optimizer step of every run, run k on batch (xs[k], ys[k])."""
+        self._set_hyper(step)
+        shape = (tuple(xs[0].shape), tuple(ys[0].shape))
+        if any((tuple(x.shape), tuple(y.shape)) != shape for x, y in zip(xs, ys)):
+            raise ConfigError("fused runs must take batches of one shape: "
+                              + ", ".join(str(tuple(x.shape)) for x in xs))
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with on_stream(self.stream):
+            if self.graph is not None and self.static is not None and self.static[0].shape[1:] == xs[0].shape:
+                for k, (x, y) in enumerate(zip(xs, ys)):
+                    self.static[0][k].copy_(x)
+                    self.static[1][k].copy_(y)
+                self.static_step.fill_(step)
+                self.graph.replay()
+                self.replays += 1
+            elif not self.cuda or self.eager_steps < WARMUP or self.graph is not None:
+                # a CPU; the warm-up; or a batch of another shape than the graph's (the
+                # epoch's last): eager
+                self._body(torch.stack(xs), torch.stack(ys), step)
+                self.eager_steps += 1
+            else:
+                self._capture(xs, ys, step)
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def _capture(self, xs: list[torch.Tensor], ys: list[torch.Tensor], step: int) -> None:
+        sx, sy = torch.stack(xs), torch.stack(ys)
+        self.static = (sx, sy)
+        self.static_step.fill_(step)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            self._body(sx, sy, self.static_step)
+        self.graph = graph
+        graph.replay()  # the capture recorded the step without running it
+        self.replays += 1
+
+    def _body(self, x: torch.Tensor, y: torch.Tensor, step: int | torch.Tensor) -> None:
+        for p in self.params.values():
+            p.grad = None
+        x = x if self.speed.amp_dtype is None else x.to(self.speed.amp_dtype)
+        loss_sum, correct = self.forward(self.base, self.low, self.speed.amp_dtype, self.params, self.buffers, x, y)
+        (loss_sum * self.scale).sum().backward()  # runs share no parameter: each gets its own gradient
+        self._sgd()
+        with torch.no_grad():
+            n = torch.full_like(loss_sum, float(y.shape[1]), dtype=torch.float64)
+            stats = torch.stack([loss_sum.detach().double(), correct.double(), n], 1)
+            at = step if isinstance(step, torch.Tensor) else torch.full((), step, device=self.device)
+            for k, s in enumerate(self.states):
+                s.sums.add_(stats[k])
+                s.bad_step.copy_(torch.where((s.bad_step < 0) & ~torch.isfinite(loss_sum[k]), at, s.bad_step))
+
+    @torch.no_grad()
+    def _sgd(self) -> None:
+        """torch.optim.SGD's update (no dampening), with each run's own hyper-parameters."""
+        names = self.names
+        params = [self.params[n] for n in names]
+        grads = [self.params[n].grad for n in names]
+
+        def per_run(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return v.view(-1, *([1] * (like.ndim - 1)))
+
+        d = torch._foreach_add(grads, torch._foreach_mul(params, [per_run(self.wd[n], p) for n, p in
+                                                                 zip(names, params)]))
+        bufs = [self.momentum[n] for n in names]
+        torch._foreach_mul_(bufs, [per_run(self.mom, b) for b in bufs])
+        torch._foreach_add_(bufs, d)
+        upd = [torch.where(per_run(self.nesterov, b), g + per_run(self.mom, b) * b, b) for g, b in zip(d, bufs)]
+        torch._foreach_sub_(params, torch._foreach_mul(upd, [per_run(self.lr[n], p) for n, p in zip(names, params)]))
+
+    def _set_hyper(self, step: int) -> None:
+        """The runs' current hyper-parameters into the step's tensors (when they changed)."""
+        now = tuple((s.env.world / s.sizes[step],) + tuple(_hyper(g) for g in s.optimizer.param_groups)
+                    for s in self.states)
+        if now == self._hyper_now:
+            return
+        self._hyper_now = now
+        group_of = [{id(p): g for g in s.optimizer.param_groups for p in g["params"]} for s in self.states]
+        params = [dict(s.module.named_parameters()) for s in self.states]
+        for n in self.names:
+            hyper = [_hyper(group_of[k][id(params[k][n])]) for k in range(len(self.states))]
+            self.lr[n].copy_(torch.tensor([h[0] for h in hyper]))
+            self.wd[n].copy_(torch.tensor([h[2] for h in hyper]))
+        first = [_hyper(s.optimizer.param_groups[0]) for s in self.states]
+        self.mom.copy_(torch.tensor([h[1] for h in first]))
+        self.nesterov.copy_(torch.tensor([h[3] for h in first]))
+        self.scale.copy_(torch.tensor([w[0] for w in now]))
+
+    # ---------------------------------------------------------------- state
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Each run's slice of the stacked state into its own module and optimizer."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        for k, s in enumerate(self.states):
+            named = dict(s.module.named_parameters())
+            momentum = s.optimizer.param_groups[0]["momentum"] != 0  # torch keeps no buffer without
+            for n in self.names:
+                named[n].copy_(self.params[n][k])
+                if momentum:
+                    s.optimizer.state[named[n]]["momentum_buffer"] = self.momentum[n][k].clone()
+            for n, b in s.module.named_buffers():
+                b.copy_(self.buffers[n][k])
+            # the fused step did this optimizer's steps: say so to its LR scheduler, which
+            # otherwise warns that it was stepped before the optimizer
+            s.optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
+def fused_epoch(fused: FusedRuns) -> Iterator[int]:
+    """One epoch of the fused runs, their batches in lockstep; yields each step. A run's
+    non-finite loss is in its ``bad_step`` (it harms no other run: they share no
+    parameter, so its NaNs reach only its own slice)."""
+    epochs = [s.begin_epoch() for s in fused.states]
+    for batches in zip(*epochs, strict=True):
+        step = batches[0][0]
+        fused.step(step, [b[1][0] for b in batches], [b[1][1] for b in batches])
+        yield step
+

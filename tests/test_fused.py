@@ -1,0 +1,135 @@
+"""Fused runs (HFTA: K runs of one architecture as one vmapped network), on the CPU:
+each run's weights, BatchNorm statistics, momentum and epoch sums match the run alone
+to float tolerance, with per-run data, labels, learning rate, momentum, Nesterov and
+weight-decay groups; a run whose loss goes non-finite touches no other run."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbgm import distributed as D
+from fastbgm.config import ConfigError
+from fastbgm.trainer import Trainer
+from fastbgm.trainer.fused import FusedRuns, fused_epoch
+
+from .conftest import run_config
+
+CPU = D.DistEnv(0, 1, 0, torch.device("cpu"))
+# one architecture, everything else its own: learning rates small enough that float noise
+# stays small, weight decays large enough that a mix-up of groups or runs shows
+RUNS = {
+    "vanilla": {"optim.lr": 0.02},
+    "momentum-l2": {"optim.lr": 0.01, "optim.momentum": 0.9, "optim.weight_decay": 0.05, "data.augment": "true",
+                    "seed": 3, "data.seed": 1},
+    "nesterov-random-labels": {"optim.lr": 0.015, "optim.momentum": 0.5, "optim.nesterov": "true",
+                               "optim.weight_decay": 0.1, "optim.wd_exclude_bn_bias": "true",
+                               "data.labels": "random", "seed": 5},
+}
+
+
+def _open(tiny_dir: Path, root: Path) -> list:
+    states = []
+    for name, over in RUNS.items():
+        t = Trainer(run_config(tiny_dir, **over, **{"stop.max_epochs": 3}), root / name)
+        t.env = CPU
+        states.append(t.open(CPU, t.check(CPU)))
+    return states
+
+
+def test_fused_runs_match_each_run_alone(tiny_dir: Path, tmp_path: Path) -> None:
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    alone = _open(tiny_dir, tmp_path / "alone")
+    for s in alone:
+        for e in range(2):
+            s.epoch = e
+            for step, (x, y, _) in s.begin_epoch():
+                s.step(step, x, y)
+    fused_states = _open(tiny_dir, tmp_path / "fused")
+    fused = FusedRuns(fused_states)
+    sums = []
+    for e in range(2):
+        for s in fused_states:
+            s.epoch = e
+        steps = list(fused_epoch(fused))
+        assert steps == list(range(4))  # 256 images, batch 64
+        sums.append([s.sums.clone() for s in fused_states])
+    fused.write_back()
+    for a, f in zip(alone, fused_states):
+        torch.testing.assert_close(f.sums, a.sums, rtol=1e-5, atol=1e-4)
+        wa, wf = a.module.state_dict(), f.module.state_dict()
+        for k in wa:
+            torch.testing.assert_close(wf[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+        for pa, pf in zip(a.module.parameters(), f.module.parameters()):
+            ma = a.optimizer.state[pa].get("momentum_buffer")
+            mf = f.optimizer.state[pf].get("momentum_buffer")
+            if ma is not None:
+                torch.testing.assert_close(mf, ma, rtol=1e-4, atol=1e-5)
+        assert int(f.bad_step) == -1
+
+
+def test_a_nonfinite_fused_run_leaves_the_others_alone(tiny_dir: Path, tmp_path: Path) -> None:
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    ref = _open(tiny_dir, tmp_path / "ref")
+    ref_fused = FusedRuns(ref)
+    poisoned = _open(tiny_dir, tmp_path / "poisoned")
+    with torch.no_grad():
+        next(poisoned[1].module.parameters()).fill_(float("nan"))
+    fused = FusedRuns(poisoned)
+    for s, r in zip(poisoned, ref):
+        s.epoch = r.epoch = 0
+    list(fused_epoch(fused))
+    list(fused_epoch(ref_fused))
+    assert int(poisoned[1].bad_step) == 0 and [int(s.bad_step) for s in (poisoned[0], poisoned[2])] == [-1, -1]
+    fused.write_back()
+    ref_fused.write_back()
+    for k in (0, 2):  # the same computation as without the poisoned run: equal
+        for pa, pb in zip(poisoned[k].module.parameters(), ref[k].module.parameters()):
+            assert torch.equal(pa, pb)
+
+
+def test_fused_runs_refuse_different_architectures(tiny_dir: Path, tmp_path: Path) -> None:
+    a = Trainer(run_config(tiny_dir), tmp_path / "a")
+    b = Trainer(run_config(tiny_dir, **{"model.width": 8}), tmp_path / "b")
+    states = []
+    for t in (a, b):
+        t.env = CPU
+        states.append(t.open(CPU, t.check(CPU)))
+    with pytest.raises(ConfigError, match="share one architecture"):
+        FusedRuns(states)
+
+
+def test_fused_runs_train_in_bfloat16_as_autocast_does(tiny_dir: Path, tmp_path: Path) -> None:
+    """autocast does not reach inside vmap: the fused step casts convolutions and linear
+    layers itself. It must land as close to the run alone in bf16 as bf16 noise allows,
+    and far closer than to the same runs in float32."""
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+
+    def weights(root: Path, precision: str, fused: bool) -> list[dict[str, torch.Tensor]]:
+        states = []
+        for name, over in list(RUNS.items())[:2]:
+            t = Trainer(run_config(tiny_dir, **over, **{"speed.precision": precision}), root / name)
+            t.env = CPU
+            states.append(t.open(CPU, t.check(CPU)))
+        f = FusedRuns(states) if fused else None
+        for s in states:
+            s.epoch = 0
+            if f is None:
+                for step, (x, y, _) in s.begin_epoch():
+                    s.step(step, x, y)
+        if f is not None:
+            list(fused_epoch(f))
+            f.write_back()
+        return [{k: v.float() for k, v in s.module.state_dict().items() if v.is_floating_point()} for s in states]
+
+    def dist(a: list, b: list) -> float:
+        return max(float((x[k] - y[k]).abs().max()) for x, y in zip(a, b) for k in x)
+
+    alone_bf16 = weights(tmp_path / "a16", "bf16", False)
+    fused_bf16 = weights(tmp_path / "f16", "bf16", True)
+    fused_fp32 = weights(tmp_path / "f32", "fp32", True)
+    assert dist(fused_bf16, alone_bf16) < 5e-3
+    assert dist(fused_bf16, fused_fp32) > 4 * dist(fused_bf16, alone_bf16)
