@@ -24,6 +24,8 @@ STOP_EXIT = 75  # EX_TEMPFAIL: stopped on request, resumable
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .trainer.config import PACK_MODES
+
     p = argparse.ArgumentParser(prog="python -m fastbgm.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, help="a run config (TOML or JSON); any key can be overridden")
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="train these run folders together, each from its planned-config.json")
     p.add_argument("--inbox", type=Path, metavar="DIR",
                    help="a pack's inbox: runs a scheduler offers join the pack between epochs (fastbgm.trainer.inbox)")
-    p.add_argument("--pack-mode", default="auto", choices=["auto", "serial", "streams", "threads", "fused"],
+    p.add_argument("--pack-mode", default="auto", choices=PACK_MODES,
                    help="how packed runs share the device (fastbgm.trainer.loop; default: threads on a GPU, "
                         "streams when every run uses step graphs, serial on a CPU; fused: runs of one "
                         "architecture as one vmapped network, equal to alone to float tolerance)")

@@ -4,9 +4,10 @@
 # It runs `python -m fastbgm.bench gpu` from this checkout, sections in the order the
 # open work needs them (see fastbgm/bench/gpu.py; --sections A,B picks some):
 # the bare batch-128 step; K = 1, 2, 4, 8 packed batch-128 runs (torch.compile's CUDA
-# graphs in threads, and step graphs on streams) with each pack's largest difference
-# from alone; the two-stage Trainer runs on real CIFAR-10, alone and packed, with and
-# without step graphs (when the --data folder holds a prepared cifar10/, or
+# graphs in threads, step graphs on streams, and fused into one vmapped network) with
+# each pack's largest difference from alone; the two-stage Trainer runs on real
+# CIFAR-10, alone, packed and fused, with and without step graphs (when the --data
+# folder holds a prepared cifar10/, or
 # cifar10-jpeg.tar.xz); the Trainer over the bare step; then the loader,
 # batch-512 training and 2-GPU DDP rows. Writes OUT/gpu.json after every section and
 # prints the table last.

@@ -111,6 +111,8 @@ CASES = [
      "--stage2.batch_size=0", "--dry-run"], ["stage2.batch_size", ">= 1"]),
     ("launch: --time abc", lambda w: ["fastbgm.launch", "--config", str(w["exp"]), "--executor", "local",
      "--time", "abc", "--dry-run"], ["not a Slurm time limit"]),
+    ("launch: --pack-mode hfta", lambda w: ["fastbgm.launch", "--config", str(w["exp"]), "--executor", "local",
+     "--pack-mode", "hfta", "--dry-run"], ["resources.pack_mode", "fused"]),
     ("launch: --config is a folder", lambda w: ["fastbgm.launch", "--config", str(w["w"]), "--executor", "local"],
      ["is a folder"]),
     ("launch: --max-parallel -1", lambda w: ["fastbgm.launch", "--config", str(w["exp"]), "--executor", "local",

@@ -447,15 +447,17 @@ def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tiny_dir: Path, tmp
     # On a CPU machine a "GPU" is a slot of cpus_per_task cores: 2 cores / 2 = one slot,
     # which takes up to 2 runs in one process.
     results_by_k = {}
-    for k in (1, 2):
+    for k in (1, 2, "2-fused"):
         d = tmp_path / f"k{k}"
         d.mkdir()
         cfg = write_experiment(d, tiny_dir, name="pack", epochs=3)
+        mode = ["--pack-mode", "fused"] if k == "2-fused" else []
+        k = 2 if k == "2-fused" else k
         out = launch("--config", str(cfg), "--executor", "local", "--runs-per-gpu", str(k), "--cpus-per-task", "2",
-                     "--no-report")
+                     "--no-report", *mode)
         assert out.returncode == 0, out.stdout[-3000:]
         root = d / "runs" / "pack"
-        results_by_k[k] = results(root)
+        results_by_k[d.name] = results(root)
         spans = [(json.loads((p.parent / "env.json").read_text())["started"], json.loads(p.read_text())["written"],
                   json.loads((p.parent / "env.json").read_text())["pid"]) for p in root.rglob("result.json")]
         for t, _, _ in spans:  # one slot: one process at a time, never more than K runs in it at once
@@ -465,9 +467,14 @@ def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tiny_dir: Path, tmp
         # K = 2: a pack takes runs that become ready as its own end, stage 2 after its stage 1
         assert max(per_pid) == 1 if k == 1 else max(per_pid) > 2, per_pid
         assert not list(root.rglob("pack-inbox*"))  # the launcher cleans up after its packs
-    for key, r in results_by_k[1].items():
+        logs = "".join(p.read_text() for p in root.rglob("train.log"))
+        assert ("train as one network" in logs) == bool(mode)
+    for key, r in results_by_k["k1"].items():
         for m in ("train_acc", "train_loss", "test_acc", "epochs"):
-            assert results_by_k[2][key][m] == r[m], (key, m)
+            assert results_by_k["k2"][key][m] == r[m], (key, m)
+        # fused: other kernels (float tolerance), the same runs
+        assert results_by_k["k2-fused"][key]["epochs"] == r["epochs"]
+        assert results_by_k["k2-fused"][key]["train_loss"] == pytest.approx(r["train_loss"], rel=1e-3), key
 
 
 @needs_multinode
@@ -489,6 +496,15 @@ def test_time_limit_warning_requeues_the_allocation_and_every_run_resumes(tiny_d
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 15))
     assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in ref]
+
+
+def test_a_packs_command_says_its_pack_mode(tmp_path: Path) -> None:
+    from fastbgm.launch.schedule import StepRun, train_command
+
+    two = [StepRun(f"r{i}", str(tmp_path / f"r{i}"), pack_mode="fused") for i in range(2)]
+    assert train_command(two)[-1] == "--pack-mode=fused"
+    assert "--pack-mode=fused" not in train_command(two[:1])  # one run alone is no pack
+    assert not any(a.startswith("--pack-mode") for a in train_command([StepRun("a", str(tmp_path / "a"))] * 2))
 
 
 def test_packs_are_filled_from_one_group_first(tmp_path: Path) -> None:

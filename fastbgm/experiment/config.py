@@ -10,7 +10,7 @@ from typing import Any
 
 from ..config import ConfigError, check
 from ..models import MODELS
-from ..trainer.config import ModelConfig, SpeedConfig
+from ..trainer.config import PACK_MODES, ModelConfig, SpeedConfig
 
 REGULARISERS = ("da", "l2", "m")  # data augmentation, weight decay, momentum
 INITS = ("random", "adversarial")
@@ -166,6 +166,7 @@ class Resources:
     gpus: int = 1  # GPUs per node (0: CPU-only nodes)
     ranks_per_run: int = 1  # processes (GPUs) one run spans: > 1 is one DDP run
     runs_per_gpu: int = 1  # one-rank runs packed onto one GPU (or CPU slot), in one process
+    pack_mode: str = "auto"  # how they share it: fastbgm.trainer.loop.PACK_MODES (fused: one network)
     ranks_per_node: int = 0  # of one run, on one node (0: as many as a node holds)
     tasks_per_node: int = 0  # CPU-only nodes: rank slots per node (0: 1)
     cpus_per_task: int = 4
@@ -183,6 +184,8 @@ class Resources:
               "ranks_per_node and tasks_per_node must be >= 0")
         check(self.jobs in JOB_MODES, "resources.jobs", f"must be allocation or per-run, got {self.jobs!r}")
         check(self.runs_per_gpu >= 1, "resources.runs_per_gpu", f"must be >= 1, got {self.runs_per_gpu}")
+        check(self.pack_mode in PACK_MODES, "resources.pack_mode",
+              f"must be one of {', '.join(PACK_MODES)}, got {self.pack_mode!r}")
         check(self.runs_per_gpu == 1 or self.jobs == "allocation", "resources.runs_per_gpu",
               "packs runs inside an allocation (or locally); with jobs = per-run each run is its own job")
         parse_time(self.time)

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks-per-run", type=int, help="GPUs (processes) one run spans; > 1 is one DDP run")
     p.add_argument("--runs-per-gpu", type=int,
                    help="one-rank runs packed onto one GPU (or CPU slot) in one process (default 1)")
+    p.add_argument("--pack-mode", help="how runs packed on one GPU share it: auto (default), serial, streams, "
+                   "threads, fused (runs of one architecture as one network; fastbgm.trainer.loop)")
     p.add_argument("--jobs", choices=["allocation", "per-run"],
                    help="slurm: one allocation for the experiment (default) or one job per run")
     p.add_argument("--cpus-per-task", type=int)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = list(rest)
     for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus"), ("ranks_per_run", "ranks_per_run"),
-                      ("runs_per_gpu", "runs_per_gpu"), ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
+                      ("runs_per_gpu", "runs_per_gpu"), ("pack_mode", "pack_mode"), ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
                       ("time", "time")):
         v = getattr(args, flag)
         if v is not None:

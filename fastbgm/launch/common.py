@@ -131,7 +131,7 @@ def closing_report(runs: list[RunSpec], console: Any, retry_cmd: str) -> bool:
 
 def step_run(r: RunSpec, res: Resources) -> StepRun:
     return StepRun(r.key, str(r.run_dir), list(r.depends_on), res.ranks_per_run, res.run_ranks_per_node,
-                   group=f"stage{r.stage}/{r.dataset}/{r.model}")
+                   group=f"stage{r.stage}/{r.dataset}/{r.model}", pack_mode=res.pack_mode)
 
 
 def stage_runs(decisions: list[Decision]) -> None:

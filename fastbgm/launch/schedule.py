@@ -41,6 +41,7 @@ class StepRun:
     # other: a pack is filled from its first run's group first, so that its runs end
     # together and the slot does not idle with one straggler for most of its life.
     group: str = ""
+    pack_mode: str = "auto"  # how a pack shares its device (fastbgm.trainer.loop.PACK_MODES)
 
     @property
     def nodes(self) -> int:
@@ -51,12 +52,13 @@ def train_command(pack: list[StepRun]) -> list[str]:
     """``-m fastbgm.train ...`` for one run or a pack, from the planned configs; with the
     pack's inbox when the scheduler opened one (it may then give the pack more runs)."""
     box = I.inbox_for(pack[0].run_dir)
+    mode = [f"--pack-mode={pack[0].pack_mode}"] if pack[0].pack_mode != "auto" else []
     if box.is_dir():
-        return ["-m", "fastbgm.train", "--pack", *(r.run_dir for r in pack), "--inbox", str(box)]
+        return ["-m", "fastbgm.train", "--pack", *(r.run_dir for r in pack), "--inbox", str(box), *mode]
     if len(pack) == 1:
         r = pack[0]
         return ["-m", "fastbgm.train", "--config", str(Path(r.run_dir) / C.PLANNED), "--run-dir", r.run_dir]
-    return ["-m", "fastbgm.train", "--pack", *(r.run_dir for r in pack)]
+    return ["-m", "fastbgm.train", "--pack", *(r.run_dir for r in pack), *mode]
 
 
 def pack_log(pack: list[StepRun]) -> Any:

@@ -8,6 +8,9 @@ from ..config import ConfigError, check
 from ..data.labels import LABEL_MODES
 from ..models import BN_INITS, MODELS
 
+# how the runs packed in one process share its device (see loop.py)
+PACK_MODES = ("auto", "serial", "streams", "threads", "fused")
+
 
 @dataclass
 class DataConfig:

@@ -54,6 +54,7 @@ from ..config import ConfigError
 from ..data.loader import DeviceLoader
 from ..fileio import exclusive_folder
 from . import checkpoint as C
+from .config import PACK_MODES
 from .fused import FusedRuns, fused_epoch, fusion_key
 from .stepgraph import StepGraphs
 from .trainer import (_STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, on_stream, resolve_speed,
@@ -61,7 +62,6 @@ from .trainer import (_STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, 
 
 log = logging.getLogger("fastbgm.trainer")
 
-PACK_MODES = ("auto", "serial", "streams", "threads", "fused")
 
 
 def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> str:
@@ -393,6 +393,8 @@ def _epoch_fused(active: dict[int, RunState], advance: Any,
             f = fusions.get(ix)
             if f is None:
                 f = fusions[ix] = FusedRuns([active[i] for i in ix])
+                log.info("%d runs train as one network: %s", len(ix), ", ".join(active[i].trainer.cfg.name
+                                                                                 for i in ix))
             else:
                 f.load()
             for _ in fused_epoch(f):
