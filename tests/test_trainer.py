@@ -506,13 +506,15 @@ def test_packed_group_resumes_after_sigkill(tiny_dir: Path, tmp_path: Path, mode
 
 def test_bench_pack_measures_k_runs_through_the_packed_loop(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "fastbgm.bench", "pack", "--device", "cpu", "--models", "small_cnn",
-                          "--runs", "1,2", "--batch-size", "16", "--steps", "2", "--out", str(tmp_path)],
+                          "--runs", "1,2", "--batch-size", "16", "--steps", "2", "--out", str(tmp_path),
+                          "--pack-modes", "serial,threads,fused"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "pack.json").read_text())["rows"]
-    assert [(r["K"], r["pack_mode"]) for r in rows] == [(1, "alone"), (2, "serial"), (2, "threads")]
+    assert [(r["K"], r["pack_mode"]) for r in rows] == [(1, "alone"), (2, "serial"), (2, "threads"), (2, "fused")]
     assert rows[0]["x_k1"] == 1.0 and all(r["images_per_s"] > 0 for r in rows) and "x K=1" in out.stdout
-    assert all(r["max_abs_diff"] == 0.0 for r in rows)  # run 0 of a pack is run 0 alone, bitwise on a CPU
+    assert all(r["max_abs_diff"] == 0.0 for r in rows[:3])  # run 0 of a pack is run 0 alone, bitwise on a CPU
+    assert 0 < rows[3]["max_abs_diff"] < 1e-3  # fused: other kernels, float noise
 
 
 def _address_space_limit(limit_bytes: int):

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
             s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
-                           "train128, pack, pack-stepgraph, pack-fused, two-stage, trainer/bare, pack-unsafe, loader, train, ddp)")
+                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, pack-fused, loader, train, ddp)")
         if name == "pack":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--runs", default="1,2,4,8", help="K values: runs packed on the device")

@@ -10,9 +10,6 @@ said so) once the time budget is spent:
   pack modes threads and serial, and how far run 0 ends from run 0 alone;
 - ``pack-stepgraph``: the same with each run's whole step one CUDA graph
   (``speed.step_graph``), pack modes streams and threads;
-- ``pack-fused``: K = 4, 8 runs fused into one vmapped network (HFTA; trainer/fused.py:
-  compiled, the whole fused step one CUDA graph), against the same K = 1 as
-  ``pack-stepgraph``;
 - ``two-stage``: stage 1 and both stage-2 runs of ResNet18 on real CIFAR-10 through the
   Trainer, alone and packed, with and without step graphs, and fused (when ``--data`` holds a
   prepared CIFAR-10, ``<data>/cifar10/train.beton`` or its resident cache, or the JPEG
@@ -20,6 +17,9 @@ said so) once the time budget is spent:
 - ``trainer/bare``: the Trainer's images/s over the bare step's (goal: >= 90%);
 - ``pack-unsafe``: torch.compile's graphs of 4 runs replayed on 4 streams, the design
   the trainer refuses (their graphs share one memory pool): its difference column;
+- ``pack-fused``: K = 4, 8 runs fused into one vmapped network (HFTA; trainer/fused.py:
+  compiled, the whole fused step one CUDA graph), against the same K = 1 as
+  ``pack-stepgraph``; last of #11's sections, as each K compiles anew;
 - ``loader``, ``train`` (batch 512, eager / compiled / CUDA graphs, loader in the loop
   or not), ``ddp`` (2 processes, when there are 2+ GPUs).
 
@@ -224,7 +224,7 @@ def _trainer_vs_bare(results: dict[str, Any]) -> list[list[Any]]:
     return out
 
 
-SECTIONS = ("train128", "pack", "pack-stepgraph", "pack-fused", "two-stage", "trainer/bare", "pack-unsafe", "loader", "train",
+SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-fused", "loader", "train",
             "ddp")
 
 
@@ -277,10 +277,12 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         return out_rows
 
     def pack_rows(key: str, models: list[str], ks: list[int], mode: str, pack_modes: tuple[str, ...],
-                  keep: Any = lambda r: True) -> list[list[Any]]:
+                  keep: Any = lambda r: True, reserve: float = 150.0) -> list[list[Any]]:
+        """A pack table; no measurement starts once only ``reserve`` seconds of the budget
+        are left (for the sections after it)."""
         from .pack import run as run_pack
 
-        res = [r for r in run_pack(device, models, ks, 128, 40, None, mode, pack_modes, deadline=deadline - 150,
+        res = [r for r in run_pack(device, models, ks, 128, 40, None, mode, pack_modes, deadline=deadline - reserve,
                                    baselines=baselines) if keep(r)]
         results[key] = res
         return [["pack", f"{r['model']} batch 128 {mode}, K={r['K']} {r['pack_mode']}"
@@ -295,13 +297,14 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     # each run's whole step one CUDA graph, replayed on its own stream
     section("pack-stepgraph", pack_rows, "pack_stepgraph", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph",
             ("streams", "threads"))
-    # K runs as one vmapped network (HFTA), its whole step one CUDA graph
-    section("pack-fused", pack_rows, "pack_fused", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph", ("fused",))
     section("two-stage", _trainer_section, device, data, work, 8, results)
     section("trainer/bare", _trainer_vs_bare, results)
     # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams
     section("pack-unsafe", pack_rows, "pack_unsafe", ["resnet18"], [1, 4], "cudagraphs", ("streams",),
             lambda r: r["K"] > 1)
+    # K runs as one vmapped network (HFTA), its whole step one CUDA graph
+    section("pack-fused", pack_rows, "pack_fused", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph", ("fused",),
+            lambda r: True, 0.0)
     section("loader", _loader_section, device, seconds)
     section("train", train_rows, 512, ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"], ("without", "with"), 40)
     section("ddp", _two_gpu_section, out or Path("."))

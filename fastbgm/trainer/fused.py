@@ -145,6 +145,9 @@ class FusedRuns:
             if fusion_key(s) is None:
                 raise ConfigError("fused runs train on one device each (dist.world = 1), not in fp16")
         self.names = [n for n, _ in first.module.named_parameters()]
+        # each run's own tensors by name (a run keeps them for life: resume loads in place)
+        self._params = [dict(s.module.named_parameters()) for s in states]
+        self._buffers = [dict(s.module.named_buffers()) for s in states]
         key = (sig, self.speed.amp_dtype)
         if key not in _BASES:  # the architecture without storage: functional_call fills it per run
             base = copy.deepcopy(first.module).to("meta").train()
@@ -153,11 +156,10 @@ class FusedRuns:
         self.forward = _forward_for(self.speed)
         self.low = low_precision_params(first.module)
         k = len(states)
-        with torch.no_grad():
-            self.params = {n: torch.stack([p.detach() for p in self._each(n)]).requires_grad_(True)
+        with torch.no_grad():  # filled by load()
+            self.params = {n: torch.stack([p[n].detach() for p in self._params]).requires_grad_(True)
                            for n in self.names}
-            self.buffers = {n: torch.stack([dict(s.module.named_buffers())[n] for s in states])
-                            for n, _ in first.module.named_buffers()}
+            self.buffers = {n: torch.stack([b[n] for b in self._buffers]) for n in self._buffers[0]}
             self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
         # per run and parameter: its group's hyper-parameters, as tensors the step reads
         # (so that a new learning rate needs no new graph)
@@ -171,26 +173,25 @@ class FusedRuns:
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         self.static_step = torch.zeros((), dtype=torch.int64, device=self.device)
         self.eager_steps = 0
+        self.full: tuple[int, ...] | None = None  # the shape of a full fused batch
         self.replays = 0
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.load()
-
-    def _each(self, name: str) -> list[torch.Tensor]:
-        return [dict(s.module.named_parameters())[name] for s in self.states]
 
     @torch.no_grad()
     def load(self) -> None:
         """Each run's module and optimizer state into the fused tensors. A run with no
         momentum buffer yet gets zeros: torch's first step (buffer = update) is then the
         same step as every other (buffer = momentum x 0 + update)."""
+        def momentum(s: "RunState", p: torch.Tensor) -> torch.Tensor:
+            buf = s.optimizer.state.get(p, {}).get("momentum_buffer")
+            return buf if buf is not None else torch.zeros_like(p)
+
         for n in self.names:
-            self.params[n].copy_(torch.stack([p.detach() for p in self._each(n)]))
-            self.momentum[n].copy_(torch.stack([
-                s.optimizer.state.get(p, {}).get("momentum_buffer") if
-                s.optimizer.state.get(p, {}).get("momentum_buffer") is not None else torch.zeros_like(p)
-                for s, p in zip(self.states, self._each(n))]))
+            self.params[n].copy_(torch.stack([p[n] for p in self._params]))
+            self.momentum[n].copy_(torch.stack([momentum(s, p[n]) for s, p in zip(self.states, self._params)]))
         for n, b in self.buffers.items():
-            b.copy_(torch.stack([dict(s.module.named_buffers())[n] for s in self.states]))
+            b.copy_(torch.stack([own[n] for own in self._buffers]))
 
     # ---------------------------------------------------------------- the step
     def step(self, step: int, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
@@ -235,7 +236,11 @@ class FusedRuns:
         for p in self.params.values():
             p.grad = None
         x = x if self.speed.amp_dtype is None else x.to(self.speed.amp_dtype)
-        loss_sum, correct = self.forward(self.base, self.low, self.speed.amp_dtype, self.params, self.buffers, x, y)
+        # the compiled forward for the epoch's full batch only: the last, smaller batch runs
+        # uncompiled rather than costing a second compilation (of every fused group)
+        self.full = self.full or tuple(x.shape)
+        forward = self.forward if tuple(x.shape) == self.full else _forward
+        loss_sum, correct = forward(self.base, self.low, self.speed.amp_dtype, self.params, self.buffers, x, y)
         (loss_sum * self.scale).sum().backward()  # runs share no parameter: each gets its own gradient
         self._sgd()
         with torch.no_grad():
@@ -272,12 +277,11 @@ class FusedRuns:
             return
         self._hyper_now = now
         group_of = [{id(p): g for g in s.optimizer.param_groups for p in g["params"]} for s in self.states]
-        params = [dict(s.module.named_parameters()) for s in self.states]
         for n in self.names:
-            hyper = [_hyper(group_of[k][id(params[k][n])]) for k in range(len(self.states))]
+            hyper = [_hyper(group_of[k][id(own[n])]) for k, own in enumerate(self._params)]
             self.lr[n].copy_(torch.tensor([h[0] for h in hyper]))
             self.wd[n].copy_(torch.tensor([h[2] for h in hyper]))
-        first = [_hyper(s.optimizer.param_groups[0]) for s in self.states]
+        first = [_hyper(s.optimizer.param_groups[0]) for s in self.states]  # one momentum per run (make_sgd)
         self.mom.copy_(torch.tensor([h[1] for h in first]))
         self.nesterov.copy_(torch.tensor([h[3] for h in first]))
         self.scale.copy_(torch.tensor([w[0] for w in now]))
@@ -288,14 +292,13 @@ class FusedRuns:
         """Each run's slice of the stacked state into its own module and optimizer."""
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        for k, s in enumerate(self.states):
-            named = dict(s.module.named_parameters())
+        for k, (s, own) in enumerate(zip(self.states, self._params)):
             momentum = s.optimizer.param_groups[0]["momentum"] != 0  # torch keeps no buffer without
             for n in self.names:
-                named[n].copy_(self.params[n][k])
+                own[n].copy_(self.params[n][k])
                 if momentum:
-                    s.optimizer.state[named[n]]["momentum_buffer"] = self.momentum[n][k].clone()
-            for n, b in s.module.named_buffers():
+                    s.optimizer.state[own[n]]["momentum_buffer"] = self.momentum[n][k].clone()
+            for n, b in self._buffers[k].items():
                 b.copy_(self.buffers[n][k])
             # the fused step did this optimizer's steps: say so to its LR scheduler, which
             # otherwise warns that it was stepped before the optimizer

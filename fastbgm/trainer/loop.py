@@ -393,8 +393,8 @@ def _epoch_fused(active: dict[int, RunState], advance: Any,
             f = fusions.get(ix)
             if f is None:
                 f = fusions[ix] = FusedRuns([active[i] for i in ix])
-                log.info("%d runs train as one network: %s", len(ix), ", ".join(active[i].trainer.cfg.name
-                                                                                 for i in ix))
+                log.info("%d runs train as one network: %s", len(ix), ", ".join(
+                    active[i].trainer.cfg.name if active[i].trainer is not None else f"run {i}" for i in ix))
             else:
                 f.load()
             for _ in fused_epoch(f):
