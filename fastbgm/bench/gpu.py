@@ -99,11 +99,12 @@ def _caches_from_archive(archive: Path, out: Path, per_class: tuple[int, int] = 
 
 
 def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
-                     results: dict[str, Any]) -> list[list[Any]]:
+                     results: dict[str, Any], deadline: float | None = None) -> list[list[Any]]:
     """Stage 1 on the confusion set, then stage 2 from it and from random init, through
     the Trainer; then both stage-2 runs packed on the GPU, and how far each ends from
     alone. Twice: with torch.compile's CUDA graphs (the default), then with step graphs
-    (``speed.step_graph``: the whole step one CUDA graph; its pack replays on streams)."""
+    (``speed.step_graph``: the whole step one CUDA graph; its pack replays on streams);
+    then fused into one network. What is left once ``deadline`` passes is skipped."""
     from fastbgm.config import load
     from fastbgm.fileio import read_jsonl
     from fastbgm.trainer import RunConfig, Trainer
@@ -166,39 +167,43 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
                   work / "stage1").run()
     record("stage1", work / "stage1", res, time.perf_counter() - t0, "compiled (reduce-overhead)")
     stage2 = {"random": [], "adversarial": [f"--init_from={work / 'stage1'}"]}
-    for graphs, label in ((False, "compiled (reduce-overhead)"), (True, "step graphs")):
-        tag = "-graphs" if graphs else ""
+
+    def alone(graphs: bool, label: str) -> None:
         for init, extra in stage2.items():
-            d = work / f"stage2-{init}{tag}"
+            d = work / f"stage2-{init}{'-graphs' if graphs else ''}"
             t0 = time.perf_counter()
             res = Trainer(config(f"stage2-{init}", graphs, *extra), d).run()
             record(f"stage2-{init}", d, res, time.perf_counter() - t0, label)
-        # both stage-2 runs in one pack (pack mode auto: threads, or streams with step graphs)
+
+    def together(graphs: bool, label: str, mode: str) -> None:
+        """Both stage-2 runs in one pack, and how far each ends from alone."""
+        tag = f"{mode}{'-graphs' if graphs else ''}"
         t0 = time.perf_counter()
-        packed = train_runs([Trainer(config(f"stage2-{init}", graphs, *extra), work / f"packed-{init}{tag}")
-                             for init, extra in stage2.items()])
+        packed = train_runs([Trainer(config(f"stage2-{init}", graphs, *extra), work / f"{tag}-{init}")
+                             for init, extra in stage2.items()], pack_mode=mode)
         wall = time.perf_counter() - t0
-        diff = max(max_diff(work / f"stage2-{i}{tag}", work / f"packed-{i}{tag}") for i in stage2)
-        results.setdefault("packed_vs_alone", []).append({"label": label, "max_abs_diff": diff, "wall_s": wall,
-                                                          "results": packed})
-        rows.append(["two-stage", f"both stage-2 runs packed vs alone, {label}",
-                     pack_ips([work / f"packed-{i}{tag}" for i in stage2]),
+        diff = max(max_diff(work / f"stage2-{i}{'-graphs' if graphs else ''}", work / f"{tag}-{i}") for i in stage2)
+        results.setdefault("packed_vs_alone", []).append({"label": label, "pack_mode": mode, "max_abs_diff": diff,
+                                                          "wall_s": wall, "results": packed})
+        rows.append(["two-stage", f"both stage-2 runs packed ({mode}) vs alone, {label}",
+                     pack_ips([work / f"{tag}-{i}" for i in stage2]),
                      f"max |dw| {diff:.3g}; status " + ", ".join(r.get("status", "?") for r in packed)
                      + "; test acc " + ", ".join(f"{r.get('test_acc') or float('nan'):.4f}" for r in packed)
                      + f"; wall {wall:.0f}s"])
-    # both stage-2 runs fused into one network (HFTA, pack mode fused): float tolerance
-    t0 = time.perf_counter()
-    fused = train_runs([Trainer(config(f"stage2-{init}", False, *extra), work / f"fused-{init}")
-                        for init, extra in stage2.items()], pack_mode="fused")
-    wall = time.perf_counter() - t0
-    diff = max(max_diff(work / f"stage2-{i}", work / f"fused-{i}") for i in stage2)
-    results.setdefault("packed_vs_alone", []).append({"label": "fused", "max_abs_diff": diff, "wall_s": wall,
-                                                      "results": fused})
-    rows.append(["two-stage", "both stage-2 runs fused (one vmapped network) vs alone",
-                 pack_ips([work / f"fused-{i}" for i in stage2]),
-                 f"max |dw| {diff:.3g}; status " + ", ".join(r.get("status", "?") for r in fused)
-                 + "; test acc " + ", ".join(f"{r.get('test_acc') or float('nan'):.4f}" for r in fused)
-                 + f"; wall {wall:.0f}s"])
+
+    compiled, graphed = "compiled (reduce-overhead)", "step graphs"
+    # in the order they matter: the Trainer alone (against the bare step), packed in the
+    # default modes (threads; streams with step graphs), then fused into one network
+    # (HFTA: float tolerance); each skipped once the budget is spent
+    for what, step in ((f"stage 2 alone, {compiled}", lambda: alone(False, compiled)),
+                       (f"stage 2 packed, {compiled}", lambda: together(False, compiled, "auto")),
+                       (f"stage 2 alone, {graphed}", lambda: alone(True, graphed)),
+                       (f"stage 2 packed, {graphed}", lambda: together(True, graphed, "auto")),
+                       (f"stage 2 fused, {compiled}", lambda: together(False, compiled, "fused"))):
+        if deadline is not None and time.time() > deadline:
+            rows.append(["two-stage", what, float("nan"), "skipped: time budget spent"])
+        else:
+            step()
     diff = max_diff(work / "stage2-random", work / "stage2-random-graphs")
     results["graphs_vs_compiled"] = diff
     rows.append(["two-stage", "stage2-random: step graphs vs compiled (other kernels: float noise)", float("nan"),
@@ -297,7 +302,7 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     # each run's whole step one CUDA graph, replayed on its own stream
     section("pack-stepgraph", pack_rows, "pack_stepgraph", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph",
             ("streams", "threads"))
-    section("two-stage", _trainer_section, device, data, work, 8, results)
+    section("two-stage", _trainer_section, device, data, work, 8, results, deadline)
     section("trainer/bare", _trainer_vs_bare, results)
     # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams
     section("pack-unsafe", pack_rows, "pack_unsafe", ["resnet18"], [1, 4], "cudagraphs", ("streams",),
