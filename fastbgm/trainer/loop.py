@@ -63,7 +63,6 @@ from .trainer import (_STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, 
 log = logging.getLogger("fastbgm.trainer")
 
 
-
 def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> str:
     """The way a pack shares ``device`` (see the module's docstring)."""
     if mode not in PACK_MODES:
