@@ -129,13 +129,18 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
                           "step_graph": "true" if step_graph else "false"}}
         return load(RunConfig, None, [f"--name={name}", *extra], base=base)
 
-    def record(name: str, run_dir: Path, res: dict[str, Any], wall: float, label: str) -> None:
+    def steady(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+        """A run's metrics rows, those after its first epoch (compilation, graph capture), and
+        their mean images/s."""
         m = read_jsonl(run_dir / C.METRICS)
-        steady = m[1:] or m
-        ips = sum(r["images_per_s"] for r in steady) / max(1, len(steady))
-        mfu = [r["mfu"] for r in steady if r.get("mfu")]
-        extras = (sum(r.get("eval_seconds", 0) + r.get("checkpoint_seconds", 0) for r in steady)
-                  / max(1e-9, sum(r["epoch_seconds"] for r in steady)))
+        after = m[1:] or m
+        return m, after, sum(r["images_per_s"] for r in after) / max(1, len(after))
+
+    def record(name: str, run_dir: Path, res: dict[str, Any], wall: float, label: str) -> None:
+        m, steady_rows, ips = steady(run_dir)
+        mfu = [r["mfu"] for r in steady_rows if r.get("mfu")]
+        extras = (sum(r.get("eval_seconds", 0) + r.get("checkpoint_seconds", 0) for r in steady_rows)
+                  / max(1e-9, sum(r["epoch_seconds"] for r in steady_rows)))
         results.setdefault("two_stage", []).append({"run": name, "label": label, "images_per_s": ips, "wall_s": wall,
                                                     "eval_over_train": extras, "result": res})
         if res.get("status") != "done":
@@ -148,13 +153,8 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
                      + f"per-epoch extras {100 * extras:.0f}% of training time, wall {wall:.0f}s"])
 
     def pack_ips(dirs: list[Path]) -> float:
-        """The pack's images/s: its runs' steady epochs summed (each run's row counts its own images)."""
-        total = 0.0
-        for d in dirs:
-            m = read_jsonl(d / C.METRICS)
-            steady = m[1:] or m
-            total += sum(r["images_per_s"] for r in steady) / max(1, len(steady))
-        return total
+        """The pack's images/s: its runs' steady images/s summed (each run's row counts its own images)."""
+        return sum(steady(d)[2] for d in dirs)
 
     def max_diff(a: Path, b: Path) -> float:
         if not ((a / C.FINAL).exists() and (b / C.FINAL).exists()):
@@ -168,9 +168,12 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
     record("stage1", work / "stage1", res, time.perf_counter() - t0, "compiled (reduce-overhead)")
     stage2 = {"random": [], "adversarial": [f"--init_from={work / 'stage1'}"]}
 
+    def alone_dir(init: str, graphs: bool) -> Path:
+        return work / f"stage2-{init}{'-graphs' if graphs else ''}"
+
     def alone(graphs: bool, label: str) -> None:
         for init, extra in stage2.items():
-            d = work / f"stage2-{init}{'-graphs' if graphs else ''}"
+            d = alone_dir(init, graphs)
             t0 = time.perf_counter()
             res = Trainer(config(f"stage2-{init}", graphs, *extra), d).run()
             record(f"stage2-{init}", d, res, time.perf_counter() - t0, label)
@@ -182,7 +185,7 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
         packed = train_runs([Trainer(config(f"stage2-{init}", graphs, *extra), work / f"{tag}-{init}")
                              for init, extra in stage2.items()], pack_mode=mode)
         wall = time.perf_counter() - t0
-        diff = max(max_diff(work / f"stage2-{i}{'-graphs' if graphs else ''}", work / f"{tag}-{i}") for i in stage2)
+        diff = max(max_diff(alone_dir(i, graphs), work / f"{tag}-{i}") for i in stage2)
         results.setdefault("packed_vs_alone", []).append({"label": label, "pack_mode": mode, "max_abs_diff": diff,
                                                           "wall_s": wall, "results": packed})
         rows.append(["two-stage", f"both stage-2 runs packed ({mode}) vs alone, {label}",
@@ -204,7 +207,7 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
             rows.append(["two-stage", what, float("nan"), "skipped: time budget spent"])
         else:
             step()
-    diff = max_diff(work / "stage2-random", work / "stage2-random-graphs")
+    diff = max_diff(alone_dir("random", False), alone_dir("random", True))
     results["graphs_vs_compiled"] = diff
     rows.append(["two-stage", "stage2-random: step graphs vs compiled (other kernels: float noise)", float("nan"),
                  f"max |dw| {diff:.3g}"])

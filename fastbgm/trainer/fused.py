@@ -54,11 +54,12 @@ def signature(module: nn.Module) -> tuple:
 
 
 def fusion_key(s: "RunState") -> tuple | None:
-    """Runs with equal keys can be fused (same architecture, speed switches and batches);
-    None: this run cannot be (it spans several ranks, or trains in fp16)."""
+    """Runs with equal keys can be fused (same architecture, speed switches and batch
+    shapes, step by step); None: this run cannot be (it spans several ranks, or trains
+    in fp16)."""
     if s.env.world != 1 or s.speed.precision == "fp16":  # fp16 needs a GradScaler: its checks are host syncs
         return None
-    return signature(s.module), s.speed, tuple(s.train.order.global_batch_sizes())
+    return signature(s.module), s.speed, tuple(s.train.order.global_batch_sizes()), s.train.image_shape
 
 
 _BASES: dict[tuple, nn.Module] = {}  # one storage-less copy per architecture: compiled code is reused
@@ -135,15 +136,17 @@ class FusedRuns:
         first = states[0]
         self.device, self.speed = first.env.device, first.speed
         self.cuda = self.device.type == "cuda"
-        sig = signature(first.module)
-        for s in states:
-            if signature(s.module) != sig:
+        keys = [fusion_key(s) for s in states]
+        if None in keys:
+            raise ConfigError("fused runs train on one device each (dist.world = 1), not in fp16")
+        for s, key in zip(states, keys):
+            if key[0] != keys[0][0]:
                 raise ConfigError("fused runs must share one architecture: "
                                   f"{type(s.module).__name__} differs from {type(first.module).__name__}")
-            if s.speed != self.speed:
-                raise ConfigError(f"fused runs must share the speed switches: {s.speed} vs {self.speed}")
-            if fusion_key(s) is None:
-                raise ConfigError("fused runs train on one device each (dist.world = 1), not in fp16")
+            if key != keys[0]:  # (so every step's batches stack: no check per step)
+                raise ConfigError(f"fused runs must share the speed switches and batch shapes: {s.speed}, "
+                                  f"images {s.train.image_shape} vs {self.speed}, images {first.train.image_shape}")
+        sig = keys[0][0]
         self.names = [n for n, _ in first.module.named_parameters()]
         # each run's own tensors by name (a run keeps them for life: resume loads in place)
         self._params = [dict(s.module.named_parameters()) for s in states]
@@ -197,10 +200,6 @@ class FusedRuns:
     def step(self, step: int, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> None:
         """One optimizer step of every run, run k on batch (xs[k], ys[k])."""
         self._set_hyper(step)
-        shape = (tuple(xs[0].shape), tuple(ys[0].shape))
-        if any((tuple(x.shape), tuple(y.shape)) != shape for x, y in zip(xs, ys)):
-            raise ConfigError("fused runs must take batches of one shape: "
-                              + ", ".join(str(tuple(x.shape)) for x in xs))
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with on_stream(self.stream):
