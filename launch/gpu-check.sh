@@ -9,8 +9,8 @@
 # CIFAR-10, alone, packed and fused, with and without step graphs (when the --data
 # folder holds a prepared cifar10/, or
 # cifar10-jpeg.tar.xz); the Trainer over the bare step; then the loader,
-# batch-512 training and 2-GPU DDP rows. Writes OUT/gpu.json after every section and
-# prints the table last.
+# batch-512 training, 2-GPU DDP rows and the loop's host cost per step. Writes
+# OUT/gpu.json after every section and prints the table last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

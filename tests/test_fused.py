@@ -1,6 +1,6 @@
 """Fused runs (HFTA: K runs of one architecture as one vmapped network), on the CPU:
-each run's weights, BatchNorm statistics, momentum and epoch sums match the run alone
-to float tolerance, with per-run data, labels, learning rate, momentum, Nesterov and
+each run's weights, BatchNorm statistics, momentum, per-step losses and correct counts
+match the run alone to float tolerance, with per-run data, labels, learning rate, momentum, Nesterov and
 weight-decay groups; a run whose loss goes non-finite touches no other run."""
 
 from __future__ import annotations
@@ -50,16 +50,15 @@ def test_fused_runs_match_each_run_alone(tiny_dir: Path, tmp_path: Path) -> None
                 s.step(step, x, y)
     fused_states = _open(tiny_dir, tmp_path / "fused")
     fused = FusedRuns(fused_states)
-    sums = []
     for e in range(2):
         for s in fused_states:
             s.epoch = e
         steps = list(fused_epoch(fused))
         assert steps == list(range(4))  # 256 images, batch 64
-        sums.append([s.sums.clone() for s in fused_states])
     fused.write_back()
     for a, f in zip(alone, fused_states):
-        torch.testing.assert_close(f.sums, a.sums, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(f.losses, a.losses, rtol=1e-5, atol=1e-4)
+        assert torch.equal(f.hits, a.hits)
         wa, wf = a.module.state_dict(), f.module.state_dict()
         for k in wa:
             torch.testing.assert_close(wf[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -68,7 +67,7 @@ def test_fused_runs_match_each_run_alone(tiny_dir: Path, tmp_path: Path) -> None
             mf = f.optimizer.state[pf].get("momentum_buffer")
             if ma is not None:
                 torch.testing.assert_close(mf, ma, rtol=1e-4, atol=1e-5)
-        assert int(f.bad_step) == -1
+        assert f.first_bad_step() == -1
 
 
 def test_a_nonfinite_fused_run_leaves_the_others_alone(tiny_dir: Path, tmp_path: Path) -> None:
@@ -83,7 +82,7 @@ def test_a_nonfinite_fused_run_leaves_the_others_alone(tiny_dir: Path, tmp_path:
         s.epoch = r.epoch = 0
     list(fused_epoch(fused))
     list(fused_epoch(ref_fused))
-    assert int(poisoned[1].bad_step) == 0 and [int(s.bad_step) for s in (poisoned[0], poisoned[2])] == [-1, -1]
+    assert poisoned[1].first_bad_step() == 0 and [s.first_bad_step() for s in (poisoned[0], poisoned[2])] == [-1, -1]
     fused.write_back()
     ref_fused.write_back()
     for k in (0, 2):  # the same computation as without the poisoned run: equal

@@ -119,6 +119,24 @@ def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:
         assert "skipped: only one GPU" in _two_gpu_section(tmp_path)[0][3]
 
 
+def test_gpu_check_holds_the_loop_and_the_trainer_to_the_bare_step() -> None:
+    from fastbgm.bench.gpu import _trainer_vs_bare
+
+    results = {
+        "train": [{"model": "resnet18", "batch": 128, "mode": "cudagraphs-bf16", "loader": False, "images_per_s": 40e3}],
+        "pack": [{"model": "resnet18", "K": 1, "images_per_s": 38e3}, {"model": "resnet18", "K": 4, "images_per_s": 9e4}],
+        "two_stage": [{"run": "stage1", "label": "step graphs", "images_per_s": 1.0, "result": {"status": "done"}},
+                      *({"run": r, "label": "step graphs", "images_per_s": ips, "result": {"status": "done"}}
+                        for r, ips in (("random", 35e3), ("adversarial", 37e3)))],
+    }
+    rows = _trainer_vs_bare(results)
+    assert results["loop_over_bare"] == {"compiled (reduce-overhead)": 0.95}
+    assert results["trainer_over_bare"] == {"step graphs": 0.9}
+    assert "skipped" in next(r[3] for r in rows if r[1] == "compiled (reduce-overhead)")  # no Trainer rows for it
+    alone = {"pack": results["pack"]}  # no bare step: nothing to hold the loop to
+    assert all("skipped" in r[3] for r in _trainer_vs_bare(alone)) and "loop_over_bare" not in alone
+
+
 def test_cache_only_prepare_trains_without_ffcv(tmp_path: Path) -> None:
     """What a GPU box without ffcv does: images -> manifest + resident cache -> training."""
     import subprocess

@@ -1,4 +1,4 @@
-"""``python -m fastbgm.bench {loader,train,pack,gpu,faults} [options]``"""
+"""``python -m fastbgm.bench {loader,train,pack,overhead,gpu,faults} [options]``"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbgm.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("loader", "train", "pack", "gpu", "faults"):
+    for name in ("loader", "train", "pack", "overhead", "gpu", "faults"):
         s = sub.add_parser(name)
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--data", type=Path, default=Path("bench-out/data"), help="where bench datasets are cached")
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
             s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
-                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, pack-fused, loader, train, ddp)")
+                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, pack-fused, loader, train, ddp, "
+                           "overhead)")
         if name == "pack":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--runs", default="1,2,4,8", help="K values: runs packed on the device")
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
                            default="auto", help="auto: cudagraphs (torch.compile's) on a GPU, eager on a CPU; "
                            "stepgraph: each run's whole step one CUDA graph")
+        if name == "overhead":
+            s.add_argument("--steps", type=int, default=100, help="steps per timed epoch")
+            s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
+                           default="auto", help="auto: cudagraphs on a GPU, eager (ops counted) on a CPU")
         if name == "faults":
             s.add_argument("--faults", type=int, default=50, help="how many faults to inject")
             s.add_argument("--seed", type=int, default=0, help="chooses the faults and their moments")
@@ -91,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_pack(device, args.models.split(","), [int(k) for k in args.runs.split(",")], args.batch_size, args.steps,
                  args.out, args.mode, tuple(args.pack_modes.split(",")))
+    elif args.what == "overhead":
+        from .overhead import run as run_overhead
+
+        run_overhead(device, args.steps, args.out, args.mode)
     elif args.what == "train":
         from .train import run as run_train
 

@@ -21,7 +21,10 @@ said so) once the time budget is spent:
   compiled, the whole fused step one CUDA graph), against the same K = 1 as
   ``pack-stepgraph``; last of #11's sections, as each K compiles anew;
 - ``loader``, ``train`` (batch 512, eager / compiled / CUDA graphs, loader in the loop
-  or not), ``ddp`` (2 processes, when there are 2+ GPUs).
+  or not), ``ddp`` (2 processes, when there are 2+ GPUs);
+- ``overhead``: what the training loop adds to a step on the host, ops (eager) and
+  microseconds (eager, torch.compile's CUDA graphs, step graphs), for a tiny model
+  (bench/overhead.py).
 
 Writes ``gpu.json`` (updated after every section) and prints the table last.
 """
@@ -219,6 +222,14 @@ def _trainer_vs_bare(results: dict[str, Any]) -> list[list[Any]]:
     bare = next((r["images_per_s"] for r in results.get("train", []) if r["model"] == "resnet18"
                  and r["batch"] == 128 and r["mode"] == "cudagraphs-bf16" and not r["loader"]), None)
     out = []
+    # the step loop alone (one run through the packed loop, its loader in the loop, no
+    # per-epoch extras) separates the per-step overhead from the epochs' evaluation etc.
+    for key, label in (("pack", "compiled (reduce-overhead)"), ("pack_stepgraph", "step graphs")):
+        loop = next((r["images_per_s"] for r in results.get(key, []) if r["model"] == "resnet18" and r["K"] == 1), None)
+        if bare is not None and loop is not None:
+            results.setdefault("loop_over_bare", {})[label] = loop / bare
+            out.append(["trainer/bare", f"resnet18 batch 128: training loop, one run ({label}) vs bare compiled step",
+                        loop, f"{100 * loop / bare:.0f}% of the bare step's {bare:,.0f} img/s"])
     for label in ("compiled (reduce-overhead)", "step graphs"):
         runs = [r for r in results.get("two_stage", []) if r["run"] != "stage1" and r["label"] == label
                 and r["result"].get("status") == "done"]
@@ -232,8 +243,24 @@ def _trainer_vs_bare(results: dict[str, Any]) -> list[list[Any]]:
     return out
 
 
-SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-fused", "loader", "train",
-            "ddp")
+def _overhead_section(device: torch.device, results: dict[str, Any]) -> list[list[Any]]:
+    """The loop's own host cost per step in each step mode (bench/overhead.py)."""
+    from .overhead import run as run_overhead
+
+    rows = []
+    for mode in ("eager", "cudagraphs", "stepgraph"):
+        res = run_overhead(device, 100, None, mode)
+        results.setdefault("overhead", {})[mode] = res["rows"]
+        bare, _, loop, own = res["rows"]
+        ops = f", {own['ops_per_step']:.1f} ops" if "ops_per_step" in own else ""
+        rows.append(["overhead", f"tiny model batch 128 {mode}: the loop's own per step", float("nan"),
+                     f"{own['us_per_step']:.0f} us{ops} (bare step {bare['us_per_step']:.0f} us, loop step "
+                     f"{loop['us_per_step']:.0f} us)"])
+    return rows
+
+
+SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-fused", "loader",
+            "train", "ddp", "overhead")
 
 
 def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0,
@@ -316,6 +343,7 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     section("loader", _loader_section, device, seconds)
     section("train", train_rows, 512, ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"], ("without", "with"), 40)
     section("ddp", _two_gpu_section, out or Path("."))
+    section("overhead", _overhead_section, device, results)
     results["wall_seconds"] = time.time() - start
     write_json(out, "gpu", results)
     print_table(f"fastbgm GPU check ({results['wall_seconds']:.0f} s)", ["section", "what", "images/s", "notes"], rows)

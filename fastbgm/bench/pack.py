@@ -31,9 +31,9 @@ PACK_MODES = tuple(m for m in LOOP_PACK_MODES if m != "auto")
 
 
 def _state(name: str, seed: int, images: Any, labels: Any, batch: int, speed: Speed, device: torch.device,
-           packed: bool, graphs: bool = True) -> RunState:
+           packed: bool, graphs: bool = True, **model_kw: Any) -> RunState:
     torch.manual_seed(seed)
-    module = build_model(name, 10).to(device)
+    module = build_model(name, 10, **model_kw).to(device)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
     model = torch.compile(module, mode=None if speed.compile_mode == "default" else speed.compile_mode) \

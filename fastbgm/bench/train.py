@@ -31,6 +31,22 @@ def synthetic_arrays(n: int, resolution: int = 32, seed: int = 0) -> tuple[np.nd
     return np.stack([split.image(i) for i in range(n)]), split.labels
 
 
+def bare_step(fwd: Any, opt: torch.optim.Optimizer, precision: str, device: torch.device) -> Any:
+    """The bare training step the trainer is held to: forward, mean loss, backward, SGD."""
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = fwd(x)
+        else:
+            out = fwd(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def measure(name: str, batch_size: int, mode: str, device: torch.device, steps: int,
             loaders: dict[str, Any | None], input_shape: tuple[int, int, int] = (3, 32, 32)) -> list[dict[str, Any]]:
     """Build and (maybe) compile the model once, then time each entry of ``loaders``
@@ -49,17 +65,7 @@ def measure(name: str, batch_size: int, mode: str, device: torch.device, steps: 
     y0 = torch.randint(0, 10, (batch_size,), device=device)
     peak = peak_flops(device, precision)
 
-    def step(x, y):
-        if precision == "bf16":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                out = fwd(x)
-        else:
-            out = fwd(x)
-        loss = F.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = bare_step(fwd, opt, precision, device)
     rows = []
     def batches(loader: Any | None):
         while True:

@@ -8,7 +8,8 @@ parameters are stacked (one tensor per parameter, runs first) and the step is
 ``torch.func.vmap`` over the run dimension, so a convolution of K runs is one grouped
 convolution and a BatchNorm of K runs one BatchNorm over K times the channels: kernels
 K times the size, as many as one run launches. On a GPU the whole fused step
-(forward, loss, backward, SGD, each run's sums and non-finite check) is one CUDA graph.
+(forward, loss, backward, SGD, each run's record of its loss and correct count) is one
+CUDA graph.
 
 Each run keeps its own data (its loader's batch), initial weights, BatchNorm
 statistics, loss scale, learning rate, momentum, Nesterov switch and weight decay
@@ -243,12 +244,8 @@ class FusedRuns:
         (loss_sum * self.scale).sum().backward()  # runs share no parameter: each gets its own gradient
         self._sgd()
         with torch.no_grad():
-            n = torch.full_like(loss_sum, float(y.shape[1]), dtype=torch.float64)
-            stats = torch.stack([loss_sum.detach().double(), correct.double(), n], 1)
-            at = step if isinstance(step, torch.Tensor) else torch.full((), step, device=self.device)
             for k, s in enumerate(self.states):
-                s.sums.add_(stats[k])
-                s.bad_step.copy_(torch.where((s.bad_step < 0) & ~torch.isfinite(loss_sum[k]), at, s.bad_step))
+                s.tally(step, loss_sum[k], correct[k])
 
     @torch.no_grad()
     def _sgd(self) -> None:
@@ -306,8 +303,8 @@ class FusedRuns:
 
 def fused_epoch(fused: FusedRuns) -> Iterator[int]:
     """One epoch of the fused runs, their batches in lockstep; yields each step. A run's
-    non-finite loss is in its ``bad_step`` (it harms no other run: they share no
-    parameter, so its NaNs reach only its own slice)."""
+    non-finite loss is in its record (:meth:`RunState.first_bad_step`), and harms no other
+    run: they share no parameter, so its NaNs reach only its own slice."""
     epochs = [s.begin_epoch() for s in fused.states]
     for batches in zip(*epochs, strict=True):
         step = batches[0][0]

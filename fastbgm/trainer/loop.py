@@ -118,15 +118,17 @@ class RunState:
     def __post_init__(self) -> None:
         self._thread: ThreadPoolExecutor | None = None
         dev = self.env.device
-        self.sums = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count (this epoch)
-        self.bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
+        # each step's loss sum and correct count, this epoch: two small writes a step (every
+        # launch counts in a host-bound batch-128 step), read once at the epoch's end and
+        # for the non-finite check. Allocated once: a captured step writes into them.
+        steps = len(self.train)
+        self.losses = torch.zeros(steps, dtype=torch.float32, device=dev)
+        self.hits = torch.zeros(steps, dtype=torch.int64, device=dev)
         self.sizes: list[int] = []
 
     def begin_epoch(self) -> Iterator[tuple[int, tuple]]:
         self.model.train()
         self.train.set_epoch(self.epoch)
-        self.sums.zero_()
-        self.bad_step.fill_(-1)
         self.sizes = self.train.order.global_batch_sizes()
         return enumerate(self.train)
 
@@ -137,9 +139,26 @@ class RunState:
         else:
             self.body(x, y, self.env.world / self.sizes[step], step)
         if step % 20 == 19 or step == len(self.sizes) - 1:  # a host sync only every 20 steps
-            flag = D.all_reduce_sum(torch.stack([(self.bad_step >= 0).long(), self.bad_step.clamp(min=0)]))
-            if flag[0] > 0:
+            bad = ~torch.isfinite(self.losses[: step + 1])
+            found = bad.any()
+            flag = D.all_reduce_sum(torch.stack([found.long(), torch.where(found, bad.int().argmax(), 0)]))
+            if flag[0] > 0:  # (the ranks that saw one: their first steps' mean)
                 raise NonFiniteLoss(self.epoch + 1, int(flag[1]) // int(flag[0]))
+
+    def first_bad_step(self) -> int:
+        """This epoch's first step whose loss was not finite; -1 when none was."""
+        bad = ~torch.isfinite(self.losses)
+        return int(bad.int().argmax()) if bool(bad.any()) else -1
+
+    def tally(self, step: int | torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        """Record one step's loss sum and correct count (``step`` a tensor in a captured step)."""
+        if isinstance(step, torch.Tensor):
+            at = step.view(1)
+            self.losses.index_copy_(0, at, loss_sum.detach().view(1))
+            self.hits.index_copy_(0, at, correct.view(1))
+        else:
+            self.losses[step] = loss_sum.detach()
+            self.hits[step] = correct
 
     def body(self, x: torch.Tensor, y: torch.Tensor, scale: float, step: int | torch.Tensor) -> None:
         """The step's work: forward, loss, backward, SGD, the epoch's sums. Everything it
@@ -160,15 +179,15 @@ class RunState:
             loss.backward()
             self.optimizer.step()
         with torch.no_grad():
-            at = step if isinstance(step, torch.Tensor) else torch.full_like(self.bad_step, step)
-            self.bad_step.copy_(torch.where((self.bad_step < 0) & ~torch.isfinite(loss_sum), at, self.bad_step))
-            self.sums += torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double(),
-                                      torch.full((), float(len(y)), device=y.device, dtype=torch.float64)])
+            self.tally(step, loss_sum, (out.argmax(1) == y).sum())
 
     def epoch_means(self) -> tuple[float, float, int]:
-        D.all_reduce_sum(self.sums)
-        s = self.sums
-        return (s[0] / s[2]).item(), (s[1] / s[2]).item(), int(s[2].item())
+        """The epoch's mean loss and accuracy over every rank's images, and their number."""
+        sums = torch.stack([self.losses.double().sum(), self.hits.sum().double()])
+        D.all_reduce_sum(sums)
+        n = sum(self.sizes)  # the ranks' shares of the global batches add up to these
+        loss, hits = sums.tolist()
+        return loss / n, hits / n, n
 
 
 def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
@@ -408,6 +427,7 @@ def _epoch_fused(active: dict[int, RunState], advance: Any,
             continue
         for i in ix:  # a non-finite loss fails its own run only
             s = active[i]
-            if int(s.bad_step) >= 0:
-                failed[i] = NonFiniteLoss(s.epoch + 1, int(s.bad_step))
+            bad = s.first_bad_step()
+            if bad >= 0:
+                failed[i] = NonFiniteLoss(s.epoch + 1, bad)
     return failed

@@ -3,7 +3,7 @@
 At the paper's batch 128 a GPU step is bound by the host, not the GPU: even with
 ``torch.compile``'s CUDA graphs around forward and backward, the loss, the optimizer and
 the metrics are launched kernel by kernel from Python. Here the *whole* step (forward,
-loss, backward, SGD, the epoch's sums and the non-finite check) is captured once and
+loss, backward, SGD, the record of the step's loss and correct count) is captured once and
 then replayed: one launch per step, plus copying the batch into the graph's inputs.
 
 Exactness: a replay runs the very kernels, with the very arguments, that the captured
