@@ -132,3 +132,30 @@ def test_fused_runs_train_in_bfloat16_as_autocast_does(tiny_dir: Path, tmp_path:
     fused_fp32 = weights(tmp_path / "f32", "fp32", True)
     assert dist(fused_bf16, alone_bf16) < 5e-3
     assert dist(fused_bf16, fused_fp32) > 4 * dist(fused_bf16, alone_bf16)
+
+
+def test_each_fused_group_compiles_on_its_own_past_the_recompile_limit(tiny_dir: Path, tmp_path: Path) -> None:
+    """torch.compile keeps at most recompile_limit variants of one function and runs it
+    uncompiled past that: a long-lived pack sees many fused groups (of 2, 3, ... runs, of
+    several architectures). Each group's forward is a function of its own, so with a
+    limit of 1 a group of 3 after a group of 2 still compiles."""
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    from torch._dynamo.utils import counters
+
+    def one_step(k: int) -> int:
+        states = []
+        for i, (name, over) in enumerate(list(RUNS.items())[:k]):
+            t = Trainer(run_config(tiny_dir, **over, **{"speed.compile": "true", "model.depth": 1, "model.width": 4}),
+                        tmp_path / f"k{k}" / name)
+            t.env = CPU
+            states.append(t.open(CPU, t.check(CPU)))
+        f = FusedRuns(states)
+        for s in states:
+            s.epoch = 0
+        before = counters["stats"]["unique_graphs"]
+        next(fused_epoch(f))
+        return counters["stats"]["unique_graphs"] - before
+
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert one_step(2) > 0
+        assert one_step(3) > 0  # compiled, not run eagerly past the limit

@@ -196,6 +196,39 @@ def test_nan_loss_fails_with_epoch_and_step(tiny_dir: Path, tmp_path: Path) -> N
     assert f"epoch {saved['epoch']}, step {saved['step']}" in saved["reason"]
 
 
+def test_a_nonfinite_loss_inside_an_epoch_is_found_at_its_step_without_a_wait_each_check(
+        tiny_dir: Path, tmp_path: Path) -> None:
+    """Inside an epoch the loop reads the previous check's flag (no wait for the GPU): a
+    loss that goes non-finite at step 6 stops the epoch at the second check after it
+    (step 39), and the failure names step 6. The epoch's last step waits for its own
+    check: a loss that goes non-finite there fails the epoch before its checkpoint."""
+    from fastbgm import distributed as D
+    from fastbgm.trainer.loop import CHECK_EVERY, NonFiniteLoss
+
+    cpu = D.DistEnv(0, 1, 0, torch.device("cpu"))
+
+    def epoch_poisoned_at(poison: int) -> tuple[NonFiniteLoss, list[int]]:
+        t = Trainer(run_config(tiny_dir, **{"optim.batch_size": 4, "model.batchnorm": "false"}),
+                    tmp_path / str(poison))
+        t.env = cpu
+        s = t.open(cpu, t.check(cpu))
+        assert len(s.train) == 64
+        taken = []
+        with pytest.raises(NonFiniteLoss) as e:
+            for step, (x, y, _) in s.begin_epoch():
+                if step == poison:
+                    with torch.no_grad():
+                        next(s.module.parameters()).fill_(float("nan"))
+                taken.append(step)
+                s.step(step, x, y)
+        return e.value, taken
+
+    e, taken = epoch_poisoned_at(6)
+    assert (e.epoch, e.step) == (1, 6) and taken[-1] == 2 * CHECK_EVERY - 1
+    e, taken = epoch_poisoned_at(63)
+    assert (e.epoch, e.step) == (1, 63) and taken[-1] == 63
+
+
 def test_error_while_being_requeued_is_not_recorded_as_failure(tiny_dir: Path, tmp_path: Path) -> None:
     """A scheduler's preemption handler (submitit's, via RunJob.checkpoint) marks the
     process before requeueing; if the requeue machinery then raises inside the loop,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -64,7 +65,7 @@ def fusion_key(s: "RunState") -> tuple | None:
 
 
 _BASES: dict[tuple, nn.Module] = {}  # one storage-less copy per architecture: compiled code is reused
-_compiled: Any = None
+_COMPILED: dict[tuple, Callable] = {}  # per architecture, precision and number of runs (see _forward_for)
 
 
 def _forward(base: nn.Module, low: tuple[str, ...], dtype: torch.dtype | None, params: dict, buffers: dict,
@@ -112,15 +113,22 @@ def low_precision_params(module: nn.Module) -> tuple[str, ...]:
                  for n, _ in mod.named_parameters(recurse=False))
 
 
-def _forward_for(speed: Any) -> Callable:
+def _forward_for(speed: Any, key: tuple) -> Callable:
     """The fused forward: inductor's kernels when the runs compile, but never torch.compile's
-    own CUDA graphs (the whole fused step is captured here)."""
-    global _compiled
+    own CUDA graphs (the whole fused step is captured here).
+
+    One compiled function per ``key`` (architecture, precision, number of runs), each on
+    a code object of its own: torch.compile keeps a function's compiled variants on its
+    code object, at most ``recompile_limit`` (8) of them, and runs it uncompiled past
+    that. A pack that lives long sees many groups (runs join and leave, of several
+    architectures); one shared function would fall back to eager once it had seen 8."""
     if not speed.compile:
         return _forward
-    if _compiled is None:
-        _compiled = torch.compile(_forward, dynamic=False)
-    return _compiled
+    if key not in _COMPILED:
+        code = _forward.__code__.replace(co_name=f"_forward_{len(_COMPILED)}")
+        fn = types.FunctionType(code, _forward.__globals__, code.co_name, _forward.__defaults__)
+        _COMPILED[key] = torch.compile(fn, dynamic=False)
+    return _COMPILED[key]
 
 
 class FusedRuns:
@@ -157,7 +165,7 @@ class FusedRuns:
             base = copy.deepcopy(first.module).to("meta").train()
             _BASES[key] = _norms_in_float32(base) if self.speed.amp_dtype is not None else base
         self.base = _BASES[key]
-        self.forward = _forward_for(self.speed)
+        self.forward = _forward_for(self.speed, (*key, len(states)))
         self.low = low_precision_params(first.module)
         k = len(states)
         with torch.no_grad():  # filled by load()

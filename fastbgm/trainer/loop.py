@@ -80,6 +80,9 @@ def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> s
     return mode
 
 
+CHECK_EVERY = 20  # steps between two looks for a non-finite loss
+
+
 @dataclasses.dataclass
 class RunState:
     """One run's live objects inside the loop."""
@@ -125,11 +128,13 @@ class RunState:
         self.losses = torch.zeros(steps, dtype=torch.float32, device=dev)
         self.hits = torch.zeros(steps, dtype=torch.int64, device=dev)
         self.sizes: list[int] = []
+        self._pending: tuple[torch.Tensor, Any] | None = None  # the last check's flag, on its way to the host
 
     def begin_epoch(self) -> Iterator[tuple[int, tuple]]:
         self.model.train()
         self.train.set_epoch(self.epoch)
         self.sizes = self.train.order.global_batch_sizes()
+        self._pending = None
         return enumerate(self.train)
 
     def step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -138,12 +143,33 @@ class RunState:
             self.graphs.step(step, x, y)
         else:
             self.body(x, y, self.env.world / self.sizes[step], step)
-        if step % 20 == 19 or step == len(self.sizes) - 1:  # a host sync only every 20 steps
-            bad = ~torch.isfinite(self.losses[: step + 1])
-            found = bad.any()
-            flag = D.all_reduce_sum(torch.stack([found.long(), torch.where(found, bad.int().argmax(), 0)]))
-            if flag[0] > 0:  # (the ranks that saw one: their first steps' mean)
-                raise NonFiniteLoss(self.epoch + 1, int(flag[1]) // int(flag[0]))
+        last = step == len(self.sizes) - 1
+        if step % CHECK_EVERY == CHECK_EVERY - 1 or last:
+            self._check_finite(step, wait=last)
+
+    def _check_finite(self, step: int, wait: bool) -> None:
+        """Raise :class:`NonFiniteLoss` when a loss of this epoch (on any rank) was not
+        finite. Inside the epoch the host reads the previous check's flag, copied while
+        the GPU went on, so the step loop never waits for the GPU (a wait empties the
+        queue the host had filled ahead); the epoch's last step waits, so an epoch that
+        ends is checked whole before its checkpoint."""
+        bad = ~torch.isfinite(self.losses[: step + 1])
+        found = bad.any()
+        flag = D.all_reduce_sum(torch.stack([found.long(), torch.where(found, bad.int().argmax(), 0)]))
+        if not wait:
+            host = torch.empty(2, dtype=torch.int64, pin_memory=flag.is_cuda)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event() if flag.is_cuda else None
+            if done is not None:
+                done.record()
+            self._pending, earlier = (host, done), self._pending
+            if earlier is None:
+                return
+            flag, done = earlier
+            if done is not None:
+                done.synchronize()  # long done: it was recorded CHECK_EVERY steps ago
+        if flag[0] > 0:  # (the ranks that saw one: their first steps' mean)
+            raise NonFiniteLoss(self.epoch + 1, int(flag[1]) // int(flag[0]))
 
     def first_bad_step(self) -> int:
         """This epoch's first step whose loss was not finite; -1 when none was."""
