@@ -281,6 +281,33 @@ def test_paper_model_parameter_counts() -> None:
                        torch.ones_like(build_model("densenet40_bc", 10).bn.weight))  # authors' explicit init
 
 
+def test_complexity_measures_by_their_definitions() -> None:
+    """Each measure against its definition, on a net whose paths can be listed: the l_p
+    path norm is (sum over input-output paths of prod |w|^p)^(1/p)."""
+    import itertools
+
+    import torch.nn as nn
+
+    from fastbgm.trainer.measures import complexity
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
+    init = {n: w.detach().clone() for n, w in net.named_parameters()}
+    with torch.no_grad():
+        for w in net.parameters():
+            w.add_(torch.randn_like(w))
+    w1, w2 = net[0].weight.detach().double(), net[2].weight.detach().double()
+    paths = list(itertools.product(range(4), range(3), range(2)))
+    m = complexity(net, init, (4,))
+    assert net.training  # left as it was
+    assert m["param_l2"] == pytest.approx(float((w1.square().sum() + w2.square().sum()).sqrt()), rel=1e-6)
+    assert m["dist_from_init"] == pytest.approx(float(sum(
+        (w.detach().double() - init[n].double()).square().sum() for n, w in net.named_parameters()).sqrt()), rel=1e-9)
+    for p in (1, 2):
+        want = sum(abs(w1[j, i]) ** p * abs(w2[k, j]) ** p for i, j, k in paths) ** (1 / p)
+        assert m[f"path_l{p}"] == pytest.approx(float(want), rel=1e-5)
+
+
 def test_bad_config_names_the_key(tiny_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'; did you mean 'optim.lr'\?"):
         run_config(tiny_dir, **{"optim.lrr": 0.1})

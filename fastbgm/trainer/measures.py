@@ -11,33 +11,44 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The l2 norm of all of ``tensors`` together, on their device (no host sync)."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
 @torch.no_grad()
 def param_l2(model: nn.Module) -> float:
-    return float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in model.parameters())))
+    return float(_total_norm([p.detach().float() for p in model.parameters()]))
 
 
 @torch.no_grad()
 def distance_from(model: nn.Module, init: dict[str, torch.Tensor]) -> float:
-    total = torch.zeros((), dtype=torch.float64)
-    for name, p in model.named_parameters():
-        total += ((p.detach().double() - init[name].to(p.device).double()) ** 2).sum().cpu()
-    return float(torch.sqrt(total))
+    """The l2 distance of the parameters from ``init`` (in float64; ``init`` best on the
+    parameters' device, or it is copied there each time)."""
+    named = list(model.named_parameters())
+    ps = [p.detach().double() for _, p in named]
+    return float(_total_norm(torch._foreach_sub(ps, [init[n].to(p.device, torch.float64) for n, p in named])))
 
 
 @torch.no_grad()
 def path_norm(model: nn.Module, p: float, input_shape: tuple[int, ...]) -> float:
-    """l_p path norm: forward an all-ones input through a copy whose parameters are
+    """l_p path norm: forward an all-ones input through the network with its parameters
     replaced by |w|^p (eval mode, fp32), sum the outputs, take the 1/p power."""
-    m = copy.deepcopy(model).float().eval()
-    for param in m.parameters():
-        param.copy_(param.abs().pow(p))
-    dev = next(m.parameters()).device
-    out = m(torch.ones((1, *input_shape), device=dev))
+    was_training = model.training
+    model.eval()
+    try:
+        powered = {n: w.detach().float().abs().pow(p) for n, w in model.named_parameters()}
+        dev = next(iter(powered.values())).device
+        out = torch.func.functional_call(model, powered, (torch.ones((1, *input_shape), device=dev),))
+    finally:
+        model.train(was_training)
     s = float(out.double().sum())
     return s ** (1.0 / p) if s > 0 else float("nan")
 
 
 def complexity(model: nn.Module, init: dict[str, torch.Tensor], input_shape: tuple[int, ...]) -> dict[str, float]:
+    """The paper's complexity measures of ``model`` (its weights now, ``init`` where it
+    started); each costs a few kernels and one host sync, per epoch."""
     return {
         "param_l2": param_l2(model),
         "dist_from_init": distance_from(model, init),

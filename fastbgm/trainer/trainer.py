@@ -224,7 +224,8 @@ class Trainer:
         train, train_eval, test = self._loaders(env, speed)
         self.input_shape = train.image_shape
         module = self._build_model(train.num_classes, env, speed)
-        init = self._initial_weights(module, env)
+        # kept on the device: the distance from it is measured every epoch, without a copy
+        init = {k: v.to(env.device) for k, v in self._initial_weights(module, env).items()}
         optimizer = self._optimizer(module)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
         scaler = torch.amp.GradScaler("cuda") if speed.precision == "fp16" and env.device.type == "cuda" else None
