@@ -187,9 +187,9 @@ class RunState:
             self.hits[step] = correct
 
     def body(self, x: torch.Tensor, y: torch.Tensor, scale: float, step: int | torch.Tensor) -> None:
-        """The step's work: forward, loss, backward, SGD, the epoch's sums. Everything it
-        keeps is written in place, so that a captured copy of it (``step`` then a tensor)
-        can be replayed."""
+        """The step's work: forward, loss, backward, SGD, the record of its loss and
+        correct count. Everything it keeps is written in place, so that a captured copy
+        of it (``step`` then a tensor) can be replayed."""
         with autocast(self.speed):
             out = self.model(x)
         loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
