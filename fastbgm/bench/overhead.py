@@ -12,7 +12,6 @@ compiled or captured step launches fewer, and is timed as it runs)."""
 from __future__ import annotations
 
 import collections
-import logging
 import statistics
 import time
 from pathlib import Path
@@ -21,13 +20,9 @@ from typing import Any, Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastbgm.trainer.trainer import Speed
-
 from .common import device_info, print_table, synchronize, write_json
-from .pack import _state
+from .pack import _state, bench_speed
 from .train import bare_step, synthetic_arrays
-
-log = logging.getLogger(__name__)
 
 
 class _CountOps(TorchDispatchMode):
@@ -42,23 +37,18 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(fn: Callable[[], Any], times: int) -> tuple[float, collections.Counter[str]]:
-    """Ops dispatched per call of ``fn`` (over ``times`` calls), and which."""
+def count_ops(fn: Callable[[], Any]) -> collections.Counter[str]:
+    """The ops one call of ``fn`` dispatches, by name."""
     with _CountOps() as c:
-        for _ in range(times):
-            fn()
-    return sum(c.ops.values()) / times, c.ops
+        fn()
+    return c.ops
 
 
 def run(device: torch.device, steps: int, out: Path | None, mode: str = "auto", batch: int = 128,
         resolution: int = 8, repeats: int = 7) -> dict[str, Any]:
     """The table (and its rows): bare step, loader, loop step, and what the loop adds.
     ``mode``: eager (ops counted), or compiled / cudagraphs / stepgraph (timed only)."""
-    gpu = device.type == "cuda"
-    if mode == "auto":
-        mode = "cudagraphs" if gpu else "eager"
-    speed = Speed(device.type, mode != "eager", "reduce-overhead" if mode == "cudagraphs" else "default", True,
-                  "bf16" if gpu else "fp32", gpu, torch.get_num_threads(), step_graph=mode == "stepgraph")
+    mode, speed = bench_speed(mode, device)
     images, labels = synthetic_arrays(batch * steps, resolution)
     s = _state("small_cnn", 0, images, labels, batch, speed, device, packed=False, width=4, depth=1)
     x0, y0, _ = next(iter(s.train))
@@ -93,9 +83,8 @@ def run(device: torch.device, steps: int, out: Path | None, mode: str = "auto", 
     rows = [{"what": k, "us_per_step": statistics.median(v)} for k, v in times.items()]
     if mode == "eager":
         for r, fn in zip(rows, what.values()):
-            r["ops_per_step"], r["ops"] = count_ops(fn, 1)
-            r["ops_per_step"] /= steps
-            r["ops"] = dict(r["ops"])
+            r["ops"] = dict(count_ops(fn))
+            r["ops_per_step"] = sum(r["ops"].values()) / steps
     bare_r, loader_r, loop_r = rows
     extra = {"what": "the loop's own (loop - bare - loader)",
              "us_per_step": loop_r["us_per_step"] - bare_r["us_per_step"] - loader_r["us_per_step"]}

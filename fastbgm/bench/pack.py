@@ -50,6 +50,18 @@ def _state(name: str, seed: int, images: Any, labels: Any, batch: int, speed: Sp
     return s
 
 
+def bench_speed(mode: str, device: torch.device) -> tuple[str, Speed]:
+    """A bench's step mode (auto: cudagraphs on a GPU, eager on a CPU) and its speed switches:
+    eager, compiled, cudagraphs (torch.compile's reduce-overhead) or stepgraph (compiled,
+    the whole step one CUDA graph: trainer/stepgraph.py); bf16 on a GPU."""
+    gpu = device.type == "cuda"
+    if mode == "auto":
+        mode = "cudagraphs" if gpu else "eager"
+    compile_mode = "reduce-overhead" if mode == "cudagraphs" else "default"
+    return mode, Speed(device.type, mode != "eager", compile_mode, True, "bf16" if gpu else "fp32", gpu,
+                       torch.get_num_threads(), step_graph=mode == "stepgraph")
+
+
 def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: torch.device,
             arrays: tuple[Any, Any], pack_mode: str = "serial") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """images/s of ``k`` runs packed as ``pack_mode`` says; and run 0's final weights (on
@@ -108,12 +120,7 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
     unsafe: the trainer refuses it, because the runs' graphs share one memory pool; its
     difference column shows what that race does."""
     gpu = device.type == "cuda"
-    if mode == "auto":
-        mode = "cudagraphs" if gpu else "eager"
-    compile_mode = "reduce-overhead" if mode == "cudagraphs" else "default"
-    # stepgraph: compiled (inductor's kernels), the whole step one CUDA graph (trainer/stepgraph.py)
-    speed = Speed(device.type, mode != "eager", compile_mode, True, "bf16" if gpu else "fp32", gpu,
-                  torch.get_num_threads(), step_graph=mode == "stepgraph")
+    mode, speed = bench_speed(mode, device)
     arrays = synthetic_arrays(batch * steps)
     rows = []
     for name in models:
