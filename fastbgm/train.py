@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pack", type=Path, nargs="+", metavar="RUN_DIR",
                    help="train these run folders together, each from its planned-config.json")
     p.add_argument("--inbox", type=Path, metavar="DIR",
-                   help="a pack's inbox: runs a scheduler offers join the pack between epochs (fastbgm.trainer.inbox)")
+                   help="a pack's inbox: runs a scheduler offers join the pack between epochs; with nothing "
+                        "left, the pack asks for more and waits for an answer (fastbgm.trainer.inbox)")
     p.add_argument("--pack-mode", default="auto", choices=PACK_MODES,
                    help="how packed runs share the device (fastbgm.trainer.loop; default: threads on a GPU, "
                         "streams when every run uses step graphs, serial on a CPU; fused: runs of one "
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import inbox
 
         joined = []
-        for d in inbox.close(args.inbox) if last else inbox.claim(args.inbox):
+        for d in inbox.last_call(args.inbox) if last else inbox.claim(args.inbox):
             try:
                 joined.append(Trainer(load(RunConfig, d / C.PLANNED, rest), d))
             except (ConfigError, OSError) as e:  # that run only: the pack goes on

@@ -304,9 +304,8 @@ _LOCAL_ALLOC: dict[str, dict] = {}  # the local executor's results of the "alloc
 @pytest.mark.parametrize("k", [1, 2])
 def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Path, tmp_path: Path, k: int) -> None:
     # K = 1: 10 runs (6 ready at once), each on its own (node, GPU) of 2 x 2. K = 2: 15 runs
-    # on 2 x 1 GPUs, up to 2 per GPU in one job step; the pack of a stage-1 run and a
-    # (shorter) stage-2 run takes a run offered to it when the latter ends (its inbox on
-    # the shared disk)
+    # on 2 x 1 GPUs, up to 2 per GPU in one job step; a pack whose runs end asks for more
+    # and takes the runs ready by then (its inbox on the shared disk)
     n_seeds = 2 if k == 1 else 3
     cfg = write_experiment(tmp_path, tiny_dir, name="alloc", seeds=str(list(range(n_seeds))), epochs=4)
     before = sacct_count()
@@ -563,6 +562,50 @@ def test_a_pack_with_room_is_offered_ready_runs_and_what_it_never_claims_runs_la
     assert offered and packs == [["x", "y"], ["z"]]
     assert sched.states == {"x": "done", "y": "done", "z": "done"}
     assert not (tmp_path / "x" / inbox.INBOX).exists()
+
+
+def test_a_pack_whose_runs_all_end_asks_and_takes_their_dependents(tmp_path: Path) -> None:
+    # [x, y] on the only slot; z depends on x. Both end in the same moment: the pack asks
+    # for more (inbox.last_call), the scheduler's next look sees z ready, no slot free and
+    # the asking pack with room, and offers z to it; the pack trains z rather than ending
+    # (with no ask it would close at once and z would start a process of its own)
+    import subprocess as sp
+
+    from fastbgm.launch.schedule import Scheduler, StepRun
+
+    runs = [StepRun("x", str(tmp_path / "x")), StepRun("y", str(tmp_path / "y")),
+            StepRun("z", str(tmp_path / "z"), depends_on=["x"])]
+    for r in runs:
+        Path(r.run_dir).mkdir()
+    packs: list[list[str]] = []
+    code = """
+import json, pathlib, sys
+from fastbgm.trainer import inbox
+box, dirs = pathlib.Path(sys.argv[1]), sys.argv[2:]
+while dirs:
+    for d in dirs:
+        (pathlib.Path(d) / "result.json").write_text(json.dumps({"status": "done"}))
+    dirs = [str(d) for d in inbox.last_call(box, wait_s=60)]
+    print("took", *dirs, flush=True)
+"""
+
+    def start(pack: list[StepRun], slots: list[str]) -> sp.Popen:
+        packs.append([r.key for r in pack])
+        log = open(tmp_path / f"{pack[0].key}.log", "w")
+        return sp.Popen([sys.executable, "-c", code, str(inbox_for(pack[0].run_dir)), *(r.run_dir for r in pack)],
+                        stdout=log, cwd=REPO)
+
+    from fastbgm.trainer.inbox import inbox_for
+
+    sched = Scheduler(runs, ["gpu0"], start, runs_per_slot=2)
+    t0 = time.time()
+    while not sched.finished:
+        sched.poll()
+        time.sleep(0.2)
+    assert packs == [["x", "y"]] and sched.states == {"x": "done", "y": "done", "z": "done"}
+    assert f"took {tmp_path / 'z'}" in (tmp_path / "x.log").read_text()
+    assert time.time() - t0 < 30  # answered, not timed out
+    assert not list(tmp_path.rglob("pack-inbox*"))
 
 
 def test_an_inbox_refuses_offers_once_closed(tmp_path: Path) -> None:

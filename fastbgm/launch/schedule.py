@@ -103,7 +103,16 @@ class Scheduler(Generic[S]):
         return not self.running and (not self.todo or self.stop_requested)
 
     def poll(self) -> None:
-        """Settle the runs that ended, cancel what can no longer run, start what is ready."""
+        """Settle the runs that ended, cancel what can no longer run, start what is ready;
+        then answer the packs that asked for more (inbox.last_call) before this look began,
+        whose runs it has therefore seen end."""
+        asked = [I.inbox_for(pack[0].run_dir) for _, pack, _ in self.running.values()
+                 if pack[0].ranks == 1 and self.runs_per_slot > 1 and I.asking(I.inbox_for(pack[0].run_dir))]
+        self._poll()
+        for box in asked:
+            I.answer(box)
+
+    def _poll(self) -> None:
         for key, (proc, pack, slots) in list(self.running.items()):
             if proc.poll() is None:
                 # a packed run that ended: its dependents need not wait for its pack, and its

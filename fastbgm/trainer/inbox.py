@@ -13,7 +13,12 @@ A folder on the shared file system, and renames, which are atomic:
 - ``offer``: ``<inbox>/<key>.offer`` (written beside, then renamed in): refused once the
   inbox is closed or gone.
 - ``claim``: the pack renames each offer to ``<key>.taken``; the run is then its own.
-- ``close``: a pack with nothing left to train renames the inbox folder to
+- ``last_call``: a pack with nothing left to train *asks* (``<inbox>/more.ask``) and
+  waits for the scheduler's next look, which offers what is ready for it and answers by
+  removing the ask. Without it the pack's process would end in the same moment as its
+  runs, the scheduler would see their dependents become ready only after that, and
+  start a new process for them (a fresh start, a fresh compile) on the slot just left.
+- ``close``: a pack that was offered nothing renames the inbox folder to
   ``<inbox>.closed`` (no offer can then land) and claims what had landed before that.
 - ``unclaimed``: after the pack's process ends, the offers it never claimed (it crashed,
   or was stopped first); their runs go back to the scheduler's queue.
@@ -24,10 +29,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 INBOX = "pack-inbox"  # in the folder of a pack's first run
 CLOSED = INBOX + ".closed"
+ASK = "more.ask"  # a pack with nothing left to train asks for more; the scheduler answers by removing it
+ANSWER_WAIT_S = 20.0  # no answer by then: no scheduler is looking (a pack started by hand)
 
 
 def inbox_for(first_run_dir: str | os.PathLike) -> Path:
@@ -77,6 +85,41 @@ def claim(inbox: Path) -> list[Path]:
             continue
         taken.append(run_dir)
     return taken
+
+
+def ask(inbox: Path) -> bool:
+    """The pack has nothing left to train; False when its inbox is gone."""
+    tmp = inbox / f".{ASK}.tmp"
+    try:
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, inbox / ASK)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def asking(inbox: Path) -> bool:
+    return (inbox / ASK).exists()
+
+
+def answer(inbox: Path) -> None:
+    """The scheduler has looked: it offered what it had for this pack (maybe nothing)."""
+    (inbox / ASK).unlink(missing_ok=True)
+
+
+def last_call(inbox: Path, wait_s: float = ANSWER_WAIT_S, poll_s: float = 0.05) -> list[Path]:
+    """For a pack with nothing left to train: ask for more and wait for the answer (at
+    most ``wait_s``); the runs offered meanwhile (the inbox stays open), or, when there
+    were none, the inbox closed and what landed before that."""
+    if ask(inbox):
+        deadline = time.monotonic() + wait_s
+        while asking(inbox) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        answer(inbox)  # (unanswered: withdrawn)
+        taken = claim(inbox)
+        if taken:
+            return taken
+    return close(inbox)
 
 
 def close(inbox: Path) -> list[Path]:

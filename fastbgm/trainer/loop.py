@@ -225,7 +225,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
     unexpected error is raised after it is recorded). ``pack_mode``: how the runs
     share the device (:data:`PACK_MODES`). ``more(last)``: runs that join the pack
     between two epochs (a scheduler's offers, inbox.py); ``last`` is True once nothing
-    is left to train, after which none may come. Their results follow, in order."""
+    is left to train: none may come after a ``more(True)`` that gives none. Their results follow, in order."""
     _STOP_REQUESTED.clear()
     env = D.setup(trainers[0].cfg.speed.device)
     try:
