@@ -311,7 +311,7 @@ class FusedRuns:
 
 def fused_epoch(fused: FusedRuns) -> Iterator[int]:
     """One epoch of the fused runs, their batches in lockstep; yields each step. A run's
-    non-finite loss is in its record (:meth:`RunState.first_bad_step`), and harms no other
+    non-finite loss is in its record (:meth:`RunState.check_finite`), and harms no other
     run: they share no parameter, so its NaNs reach only its own slice."""
     epochs = [s.begin_epoch() for s in fused.states]
     for batches in zip(*epochs, strict=True):

@@ -145,15 +145,16 @@ class RunState:
             self.body(x, y, self.env.world / self.sizes[step], step)
         last = step == len(self.sizes) - 1
         if step % CHECK_EVERY == CHECK_EVERY - 1 or last:
-            self._check_finite(step, wait=last)
+            self.check_finite(step, wait=last)
 
-    def _check_finite(self, step: int, wait: bool) -> None:
-        """Raise :class:`NonFiniteLoss` when a loss of this epoch (on any rank) was not
-        finite. Inside the epoch the host reads the previous check's flag, copied while
-        the GPU went on, so the step loop never waits for the GPU (a wait empties the
-        queue the host had filled ahead); the epoch's last step waits, so an epoch that
-        ends is checked whole before its checkpoint."""
-        bad = ~torch.isfinite(self.losses[: step + 1])
+    def check_finite(self, step: int = -1, wait: bool = True) -> None:
+        """Raise :class:`NonFiniteLoss` when a loss of this epoch up to ``step`` (-1: its
+        last) on any rank was not finite. Inside the epoch (``wait`` False) the host reads
+        the previous check's flag, copied while the GPU went on, so the step loop never
+        waits for the GPU (a wait empties the queue the host had filled ahead); the
+        epoch's last step waits, so an epoch that ends is checked whole before its
+        checkpoint."""
+        bad = ~torch.isfinite(self.losses[: step + 1 if step >= 0 else len(self.sizes)])
         found = bad.any()
         flag = D.all_reduce_sum(torch.stack([found.long(), torch.where(found, bad.int().argmax(), 0)]))
         if not wait:
@@ -170,11 +171,6 @@ class RunState:
                 done.synchronize()  # long done: it was recorded CHECK_EVERY steps ago
         if flag[0] > 0:  # (the ranks that saw one: their first steps' mean)
             raise NonFiniteLoss(self.epoch + 1, int(flag[1]) // int(flag[0]))
-
-    def first_bad_step(self) -> int:
-        """This epoch's first step whose loss was not finite; -1 when none was."""
-        bad = ~torch.isfinite(self.losses)
-        return int(bad.int().argmax()) if bool(bad.any()) else -1
 
     def tally(self, step: int | torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         """Record one step's loss sum and correct count (``step`` a tensor in a captured step)."""
@@ -452,8 +448,8 @@ def _epoch_fused(active: dict[int, RunState], advance: Any,
             failed.update({i: e for i in ix})
             continue
         for i in ix:  # a non-finite loss fails its own run only
-            s = active[i]
-            bad = s.first_bad_step()
-            if bad >= 0:
-                failed[i] = NonFiniteLoss(s.epoch + 1, bad)
+            try:
+                active[i].check_finite()
+            except NonFiniteLoss as e:
+                failed[i] = e
     return failed
