@@ -442,21 +442,19 @@ def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
     assert any("model resnet50 has no measured" in w for w in est["unmeasured"])  # named, not guessed
 
 
-def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tiny_dir: Path, tmp_path: Path) -> None:
-    # On a CPU machine a "GPU" is a slot of cpus_per_task cores: 2 cores / 2 = one slot,
-    # which takes up to 2 runs in one process.
+def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tmp_path: Path) -> None:
+    # Through the schedule benchmark (so that it is tested too): on a CPU machine a "GPU" is
+    # a slot of cpus_per_task cores: 2 cores / 2 = one slot, which takes up to 2 runs in
+    # one process.
+    from fastbgm.bench.schedule import run as bench_schedule
+
+    rows = bench_schedule(tmp_path, [1, 2], seeds=1, cpus_per_task=2, pack_modes=("auto", "fused"))["rows"]
+    assert [(r["runs_per_gpu"], r["pack_mode"]) for r in rows] == [(1, "auto"), (2, "auto"), (2, "fused")]
     results_by_k = {}
-    for k in (1, 2, "2-fused"):
-        d = tmp_path / f"k{k}"
-        d.mkdir()
-        cfg = write_experiment(d, tiny_dir, name="pack", epochs=3)
-        mode = ["--pack-mode", "fused"] if k == "2-fused" else []
-        k = 2 if k == "2-fused" else k
-        out = launch("--config", str(cfg), "--executor", "local", "--runs-per-gpu", str(k), "--cpus-per-task", "2",
-                     "--no-report", *mode)
-        assert out.returncode == 0, out.stdout[-3000:]
-        root = d / "runs" / "pack"
-        results_by_k[d.name] = results(root)
+    for r in rows:
+        k, root = r["runs_per_gpu"], Path(r["root"])
+        assert r["done"] == r["runs"] == 5
+        results_by_k[f"k{k}" + ("-fused" if r["pack_mode"] == "fused" else "")] = results(root)
         spans = [(json.loads((p.parent / "env.json").read_text())["started"], json.loads(p.read_text())["written"],
                   json.loads((p.parent / "env.json").read_text())["pid"]) for p in root.rglob("result.json")]
         for t, _, _ in spans:  # one slot: one process at a time, never more than K runs in it at once
@@ -465,9 +463,11 @@ def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tiny_dir: Path, tmp
         per_pid = [sum(pid == q for _, _, q in spans) for pid in {q for _, _, q in spans}]
         # K = 2: a pack takes runs that become ready as its own end, stage 2 after its stage 1
         assert max(per_pid) == 1 if k == 1 else max(per_pid) > 2, per_pid
+        assert r["processes"] == len(per_pid)
         assert not list(root.rglob("pack-inbox*"))  # the launcher cleans up after its packs
         logs = "".join(p.read_text() for p in root.rglob("train.log"))
-        assert ("train as one network" in logs) == bool(mode)
+        assert ("train as one network" in logs) == (r["pack_mode"] == "fused")
+    assert rows[1]["identical"] and rows[1]["max_train_loss_diff"] == 0
     for key, r in results_by_k["k1"].items():
         for m in ("train_acc", "train_loss", "test_acc", "epochs"):
             assert results_by_k["k2"][key][m] == r[m], (key, m)

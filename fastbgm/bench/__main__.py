@@ -1,4 +1,4 @@
-"""``python -m fastbgm.bench {loader,train,pack,overhead,gpu,faults} [options]``"""
+"""``python -m fastbgm.bench {loader,train,pack,overhead,schedule,gpu,faults} [options]``"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastbgm.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("loader", "train", "pack", "overhead", "gpu", "faults"):
+    for name in ("loader", "train", "pack", "overhead", "schedule", "gpu", "faults"):
         s = sub.add_parser(name)
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         s.add_argument("--data", type=Path, default=Path("bench-out/data"), help="where bench datasets are cached")
@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--steps", type=int, default=100, help="steps per timed epoch")
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
                            default="auto", help="auto: cudagraphs on a GPU, eager (ops counted) on a CPU")
+        if name == "schedule":
+            s.add_argument("--runs", default="1,2", help="K values: runs per slot (the first is the baseline)")
+            s.add_argument("--seeds", type=int, default=3, help="the mini experiment's seeds (5 runs each)")
+            s.add_argument("--cpus-per-task", type=int, default=None,
+                           help="cores per slot on a CPU machine (default: all, one slot)")
+            s.add_argument("--pack-modes", default="auto", help="pack modes for K > 1 (fastbgm.trainer.loop)")
         if name == "faults":
             s.add_argument("--faults", type=int, default=50, help="how many faults to inject")
             s.add_argument("--seed", type=int, default=0, help="chooses the faults and their moments")
@@ -96,6 +102,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_pack(device, args.models.split(","), [int(k) for k in args.runs.split(",")], args.batch_size, args.steps,
                  args.out, args.mode, tuple(args.pack_modes.split(",")))
+    elif args.what == "schedule":
+        from .schedule import run as run_schedule
+
+        from fastbgm.trainer.loop import PACK_MODES as LOOP_MODES
+
+        if args.seeds <= 0 or (args.cpus_per_task is not None and args.cpus_per_task <= 0):
+            print("error: --seeds and --cpus-per-task must be > 0", file=sys.stderr)
+            return 2
+        bad = [m for m in args.pack_modes.split(",") if m not in LOOP_MODES]
+        if bad:
+            print(f"error: --pack-modes {','.join(bad)} unknown: choose from {', '.join(LOOP_MODES)}",
+                  file=sys.stderr)
+            return 2
+        res = run_schedule(args.out or Path("bench-out/schedule"), [int(k) for k in args.runs.split(",")],
+                           args.seeds, args.cpus_per_task, tuple(args.pack_modes.split(",")))
+        return 0 if all(r["done"] == r["runs"] for r in res["rows"]) else 1
     elif args.what == "overhead":
         from .overhead import run as run_overhead
 

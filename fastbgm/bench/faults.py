@@ -29,7 +29,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,80 +38,13 @@ import torch
 from fastbgm.fileio import lock_holder, read_jsonl
 from fastbgm.trainer import checkpoint as C
 
+from . import mini
 from .common import print_table, write_json
 
 LOCAL_KINDS = ("kill-run", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
                "corrupt-cache", "corrupt-beton", "nan-stage1")
 SLURM_KINDS = ("preempt",)
 NUMBERS = ("epochs", "train_acc", "train_loss", "test_acc", "test_loss", "epochs_to_100_train")
-
-EXPERIMENT = """name = "faults"
-runs_dir = "{runs}"
-models = ["small_cnn"]
-seeds = [0]
-modes = ["vanilla"]
-inits = ["random", "adversarial"]
-[[datasets]]
-name = "tiny"
-train = "{data}/train.beton"
-test = "{data}/test.beton"
-[model]
-width = 8
-depth = 2
-[stage1]
-copies = 2
-lr = {stage1_lr}
-momentum = 0.9
-batch_size = 64
-milestones = []
-max_epochs = 6
-target_train_acc = 1.0
-check_every = 2
-[stage2]
-lr = 0.05
-batch_size = 64
-milestones = [4]
-max_epochs = 6
-eval_every = 2
-[speed]
-threads = 1
-[resources]
-gpus = 0
-cpus_per_task = 1
-time = "00:20:00"
-"""
-
-
-def _dataset(root: Path) -> Path:
-    from fastbgm.data.cache import load_resident
-    from fastbgm.data.sources import synthetic_splits
-    from fastbgm.data.writer import prepare
-
-    if not (root / "train.beton").exists():
-        prepare(synthetic_splits(192, 96, 10, 12, seed=3), root, show_progress=False, num_workers=1)
-    load_resident(root / "train.beton")
-    load_resident(root / "test.beton")
-    return root
-
-
-def _experiment(work: Path, data: Path, stage1_lr: float = 0.05) -> Path:
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = work / "faults.toml"
-    cfg.write_text(EXPERIMENT.format(runs=work / "runs", data=data, stage1_lr=stage1_lr))
-    return cfg
-
-
-def _launch_cmd(cfg: Path, executor: str) -> list[str]:
-    cmd = [sys.executable, "-m", "fastbgm.launch", "--config", str(cfg), "--executor", executor, "--no-report"]
-    if executor == "slurm":
-        cmd += ["--nodes", "1", "--gpus-per-node", "0", "--timeout", "400"]
-    return cmd
-
-
-def _start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)
-
 
 def _runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob(C.PLANNED))
@@ -174,8 +106,8 @@ def _wait_for(cond: Any, timeout: float) -> bool:
 
 def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str, log: Path) -> str:
     """Run the experiment with the fault; return what was done."""
-    root = cfg.parent / "runs" / "faults"
-    cmd = _launch_cmd(cfg, executor)
+    root = cfg.parent / "runs" / mini.NAME
+    cmd = mini.launch_cmd(cfg, executor)
     if kind == "corrupt-cache":
         from fastbgm.data.cache import cache_path
 
@@ -188,7 +120,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
         b.write_bytes(os.urandom(b.stat().st_size))
         subprocess.run(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, timeout=600)
         return "overwrote train.beton with random bytes"
-    proc = _start(cmd, log)
+    proc = mini.start(cmd, log)
     target_rows = rng.randint(1, 4)
 
     def some_run_at(rows: int) -> Path | None:
@@ -252,23 +184,23 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
     """Inject ``faults`` faults; print and return the table."""
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
-    clean_data = _dataset(out / "data")
+    clean_data = mini.dataset(out / "data")
     executors = ["local"] + (["slurm"] if slurm else [])
     reference: dict[str, dict] = {}
     for executor in executors:  # uninterrupted, once per executor
         work = out / f"reference-{executor}"
         shutil.rmtree(work, ignore_errors=True)
-        ref = subprocess.run(_launch_cmd(_experiment(work, clean_data), executor), capture_output=True, text=True,
-                             timeout=900)
-        reference[executor] = _outcome(work / "runs" / "faults")
+        ref = subprocess.run(mini.launch_cmd(mini.experiment(work, clean_data), executor), capture_output=True,
+                             text=True, timeout=900)
+        reference[executor] = _outcome(work / "runs" / mini.NAME)
         if ref.returncode != 0 or not reference[executor]:
             raise RuntimeError(f"the uninterrupted {executor} run did not finish (exit {ref.returncode}): "
                                f"{(ref.stdout + ref.stderr)[-1500:]}")
     nan_work = out / "reference-nan"
     shutil.rmtree(nan_work, ignore_errors=True)
-    subprocess.run(_launch_cmd(_experiment(nan_work, clean_data, stage1_lr=1e12), "local"), capture_output=True,
+    subprocess.run(mini.launch_cmd(mini.experiment(nan_work, clean_data, stage1_lr=1e12), "local"), capture_output=True,
                    timeout=900)
-    reference["nan"] = _outcome(nan_work / "runs" / "faults")
+    reference["nan"] = _outcome(nan_work / "runs" / mini.NAME)
     pool = list(kinds or (LOCAL_KINDS + (SLURM_KINDS if slurm else ())))
     rows: list[dict[str, Any]] = []
     for i in range(faults):
@@ -278,7 +210,7 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         shutil.rmtree(work, ignore_errors=True)
         data = work / "data"
         shutil.copytree(clean_data, data)
-        cfg = _experiment(work, data, stage1_lr=1e12 if kind == "nan-stage1" else 0.05)
+        cfg = mini.experiment(work, data, stage1_lr=1e12 if kind == "nan-stage1" else 0.05)
         log = work / "launch.log"
         what = _inject(kind, rng, cfg, data, executor, log)
         if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
@@ -286,12 +218,12 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         else:
             reruns = 0
             for _ in range(3):
-                r = subprocess.run(_launch_cmd(cfg, executor), stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                r = subprocess.run(mini.launch_cmd(cfg, executor), stdout=open(log, "a"), stderr=subprocess.STDOUT,
                                    timeout=900)
                 reruns += 1
                 if r.returncode in (0, 1):
                     break
-        got = _outcome(work / "runs" / "faults")
+        got = _outcome(work / "runs" / mini.NAME)
         ref = reference["nan" if kind == "nan-stage1" else executor]
         finishable = [k for k, v in ref.items() if v["status"] == "done"] if kind != "corrupt-beton" else []
         identical = all(got.get(k, {}).get(m) == ref[k].get(m) for k in finishable for m in (*NUMBERS, "weights"))
