@@ -51,10 +51,10 @@ def run(out: Path, runs_per_gpu: list[int], seeds: int = 3, cpus_per_task: int |
         cfg = mini.experiment(work, data, seeds=seeds, modes=("vanilla", "da+l2+m"))
         cmd = mini.launch_cmd(cfg, "local", "--runs-per-gpu", str(k), "--cpus-per-task", str(cpus),
                               "--pack-mode", mode)
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=open(out / f"k{k}-{mode}.log", "w"), stderr=subprocess.STDOUT,
-                              timeout=3600, env=mini.start_env())
-        wall = time.perf_counter() - t0
+        with open(out / f"k{k}-{mode}.log", "w") as log:
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=3600, env=mini.start_env())
+            wall = time.perf_counter() - t0
         root = work / "runs" / mini.NAME
         res = _results(root)
         if proc.returncode != 0 or not res:
@@ -63,8 +63,9 @@ def run(out: Path, runs_per_gpu: list[int], seeds: int = 3, cpus_per_task: int |
         if not base:
             base = res
         same = all(res.get(key, {}).get(m) == r.get(m) for key, r in base.items() for m in NUMBERS)
-        loss_diff = max(abs(res[key]["train_loss"] - r["train_loss"]) for key, r in base.items()
-                        if key in res and r.get("train_loss") is not None)
+        loss_diff = max((abs(res[key]["train_loss"] - r["train_loss"]) for key, r in base.items()
+                         if r.get("train_loss") is not None and res.get(key, {}).get("train_loss") is not None),
+                        default=float("nan"))  # (a run that failed here or in the baseline has none)
         rows.append({"runs_per_gpu": k, "pack_mode": mode, "runs": len(res),
                      "done": sum(r.get("status") == "done" for r in res.values()), "processes": _processes(root),
                      "wall_s": wall, "identical": same, "max_train_loss_diff": loss_diff, "root": str(root)})

@@ -106,8 +106,8 @@ class Scheduler(Generic[S]):
         """Settle the runs that ended, cancel what can no longer run, start what is ready;
         then answer the packs that asked for more (inbox.last_call) before this look began,
         whose runs it has therefore seen end."""
-        asked = [I.inbox_for(pack[0].run_dir) for _, pack, _ in self.running.values()
-                 if pack[0].ranks == 1 and self.runs_per_slot > 1 and I.asking(I.inbox_for(pack[0].run_dir))]
+        boxes = (self._inbox(pack) for _, pack, _ in self.running.values())
+        asked = [box for box in boxes if box is not None and I.asking(box)]
         self._poll()
         for box in asked:
             I.answer(box)
@@ -160,11 +160,11 @@ class Scheduler(Generic[S]):
                 ready.remove(x)
                 self.todo.remove(x)
                 self.states[x.key] = "running"
-            box = I.inbox_for(r.run_dir)
-            if r.ranks == 1 and self.runs_per_slot > 1:
+            box = self._inbox(pack)
+            if box is not None:
                 I.open_inbox(box)
             else:  # an earlier launch's
-                I.remove(box)
+                I.remove(I.inbox_for(r.run_dir))
             self.running[r.key] = (self.start(pack, slots), pack, slots)
         self._refill([x for x in ready if x.ranks == 1])
         if not self.running and self.todo and not any(self._ready(r) for r in self.todo):
@@ -189,15 +189,19 @@ class Scheduler(Generic[S]):
                 p.wait()
 
     # ------------------------------------------------------------------ pieces
+    def _inbox(self, pack: list[StepRun]) -> Path | None:
+        """The inbox of a pack that can take more runs: one-rank runs, K > 1; else None."""
+        return I.inbox_for(pack[0].run_dir) if pack[0].ranks == 1 and self.runs_per_slot > 1 else None
+
     def _refill(self, ready: list[StepRun]) -> None:
         """Offer ready one-rank runs that found no free slot to packs with room."""
         for proc, pack, _ in self.running.values():
             if not ready:
                 return
-            if pack[0].ranks != 1 or self.runs_per_slot == 1 or proc.poll() is not None:
+            box = self._inbox(pack)
+            if box is None or proc.poll() is not None:
                 continue
             live = sum(self.states[r.key] == "running" for r in pack)  # (settled above, from the folders)
-            box = I.inbox_for(pack[0].run_dir)
             for x in sorted(ready, key=lambda x: x.group != pack[0].group)[:self.runs_per_slot - live]:
                 if not I.offer(box, x.key, x.run_dir):
                     break  # the pack is ending
