@@ -129,6 +129,7 @@ class RunState:
         self.hits = torch.zeros(steps, dtype=torch.int64, device=dev)
         self.sizes: list[int] = []
         self._pending: tuple[torch.Tensor, Any] | None = None  # the last check's flag, on its way to the host
+        self.saved_at = time.perf_counter()  # its last checkpoint (speed.checkpoint_every_s): none yet
 
     def begin_epoch(self) -> Iterator[tuple[int, tuple]]:
         self.model.train()
@@ -277,6 +278,33 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                 else:
                     active[i] = s
 
+            def leave(i: int) -> None:
+                active.pop(i).close()
+                for ix in [ix for ix in fusions or {} if i in ix]:  # its fused group's state too
+                    del fusions[ix]
+
+            def end_epoch(i: int, failure: BaseException | None, seconds: float) -> None:
+                """Run i's epoch ends (its numbers, evaluation, checkpoint, stop rule); a run
+                that stops or fails leaves the pack, and nothing of it stays held (a long-lived
+                pack would keep its memory)."""
+                s, t = active[i], trainers[i]
+                try:
+                    if failure is not None:
+                        raise failure
+                    loss, acc, n = s.epoch_means()
+                    if t.end_epoch(s, loss, acc, n, seconds):
+                        results[i] = t._finish(s.module, env, s.speed)
+                        leave(i)
+                except Exception as e:  # this run fails; alone, an unexpected error is raised on
+                    if _STOP_REQUESTED.is_set():
+                        raise
+                    traceback.clear_frames(e.__traceback__)
+                    results[i] = t.fail(s, e)
+                    leave(i)
+                    _release_memory(env)
+                    if alone and not run_failure(e) and "failed_rank" not in results[i]:
+                        raise
+
             def join(last: bool) -> None:
                 """Runs a scheduler gave this pack meanwhile (none when it has no ``more``)."""
                 for t in more(last) if more is not None else []:
@@ -298,24 +326,8 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                                                   fusions=fusions)
                 seconds = time.perf_counter() - t0
                 for i in list(active):
-                    s, t = active[i], trainers[i]
-                    try:
-                        if i in failed:
-                            raise failed[i]
-                        loss, acc, n = s.epoch_means()
-                        if t.end_epoch(s, loss, acc, n, seconds):
-                            results[i] = t._finish(s.module, env, s.speed)
-                            del active[i]
-                            s.close()
-                    except Exception as e:  # this run fails; alone, an unexpected error is raised on
-                        if _STOP_REQUESTED.is_set():
-                            raise
-                        traceback.clear_frames(e.__traceback__)
-                        results[i] = t.fail(active.pop(i), e)
-                        s.close()
-                        _release_memory(env)
-                        if alone and not run_failure(e) and "failed_rank" not in results[i]:
-                            raise
+                    end_epoch(i, failed.get(i), seconds)
+                del failed
                 join(not active)
     except Exception as e:
         if _STOP_REQUESTED.is_set():
