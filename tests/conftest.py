@@ -57,5 +57,5 @@ def run_config(data_dir: Path, **overrides: object):
             "model": {"name": "small_cnn", "width": 16, "depth": 3},
             "optim": {"lr": 0.05, "batch_size": 64, "milestones": []},
             "stop": {"max_epochs": 4, "train_eval_every": 2, "test_eval_every": 2},
-            "speed": {"threads": 2}}
+            "speed": {"threads": 2, "checkpoint_every_s": 0}}  # (kills land mid-run)
     return load(RunConfig, None, [f"--{k}={v}" for k, v in overrides.items()], base=base)

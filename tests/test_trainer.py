@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from fastbgm.fileio import read_jsonl
 from fastbgm.models import build_model, count_parameters
 from fastbgm.trainer import RunConfig, Trainer, lr_factor
 from fastbgm.trainer import checkpoint as C
+from fastbgm.trainer.loop import RunState
 
 from .conftest import REPO, run_config
 from .reference import reference_ddp_training
@@ -75,7 +79,8 @@ def _spawn_train(run_dir: Path, overrides: list[str], env_extra: dict | None = N
 
 
 def _overrides(tiny_dir: Path, **kw: object) -> list[str]:
-    base = {"data.train": tiny_dir / "train.beton", "data.test": tiny_dir / "test.beton", "model.width": 16,
+    base = {"data.train": tiny_dir / "train.beton", "data.test": tiny_dir / "test.beton", "speed.checkpoint_every_s": 0,
+            "model.width": 16,
             "model.depth": 3, "optim.batch_size": 32, "optim.lr": 0.05, "optim.momentum": 0.9,
             "optim.milestones": "3", "stop.max_epochs": 6, "stop.train_eval_every": 3, "stop.test_eval_every": 3,
             "data.labels": "confusion", "data.copies": 2, "data.zero_ratio": 0.1, "data.augment": "true"}
@@ -83,11 +88,13 @@ def _overrides(tiny_dir: Path, **kw: object) -> list[str]:
     return [f"--{k}={v}" for k, v in base.items()]
 
 
-@pytest.mark.parametrize("placement", ["resident", "stream"])
-def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path, placement: str) -> None:
-    ov = _overrides(tiny_dir, **{"data.placement": placement})
-    ref = _spawn_train(tmp_path / "ref", ov)
-    assert ref.wait(timeout=240) == 0, ref.stderr.read()[-3000:]
+@pytest.mark.parametrize("placement,every", [("resident", 0), ("stream", 0), ("resident", 1e9)])
+def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path, placement: str, every: float) -> None:
+    """A SIGKILL mid-run, then the same command: the run ends as if uninterrupted. With a
+    checkpoint every epoch it resumes from the last one; with checkpoints ``every``
+    1e9 s (none until the last epoch) it starts over, its rows of the lost epochs dropped."""
+    ov = _overrides(tiny_dir, **{"data.placement": placement, "speed.checkpoint_every_s": every})
+    ref = _spawn_train(tmp_path / "ref", ov)  # uninterrupted, beside the run that is killed (one thread each)
     run = tmp_path / "killed"
     p = _spawn_train(run, ov)
     deadline = time.time() + 200
@@ -98,17 +105,25 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path,
     done_before = len(read_jsonl(run / C.METRICS))
     assert 2 <= done_before < 6
     assert json.loads((run / C.RESULT).read_text())["status"] == "running"
-    # as if the kill had landed between last.pt and its epoch's row: the row comes back from it
-    saved = C.load(run / C.LAST)["epoch"]
-    kept = [r for r in read_jsonl(run / C.METRICS) if r["epoch"] < saved]
-    (run / C.METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if every:
+        assert not (run / C.LAST).exists()  # nothing saved yet: the epochs done are lost
+        saved = 0
+    else:
+        # as if the kill had landed between last.pt and its epoch's row: the row comes back from it
+        saved = C.load(run / C.LAST)["epoch"]
+        kept = [r for r in read_jsonl(run / C.METRICS) if r["epoch"] < saved]
+        (run / C.METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
     again = _spawn_train(run, ov)
+    assert ref.wait(timeout=240) == 0, ref.stderr.read()[-3000:]
     assert again.wait(timeout=240) == 0, again.stderr.read()[-3000:]
     a, b = read_jsonl(tmp_path / "ref" / C.METRICS), read_jsonl(run / C.METRICS)
     assert [r["epoch"] for r in b] == list(range(1, 7))
     # every per-epoch extra says what it cost (the restored row: all but its checkpoint's)
     assert all({"epoch_seconds", "measures_seconds", "eval_seconds"} <= r.keys() for r in b)
-    assert sum("checkpoint_seconds" in r for r in b) == 5 and "checkpoint_seconds" not in b[saved - 1]
+    if every:
+        assert ["checkpoint_seconds" in r for r in b] == [False] * 5 + [True]  # only the last epoch's
+    else:
+        assert sum("checkpoint_seconds" in r for r in b) == 5 and "checkpoint_seconds" not in b[saved - 1]
     for ra, rb in zip(a, b):
         for k in ("train_loss", "train_acc", "test_acc", "param_l2", "dist_from_init"):
             if k in ra:
@@ -417,15 +432,36 @@ def _packed_setup(tiny_dir: Path, root: Path) -> list[Trainer]:
     return [Trainer(c, root / name) for name, c in cfgs.items()]
 
 
+def _held_after_each_epoch(live: list[tuple[int, ...]]) -> Any:
+    """A pack's ``more``: between two epochs, records the runs still held, the runs'
+    threads and the fused groups. A long-lived pack (a scheduler's offers) must hold
+    nothing of a run that left it: its model, optimizer, loaders, step graphs, thread
+    (on a GPU, its CUDA graphs' memory) and fused state."""
+    from fastbgm.trainer.fused import FusedRuns
+
+    def more(last: bool) -> list[Trainer]:
+        gc.collect()
+        objects = gc.get_objects()
+        live.append((sum(type(o) is RunState for o in objects),
+                     sum(t.name.startswith("fastbgm-run") for t in threading.enumerate()),
+                     sum(type(o) is FusedRuns for o in objects)))
+        return []
+    return more
+
+
 @pytest.mark.parametrize("mode", ["serial", "threads"])
 def test_packed_runs_compute_exactly_what_they_compute_alone(tiny_dir: Path, tmp_path: Path, mode: str) -> None:
     from fastbgm.trainer.loop import train_runs
 
     alone = [t.run() for t in _packed_setup(tiny_dir, tmp_path / "alone")]
     packed_trainers = _packed_setup(tiny_dir, tmp_path / "packed")
-    packed = train_runs(packed_trainers, pack_mode=mode)
+    live: list[tuple[int, int]] = []
+    packed = train_runs(packed_trainers, pack_mode=mode, more=_held_after_each_epoch(live))
     assert [r["status"] for r in packed] == ["done", "done", "failed"]  # the NaN fails only its own run
-    assert "non-finite loss" in packed[2]["reason"] and packed[2]["reason"] == alone[2]["reason"]
+    # set up: 3; the NaN run fails in epoch 1, random-vanilla stops after 4 epochs and
+    # adversarial-da_l2_m after 3, and each leaves nothing held behind (nor its thread)
+    threads = mode == "threads"
+    assert live == [(3, 0, 0), (2, 2 * threads, 0), (2, 2 * threads, 0), (1, threads, 0), (0, 0, 0)], live
     keys = ("epochs", "train_acc", "train_loss", "test_acc", "test_loss", "epochs_to_100_train")
     for a, p in zip(alone[:2], packed[:2]):
         assert {k: a[k] for k in keys} == {k: p[k] for k in keys}
@@ -451,8 +487,12 @@ def test_fused_pack_trains_each_run_as_alone_to_float_tolerance(tiny_dir: Path, 
                 Trainer(run_config(tiny_dir, **{"optim.lr": 1e30, "stop.max_epochs": 3}), root / "nan-fused")]
 
     alone = [t.run() for t in setup(tmp_path / "alone")]
-    fused = train_runs(setup(tmp_path / "fused"), pack_mode="fused")
+    live: list[tuple[int, ...]] = []
+    fused = train_runs(setup(tmp_path / "fused"), pack_mode="fused", more=_held_after_each_epoch(live))
     assert [r["status"] for r in fused] == ["done", "done", "failed", "failed"]
+    # the NaN runs fail in epoch 1, which ends the 3-run group's fused state; the two left
+    # form a group in epoch 2, which ends when adversarial-da_l2_m stops after epoch 3
+    assert live == [(4, 0, 0), (2, 0, 0), (2, 0, 1), (1, 0, 0), (0, 0, 0)], live
     for a, f in zip(alone[2:], fused[2:]):  # where each went non-finite, as alone
         assert "non-finite loss" in f["reason"] and (f["reason"], f["epoch"], f["step"]) == (
             a["reason"], a["epoch"], a["step"])

@@ -125,9 +125,16 @@ class SpeedConfig:
     # the whole step (forward, loss, backward, SGD, metrics) as one CUDA graph; one-rank
     # runs, not fp16; compile_mode auto then means default (see trainer/stepgraph.py)
     step_graph: str = "false"  # true | false
+    # seconds between two checkpoints (last.pt; at most one an epoch, and always at the run's
+    # last epoch and when its stop rule fires); 0: every epoch. A kill loses at most this
+    # much training (a resumed run recomputes it exactly); a GPU epoch of CIFAR-10 takes
+    # about as long as writing ResNet18's checkpoint every epoch would cost
+    checkpoint_every_s: float = 60.0
 
     def __post_init__(self) -> None:
         check(self.step_graph in ("true", "false"), "speed.step_graph", f"must be true or false, got {self.step_graph!r}")
+        check(self.checkpoint_every_s >= 0, "speed.checkpoint_every_s",
+              f"must be >= 0 (0: a checkpoint every epoch), got {self.checkpoint_every_s}")
         for k in ("compile", "channels_last", "cudnn_benchmark"):
             v = getattr(self, k)
             check(v in ("auto", "true", "false"), f"speed.{k}", f"must be auto, true or false, got {v!r}")

@@ -271,8 +271,10 @@ class Trainer:
             # the checkpoint carries its epoch's row, so that its seconds can be in the row: a
             # kill between the two is mended on resume (the row comes back from last.pt)
             t_ckpt = time.perf_counter()
-            self._save_last(s.module, s.optimizer, s.scheduler, s.scaler, s.train, epoch + 1, stop, row)
-            row["checkpoint_seconds"] = time.perf_counter() - t_ckpt
+            if stop or last or t_ckpt - s.saved_at >= cfg.speed.checkpoint_every_s:
+                self._save_last(s.module, s.optimizer, s.scheduler, s.scaler, s.train, epoch + 1, stop, row)
+                s.saved_at = time.perf_counter()
+                row["checkpoint_seconds"] = s.saved_at - t_ckpt
             append_line(self.run_dir / C.METRICS, json.dumps(row))
             self._log_epoch(row)
         D.barrier()
