@@ -42,6 +42,7 @@ max_epochs = 6
 eval_every = 2
 [speed]
 threads = 1
+checkpoint_every_s = 0  # every epoch: the faults land mid-run
 [resources]
 gpus = 0
 cpus_per_task = 1
