@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,11 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> dict[str, Path]:
+    return _world(tmp_path_factory.mktemp("bad"), tiny_dir)
+
+
+def _world(w: Path, tiny_dir: Path) -> dict[str, Path]:
     """Files the cases break copies of: a tiny dataset, an experiment, a finished layout."""
-    w = tmp_path_factory.mktemp("bad")
     data = w / "data"
     data.mkdir()
     for f in tiny_dir.iterdir():
@@ -126,20 +130,40 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
-def test_a_mistake_gets_one_clear_line_and_changes_nothing(case: str, world: dict[str, Path]) -> None:
-    _, argv, words = next(c for c in CASES if c[0] == case)
+def _run_case(case: str, world: dict[str, Path]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """One mistake's process, and the files it lost or altered in its own world."""
+    _, argv, _ = next(c for c in CASES if c[0] == case)
     args = argv(world)
     before = _snapshot(world["w"])
-    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    # run from its world: a default run folder (runs/<name>) is its own, not the repo's
+    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=world["w"], timeout=180,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200",
+                              "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    after = _snapshot(world["w"])
+    return out, [k for k in before if after.get(k) != before[k]]
+
+
+@pytest.fixture(scope="module")
+def mistakes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             tiny_dir: Path) -> dict[str, Future]:
+    """The selected cases' processes, two at a time, each in a world of its own (a process
+    is mostly one core's imports: this halves the cases' time on the 2-core machine)."""
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_a_mistake_gets_one_clear_line_and_changes_nothing"]
+    pool = ThreadPoolExecutor(2)
+    request.addfinalizer(pool.shutdown)
+    return {case: pool.submit(_run_case, case, _world(tmp_path_factory.mktemp("bad"), tiny_dir)) for case in selected}
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_a_mistake_gets_one_clear_line_and_changes_nothing(case: str, mistakes: dict[str, Future]) -> None:
+    out, changed = mistakes[case].result()
+    words = next(c for c in CASES if c[0] == case)[2]
     text = " ".join((out.stdout + out.stderr).split())
     assert out.returncode == 2, (case, out.returncode, text[-1500:])
     assert "Traceback" not in text, text[-3000:]
     for w in words:
         assert w in text, (case, w, text[-1500:])
-    after = _snapshot(world["w"])
-    changed = [k for k in before if after.get(k) != before[k]]
     assert not changed, (case, changed[:5])  # nothing lost or altered
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -60,6 +60,7 @@ eval_every = 3
 
 [speed]
 threads = 1
+checkpoint_every_s = 0  # every epoch: the faults here land mid-run
 
 [resources]
 gpus = 0
@@ -144,7 +145,9 @@ def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_di
     assert sacct_count() == before
     # the same experiment without Slurm gives the same results
     local_cfg = write_experiment(tmp_path / "local", tiny_dir) if (tmp_path / "local").mkdir() is None else None
-    loc = launch("--config", str(local_cfg), "--executor", "local")
+    # (2 runs a process: fewer process starts; packing changes no result, bitwise on a CPU:
+    # test_local_runs_per_gpu_packs_runs_and_changes_no_result)
+    loc = launch("--config", str(local_cfg), "--executor", "local", "--runs-per-gpu", "2")
     assert loc.returncode == 0, loc.stdout[-3000:]
     lres = results(tmp_path / "local" / "runs" / "mini")
     assert lres.keys() == res.keys()
@@ -335,7 +338,7 @@ def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Pat
     if not _LOCAL_ALLOC:
         (tmp_path / "local").mkdir()
         local_cfg = write_experiment(tmp_path / "local", tiny_dir, name="alloc", seeds="[0, 1]", epochs=4)
-        loc = launch("--config", str(local_cfg), "--executor", "local", "--no-report")
+        loc = launch("--config", str(local_cfg), "--executor", "local", "--no-report", "--runs-per-gpu", "2")
         assert loc.returncode == 0, loc.stdout[-3000:]
         _LOCAL_ALLOC.update(results(tmp_path / "local" / "runs" / "alloc"))
     res = results(root)
@@ -363,24 +366,34 @@ def _allocation_three_epochs_in(tmp_path: Path, tiny_dir: Path, **kw: Any) -> tu
     return args, root, job, run
 
 
-def _local_reference(tmp_path: Path, tiny_dir: Path, **kw: Any) -> Path:
-    """The same experiment, uninterrupted, with the local executor: its experiment folder."""
+def _local_reference(tmp_path: Path, tiny_dir: Path, **kw: Any) -> Callable[[], Path]:
+    """Start the same experiment, uninterrupted, with the local executor, beside the test's
+    own (2 runs a process: fewer process starts; packing changes no result, bitwise on a
+    CPU); returns what waits for it and gives its experiment folder."""
     (tmp_path / "ref").mkdir()
     cfg = write_experiment(tmp_path / "ref", tiny_dir, modes='["vanilla"]', epochs=14, **kw)
-    assert launch("--config", str(cfg), "--executor", "local", "--no-report").returncode == 0
-    return tmp_path / "ref" / "runs" / kw["name"]
+    p = subprocess.Popen([sys.executable, "-m", "fastbgm.launch", "--config", str(cfg), "--executor", "local",
+                          "--no-report", "--runs-per-gpu", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+
+    def wait() -> Path:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+        return tmp_path / "ref" / "runs" / kw["name"]
+    return wait
 
 
 @needs_multinode
 @pytest.mark.timeout(600)
 def test_requeued_allocation_resumes_every_run_exactly(tiny_dir: Path, tmp_path: Path) -> None:
+    reference = _local_reference(tmp_path, tiny_dir, name="rq")
     args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="rq")
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
     follow = launch(*args, "--timeout", "450", timeout=500)  # follows the same job, submits nothing
     assert follow.returncode == 0, follow.stdout[-3000:]
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
     assert "resuming" in (run / "train.log").read_text()
-    ref = _local_reference(tmp_path, tiny_dir, name="rq")
+    ref = reference()
     for key, r in results(root).items():
         assert r["status"] == "done"
         rows = read_jsonl(root / key / "metrics.jsonl")
@@ -482,6 +495,7 @@ def test_time_limit_warning_requeues_the_allocation_and_every_run_resumes(tiny_d
     # Before the time limit Slurm signals the job steps (submitit's --signal=USR2@90):
     # the trainers stop cleanly, the driver requeues its own allocation, and every run
     # resumes from last.pt with the numbers of an uninterrupted run.
+    reference = _local_reference(tmp_path, tiny_dir, name="tl", inits='["random"]')
     args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="tl", inits='["random"]')
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)  # the steps only, as Slurm does
     follow = launch(*args, "--timeout", "450", timeout=500)
@@ -490,7 +504,7 @@ def test_time_limit_warning_requeues_the_allocation_and_every_run_resumes(tiny_d
     assert "Restarts=1" in restarts  # the driver requeued its allocation
     log = (run / "train.log").read_text()
     assert "stopped on request (SIGUSR2)" in log and "resuming" in log
-    ref_root = _local_reference(tmp_path, tiny_dir, name="tl", inits='["random"]')
+    ref_root = reference()
     ref = read_jsonl(ref_root / "synthetic/small_cnn/seed0/stage2-random-vanilla/metrics.jsonl")
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 15))
