@@ -349,8 +349,10 @@ def test_changed_config_on_existing_run_is_refused(tiny_dir: Path, tmp_path: Pat
         Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1, "optim.lr": 0.2}), tmp_path / "r").run()
     with pytest.raises(ConfigError, match=r"speed.precision fp32 -> bf16"):  # changes the numbers
         Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1, "speed.precision": "bf16"}), tmp_path / "r").run()
-    # compile / channels-last / threads change only the speed: accepted
-    same = run_config(tiny_dir, **{"stop.max_epochs": 1, "speed.channels_last": "true", "speed.threads": 1})
+    # compile / channels-last / threads / checkpoints change only the speed, and log lines and
+    # MFU only what is said: accepted
+    same = run_config(tiny_dir, **{"stop.max_epochs": 1, "speed.channels_last": "true", "speed.threads": 1,
+                                   "speed.checkpoint_every_s": 30, "log_every": 2, "mfu": "false"})
     assert Trainer(same, tmp_path / "r").run()["status"] == "done"
     out = subprocess.run([sys.executable, "-m", "fastbgm.train", "--config", str(tmp_path / "r" / C.CONFIG),
                           "--run-dir", str(tmp_path / "r"), "--optim.lr=0.2", "--model.width=8"],

@@ -186,6 +186,9 @@ class RunConfig:
 # Speed switches that change the numbers a run computes; the others (compile, channels
 # last, cuDNN autotuning, threads) change only how fast the same maths runs.
 MATH_SPEED_KEYS = ("speed.device", "speed.precision")
+# What a run says about itself, not what it computes: free to change on resume, like the
+# speed switches outside MATH_SPEED_KEYS.
+REPORTING_KEYS = ("log_every", "mfu")
 # Values that a planned (not yet started) config leaves to be resolved by the trainer.
 UNRESOLVED = {"speed.device": "auto", "speed.precision": "auto", "model.sync_bn": "auto",
               "dist.world": 0, "dist.per_rank_batch": 0}
@@ -195,18 +198,19 @@ def identity_changes(recorded: dict, new: dict, planned: bool = False) -> tuple[
     """Compare a run folder's recorded config.json with a config for the same folder.
 
     Returns ``(changed, speed_only)``: the keys whose change makes it another run (the
-    folder must be refused), and the speed switches that changed without changing the
-    maths (fine to resume; worth a log line). ``planned``: ``new`` is a launcher's plan,
+    folder must be refused), and the speed and reporting switches that changed without
+    changing the maths (fine to resume; worth a log line). ``planned``: ``new`` is a launcher's plan,
     whose "auto" values are not resolved yet and so match any recorded value.
     """
     from ..config import config_diff, flatten
 
     diff = config_diff(recorded, new)
     now = flatten(new)
-    changed = [k for k in diff if not k.startswith("speed.") or k in MATH_SPEED_KEYS]
+    how = [k for k in diff if (k.startswith("speed.") and k not in MATH_SPEED_KEYS) or k in REPORTING_KEYS]
+    changed = [k for k in diff if k not in how]
     if planned:
         changed = [k for k in changed if not (k in UNRESOLVED and now.get(k) == UNRESOLVED[k])]
-    return changed, [k for k in diff if k.startswith("speed.") and k not in MATH_SPEED_KEYS]
+    return changed, how
 
 
 __all__ = ["RunConfig", "DistConfig", "identity_changes", "DataConfig", "ModelConfig", "OptimConfig", "StopConfig", "SpeedConfig"]

@@ -364,8 +364,8 @@ class Trainer:
             return (f"{self.run_dir} holds a run with a different config ({what}); "
                     "choose a new run folder, or delete this one to start over")
         if speed_only:
-            log.info("%s: speed switches changed (%s); they do not change what is computed", self.run_dir,
-                     ", ".join(speed_only))
+            log.info("%s: speed or reporting switches changed (%s); they do not change what is computed",
+                     self.run_dir, ", ".join(speed_only))
         return None
 
     def resolved_config(self, speed: Speed, env: D.DistEnv) -> RunConfig:
