@@ -79,10 +79,18 @@ def write_experiment(tmp: Path, data: Path, name: str = "mini", modes: str = '["
     return p
 
 
+LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
 def launch(*args: str, timeout: float = 280) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "fastbgm.launch", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+                          timeout=timeout, cwd=REPO, env={**os.environ, **LAUNCH_ENV})
+
+
+def launch_in_background(*args: str) -> subprocess.Popen:
+    """:func:`launch` without waiting: its output (stdout and stderr together) is read when it ends."""
+    return subprocess.Popen([sys.executable, "-m", "fastbgm.launch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO, env={**os.environ, **LAUNCH_ENV})
 
 
 def results(runs_root: Path) -> dict[str, dict]:
@@ -372,9 +380,7 @@ def _local_reference(tmp_path: Path, tiny_dir: Path, **kw: Any) -> Callable[[], 
     CPU); returns what waits for it and gives its experiment folder."""
     (tmp_path / "ref").mkdir()
     cfg = write_experiment(tmp_path / "ref", tiny_dir, modes='["vanilla"]', epochs=14, **kw)
-    p = subprocess.Popen([sys.executable, "-m", "fastbgm.launch", "--config", str(cfg), "--executor", "local",
-                          "--no-report", "--runs-per-gpu", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"})
+    p = launch_in_background("--config", str(cfg), "--executor", "local", "--no-report", "--runs-per-gpu", "2")
 
     def wait() -> Path:
         out, _ = p.communicate(timeout=300)

@@ -80,8 +80,7 @@ def _spawn_train(run_dir: Path, overrides: list[str], env_extra: dict | None = N
 
 def _overrides(tiny_dir: Path, **kw: object) -> list[str]:
     base = {"data.train": tiny_dir / "train.beton", "data.test": tiny_dir / "test.beton", "speed.checkpoint_every_s": 0,
-            "model.width": 16,
-            "model.depth": 3, "optim.batch_size": 32, "optim.lr": 0.05, "optim.momentum": 0.9,
+            "model.width": 16, "model.depth": 3, "optim.batch_size": 32, "optim.lr": 0.05, "optim.momentum": 0.9,
             "optim.milestones": "3", "stop.max_epochs": 6, "stop.train_eval_every": 3, "stop.test_eval_every": 3,
             "data.labels": "confusion", "data.copies": 2, "data.zero_ratio": 0.1, "data.augment": "true"}
     base.update(kw)

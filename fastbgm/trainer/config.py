@@ -184,7 +184,7 @@ class RunConfig:
 
 
 # Speed switches that change the numbers a run computes; the others (compile, channels
-# last, cuDNN autotuning, threads) change only how fast the same maths runs.
+# last, cuDNN autotuning, threads, the checkpoint interval) change only how fast the same maths runs.
 MATH_SPEED_KEYS = ("speed.device", "speed.precision")
 # What a run says about itself, not what it computes: free to change on resume, like the
 # speed switches outside MATH_SPEED_KEYS.
@@ -197,20 +197,20 @@ UNRESOLVED = {"speed.device": "auto", "speed.precision": "auto", "model.sync_bn"
 def identity_changes(recorded: dict, new: dict, planned: bool = False) -> tuple[list[str], list[str]]:
     """Compare a run folder's recorded config.json with a config for the same folder.
 
-    Returns ``(changed, speed_only)``: the keys whose change makes it another run (the
+    Returns ``(changed, harmless)``: the keys whose change makes it another run (the
     folder must be refused), and the speed and reporting switches that changed without
-    changing the maths (fine to resume; worth a log line). ``planned``: ``new`` is a launcher's plan,
-    whose "auto" values are not resolved yet and so match any recorded value.
+    changing the maths (fine to resume; worth a log line). ``planned``: ``new`` is a
+    launcher's plan, whose "auto" values are not resolved yet and so match any recorded value.
     """
     from ..config import config_diff, flatten
 
     diff = config_diff(recorded, new)
     now = flatten(new)
-    how = [k for k in diff if (k.startswith("speed.") and k not in MATH_SPEED_KEYS) or k in REPORTING_KEYS]
-    changed = [k for k in diff if k not in how]
+    harmless = [k for k in diff if (k.startswith("speed.") and k not in MATH_SPEED_KEYS) or k in REPORTING_KEYS]
+    changed = [k for k in diff if k not in harmless]
     if planned:
         changed = [k for k in changed if not (k in UNRESOLVED and now.get(k) == UNRESOLVED[k])]
-    return changed, how
+    return changed, harmless
 
 
 __all__ = ["RunConfig", "DistConfig", "identity_changes", "DataConfig", "ModelConfig", "OptimConfig", "StopConfig", "SpeedConfig"]

@@ -357,15 +357,15 @@ class Trainer:
         except json.JSONDecodeError:
             return None  # never fully written: this run rewrites it
         new = to_dict(self.resolved_config(speed, env))
-        changed, speed_only = identity_changes(old, new)
+        changed, harmless = identity_changes(old, new)
         if changed:
             was, now = flatten(old), flatten(new)
             what = ", ".join(f"{k} {was.get(k, '(not recorded)')} -> {now.get(k)}" for k in changed[:8])
             return (f"{self.run_dir} holds a run with a different config ({what}); "
                     "choose a new run folder, or delete this one to start over")
-        if speed_only:
+        if harmless:
             log.info("%s: speed or reporting switches changed (%s); they do not change what is computed",
-                     self.run_dir, ", ".join(speed_only))
+                     self.run_dir, ", ".join(harmless))
         return None
 
     def resolved_config(self, speed: Speed, env: D.DistEnv) -> RunConfig:
