@@ -113,7 +113,7 @@ cpus_per_task = 1
 def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:
     from fastbgm.bench.gpu import _trainer_section, _two_gpu_section
 
-    rows = _trainer_section(torch.device("cpu"), tmp_path, tmp_path / "work", 1, {})
+    rows = _trainer_section(torch.device("cpu"), tmp_path, tmp_path / "work", {})
     assert rows[0][0] == "two-stage" and "skipped: no" in rows[0][3]
     if torch.cuda.device_count() < 2:
         assert "skipped: only one GPU" in _two_gpu_section(tmp_path)[0][3]
@@ -178,3 +178,81 @@ prepare_options = {{ num_trian = 10 }}
 ''')
     out = launch("--config", str(toml), "--executor", "local")
     assert out.returncode == 2 and "prepare_options of 'gen'" in out.stdout and "num_trian" in out.stdout
+
+
+def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
+    """``bench gpu --smoke``: the whole GPU check, every section, at toy size on a CPU, from a
+    CIFAR-10-shaped JPEG archive, as a GPU session would run it (compilation is switched
+    off here for time; the compiled paths have tests of their own)."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    from PIL import Image
+
+    from fastbgm.bench.gpu import SECTIONS, SMOKE
+    from fastbgm.data.sources import PRESETS
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "jpeg"
+    for split, n in (("train", SMOKE.per_class[0] + 2), ("test", SMOKE.per_class[1] + 1)):
+        for c in PRESETS["cifar10"]["classes"]:
+            (src / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(src / split / c / f"{i:04d}.jpg")
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar10-jpeg.tar.xz", "w:xz") as tf:
+        tf.add(src, arcname="cifar10")
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+           "TMPDIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "fastbgm.bench", "gpu", "--smoke", "--device", "cpu", "--data", str(data),
+                          "--out", str(tmp_path / "out"), "--budget", "900"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "out" / "gpu.json").read_text())
+    assert out["scale"] == "smoke"
+    rows = out["rows"]
+    assert list(out["section_seconds"]) == list(SECTIONS)  # every section ran, in order
+    assert not [r for r in rows if "failed" in str(r[3]) or "Traceback" in str(r[3])], rows
+    skipped = [r for r in rows if "skipped" in str(r[3])]
+    from importlib.util import find_spec
+
+    cannot = ["loader"] * (find_spec("ffcv") is None) + ["ddp"]  # what this machine cannot do
+    assert [r[0] for r in skipped] == cannot, skipped
+    # every pack measured, each run exactly as alone on a CPU but the fused (other kernels)
+    packs = {k: out[k] for k in ("pack", "pack_stepgraph", "pack_unsafe", "pack_fused")}
+    assert [(r["K"], r["pack_mode"]) for r in packs["pack"]] == [(1, "alone"), (2, "threads"), (2, "serial")]
+    assert all(r["max_abs_diff"] == 0 for k in ("pack", "pack_stepgraph", "pack_unsafe") for r in packs[k])
+    assert 0 < max(r["max_abs_diff"] for r in packs["pack_fused"]) < 1e-2
+    # the two-stage runs trained on the decoded subset, alone, packed and fused, all done
+    two = out["two_stage"]
+    assert {r["run"] for r in two} == {"stage1", "stage2-random", "stage2-adversarial"}
+    assert all(r["result"]["status"] == "done" for r in two)
+    assert [(p["pack_mode"], p["max_abs_diff"] == 0) for p in out["packed_vs_alone"]] == \
+        [("auto", True), ("auto", True), ("fused", False)]
+    assert set(out["trainer_over_bare"]) == {"compiled (reduce-overhead)", "step graphs"}
+    assert (data / "cifar10-jpeg-{}-{}-per-class".format(*SMOKE.per_class) / "train.resident.npz").exists()
+    assert not (data / "cifar10").exists()  # where a full check reads a prepared CIFAR-10: untouched
+    assert not list(tmp_path.glob("fastbgm-gpu-*"))  # the runs' folders are removed
+    assert "fastbgm GPU check" in res.stdout
+
+
+def test_gpu_check_says_when_torch_compile_stops_compiling() -> None:
+    """Past its recompile limit torch runs a function uncompiled, with one warning: the GPU
+    check puts that warning beside its rows; the trainer and the benches raise the limit."""
+    from fastbgm.bench.common import RecompileLimitHits
+    from fastbgm.trainer.trainer import COMPILED_VARIANTS, compile_model
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (x * 2).sum()
+
+    with torch._dynamo.config.patch(recompile_limit=1), RecompileLimitHits() as hits:
+        g = torch.compile(f, backend="eager", dynamic=False)
+        for n in (2, 3, 4):
+            g(torch.ones(n))
+    assert len(hits.hits) == 1 and "recompile_limit (1)" in hits.hits[0] and "'f'" in hits.hits[0]
+    with torch._dynamo.config.patch(recompile_limit=8):
+        compile_model(torch.nn.Linear(2, 2), "default")
+        assert torch._dynamo.config.recompile_limit == COMPILED_VARIANTS

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
                            "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, pack-fused, loader, train, ddp, "
                            "overhead)")
+            s.add_argument("--smoke", action="store_true", help="every section at toy size (small_cnn, K = 1, 2, a few "
+                           "steps, 12 CIFAR-10 images a class): runs the whole check on a CPU in minutes, before a "
+                           "GPU session spends its time on it")
         if name == "pack":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--runs", default="1,2,4,8", help="K values: runs packed on the device")
@@ -130,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .gpu import run as run_gpu
 
-        from .gpu import SECTIONS
+        from .gpu import FULL, SECTIONS, SMOKE
 
         run_gpu(device, args.data, args.out, args.seconds, args.budget,
-                tuple(x for x in args.sections.split(",") if x) or SECTIONS)
+                tuple(x for x in args.sections.split(",") if x) or SECTIONS, SMOKE if args.smoke else FULL)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,30 @@ class Row:
     name: str
     images_per_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RecompileLimitHits(logging.Handler):
+    """torch.compile's "hit config.recompile_limit" warnings, while attached: a function
+    past the limit runs uncompiled from then on, so what a bench measures after it is not
+    the mode its row names."""
+
+    LOGGER = "torch._dynamo.convert_frame"
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.hits: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "recompile_limit" in msg or "cache_size_limit" in msg:
+            self.hits.append(" ".join(msg.split())[:300])
+
+    def __enter__(self) -> "RecompileLimitHits":
+        logging.getLogger(self.LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
 
 
 def synchronize(device: torch.device) -> None:

@@ -31,29 +31,63 @@ Writes ``gpu.json`` (updated after every section) and prints the table last.
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import device_info, print_table, time_images, write_json
+from .common import RecompileLimitHits, device_info, print_table, time_images, write_json
 
 log = logging.getLogger(__name__)
 
 
-def _loader_section(device: torch.device, seconds: float) -> list[list[Any]]:
+@dataclass(frozen=True)
+class Scale:
+    """The sizes of every section: :data:`FULL` on a GPU; :data:`SMOKE` (``--smoke``) runs
+    the whole script's code on a CPU in minutes, so a GPU session spends its minutes
+    measuring, not finding a script's bugs."""
+    models: tuple[str, ...] = ("resnet18", "vgg16_bn")  # the throughput and pack rows
+    model_kw: tuple[tuple[str, int], ...] = ()  # their options (small_cnn's width and depth)
+    batch: int = 128  # the paper's; the pack rows and the two-stage runs
+    big_batch: int = 512  # the ``train`` section
+    pack_ks: tuple[int, ...] = (1, 2, 4, 8)
+    graph_ks: tuple[int, ...] = (1, 4, 8)  # pack-stepgraph and pack-fused
+    unsafe_ks: tuple[int, ...] = (1, 4)
+    pack_steps: int = 40  # per run per timed epoch
+    train_steps: int = 60  # timed steps of the bare step at ``batch``
+    big_steps: int = 40  # ... at ``big_batch``
+    trainer_model: str = "resnet18"
+    epochs: int = 8  # each two-stage run
+    per_class: tuple[int, int] = (1000, 200)  # train / test images per class from the JPEG archive
+    loader_images: int = 20000
+    overhead_steps: int = 100
+    loader_seconds: float | None = None  # the loader's timing (None: ``--seconds``)
+    reserve_s: float = 150.0  # budget kept, when the pack sections start, for the sections after them
+
+
+FULL = Scale()
+SMOKE = Scale(models=("small_cnn",), model_kw=(("width", 8), ("depth", 2)), batch=32, big_batch=64,
+              pack_ks=(1, 2), graph_ks=(1, 2), unsafe_ks=(1, 2), pack_steps=2, train_steps=2, big_steps=2,
+              trainer_model="small_cnn", epochs=2, per_class=(12, 4), loader_images=512, overhead_steps=4,
+              loader_seconds=0.2, reserve_s=0.0)
+
+
+def _loader_section(device: torch.device, seconds: float, scale: Scale = FULL) -> list[list[Any]]:
+    from importlib.util import find_spec
+
     from fastbgm.data import LabelSpec, loader_from_arrays
-    from fastbgm.data.ffcv_io import ffcv_available
 
     from .train import synthetic_arrays
 
-    images, labels = synthetic_arrays(20000)
+    images, labels = synthetic_arrays(scale.loader_images)
     rows = []
-    for bs in (512,):
+    for bs in (scale.big_batch,):
         spec = LabelSpec("confusion", seed=0, copies=4, zero_ratio=0.1)
         t0 = time.perf_counter()
         L = loader_from_arrays(images, labels, batch_size=bs, device=device, label_spec=spec, augment=True,
@@ -61,8 +95,8 @@ def _loader_section(device: torch.device, seconds: float) -> list[list[Any]]:
         setup = time.perf_counter() - t0
         ips = time_images(lambda loader=L: sum(len(y) for _, y, _ in loader), device, seconds)
         rows.append(["loader", f"resident confusion R=4 + crop/flip, bf16, batch {bs}", ips,
-                     f"setup {setup:.1f}s (80k noised copies)"])
-    if not ffcv_available():
+                     f"setup {setup:.1f}s ({4 * len(labels):,} noised copies)"])
+    if find_spec("ffcv") is None:  # (importing it only to ask costs ~10 s)
         rows.append(["loader", "stream (ffcv JPEG)", float("nan"), "skipped: ffcv is not installed here"])
     return rows
 
@@ -82,8 +116,10 @@ def _two_gpu_section(out: Path) -> list[list[Any]]:
 
 
 def _caches_from_archive(archive: Path, out: Path, per_class: tuple[int, int] = (1000, 200)) -> None:
-    """Real CIFAR-10 without ffcv: decode the JPEG archive (1,000 train / 200 test images
-    per class) into resident caches + manifests that the trainer reads directly."""
+    """Real CIFAR-10 without ffcv: decode the JPEG archive's first ``per_class`` train /
+    test images of each class into resident caches + manifests that the trainer reads
+    directly."""
+    import posixpath
     import tarfile
 
     from fastbgm.data.sources import imagefolder_splits
@@ -91,7 +127,16 @@ def _caches_from_archive(archive: Path, out: Path, per_class: tuple[int, int] = 
 
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(archive) as tf:
-            tf.extractall(tmp, filter="data")
+            # only the images kept (the first per class, in name order, as limit_per_class
+            # keeps them): writing all 60,000 files cost most of the time
+            by_folder: dict[str, list[tarfile.TarInfo]] = {}
+            for m in tf.getmembers():
+                if m.isfile():
+                    by_folder.setdefault(posixpath.dirname(m.name), []).append(m)
+            limit, keep = {"train": per_class[0], "test": per_class[1]}, []
+            for folder, ms in by_folder.items():  # <root>/<split>/<class>
+                keep += sorted(ms, key=lambda m: m.name)[:limit.get(posixpath.basename(posixpath.dirname(folder)), 0)]
+            tf.extractall(tmp, members=keep, filter="data")
         root = Path(tmp)
         while not (root / "train").is_dir():
             root = next(p for p in root.iterdir() if p.is_dir())
@@ -101,8 +146,8 @@ def _caches_from_archive(archive: Path, out: Path, per_class: tuple[int, int] = 
         prepare_cache_only({"test": splits["test"]}, out, normalization=norm, limit_per_class=per_class[1])
 
 
-def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
-                     results: dict[str, Any], deadline: float | None = None) -> list[list[Any]]:
+def _trainer_section(device: torch.device, data: Path, work: Path, results: dict[str, Any],
+                     deadline: float | None = None, scale: Scale = FULL) -> list[list[Any]]:
     """Stage 1 on the confusion set, then stage 2 from it and from random init, through
     the Trainer; then both stage-2 runs packed on the GPU, and how far each ends from
     alone. Twice: with torch.compile's CUDA graphs (the default), then with step graphs
@@ -114,19 +159,27 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
     from fastbgm.trainer import checkpoint as C
     from fastbgm.trainer.loop import train_runs
 
-    beton = data / "cifar10" / "train.beton"
-    test = data / "cifar10" / "test.beton"
-    archive = data / "cifar10-jpeg.tar.xz"
-    if not (beton.exists() or beton.with_name("train.resident.npz").exists()) and archive.exists():
-        _caches_from_archive(archive, data / "cifar10")
-    if not (beton.exists() or beton.with_name("train.resident.npz").exists()):
+    def ready(folder: Path) -> bool:
+        return (folder / "train.beton").exists() or (folder / "train.resident.npz").exists()
+
+    # a prepared CIFAR-10 at full scale; else a subset decoded from the JPEG archive, in a
+    # folder named for its size (a smoke's toy subset is never read by a full check)
+    prepared, archive = data / "cifar10", data / "cifar10-jpeg.tar.xz"
+    folder = data / "cifar10-jpeg-{}-{}-per-class".format(*scale.per_class)
+    if scale == FULL and ready(prepared):
+        folder = prepared
+    elif not ready(folder) and archive.exists():
+        _caches_from_archive(archive, folder, scale.per_class)
+    if not ready(folder):
         return [["two-stage", "real CIFAR-10 run", float("nan"),
-                 f"skipped: no {beton} (or its resident cache), and no {archive}"]]
+                 f"skipped: no {prepared / 'train.beton'} (or its resident cache), and no {archive}"]]
+    beton, test = folder / "train.beton", folder / "test.beton"
     rows: list[list[Any]] = []
+    epochs, model = scale.epochs, scale.trainer_model
 
     def config(name: str, step_graph: bool, *extra: str) -> RunConfig:
-        base = {"data": {"train": str(beton), "test": str(test)}, "model": {"name": "resnet18"},
-                "optim": {"lr": 0.1, "batch_size": 128, "milestones": []},
+        base = {"data": {"train": str(beton), "test": str(test)}, "model": {"name": model, **dict(scale.model_kw)},
+                "optim": {"lr": 0.1, "batch_size": scale.batch, "milestones": []},
                 "stop": {"max_epochs": epochs, "train_eval_every": epochs, "test_eval_every": epochs},
                 "speed": {"device": device.type, "compile": "true", "precision": "bf16", "channels_last": "true",
                           "step_graph": "true" if step_graph else "false"}}
@@ -149,7 +202,7 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
         if res.get("status") != "done":
             rows.append(["two-stage", f"{name} ({label})", float("nan"), f"{res.get('status')}: {res.get('reason')}"])
             return
-        rows.append(["two-stage", f"{name}: resnet18 {label} bf16, {len(m)} epochs", ips,
+        rows.append(["two-stage", f"{name}: {model} {label} bf16, {len(m)} epochs", ips,
                      f"train loss {m[0]['train_loss']:.3f} -> {m[-1]['train_loss']:.3f}, "
                      f"train acc {res.get('train_acc', float('nan')):.3f}, test acc {res.get('test_acc') or float('nan'):.3f}, "
                      + (f"MFU {100 * sum(mfu) / len(mfu):.1f}%, " if mfu else "")
@@ -217,18 +270,19 @@ def _trainer_section(device: torch.device, data: Path, work: Path, epochs: int,
     return rows
 
 
-def _trainer_vs_bare(results: dict[str, Any]) -> list[list[Any]]:
+def _trainer_vs_bare(results: dict[str, Any], scale: Scale = FULL) -> list[list[Any]]:
     """The Trainer at batch 128 against the bare compiled step (goal: within 10%)."""
-    bare = next((r["images_per_s"] for r in results.get("train", []) if r["model"] == "resnet18"
-                 and r["batch"] == 128 and r["mode"] == "cudagraphs-bf16" and not r["loader"]), None)
+    model, batch = scale.trainer_model, scale.batch
+    bare = next((r["images_per_s"] for r in results.get("train", []) if r["model"] == model
+                 and r["batch"] == batch and r["mode"] == "cudagraphs-bf16" and not r["loader"]), None)
     out = []
     # the step loop alone (one run through the packed loop, its loader in the loop, no
     # per-epoch extras) separates the per-step overhead from the epochs' evaluation etc.
     for key, label in (("pack", "compiled (reduce-overhead)"), ("pack_stepgraph", "step graphs")):
-        loop = next((r["images_per_s"] for r in results.get(key, []) if r["model"] == "resnet18" and r["K"] == 1), None)
+        loop = next((r["images_per_s"] for r in results.get(key, []) if r["model"] == model and r["K"] == 1), None)
         if bare is not None and loop is not None:
             results.setdefault("loop_over_bare", {})[label] = loop / bare
-            out.append(["trainer/bare", f"resnet18 batch 128: training loop, one run ({label}) vs bare compiled step",
+            out.append(["trainer/bare", f"{model} batch {batch}: training loop, one run ({label}) vs bare compiled step",
                         loop, f"{100 * loop / bare:.0f}% of the bare step's {bare:,.0f} img/s"])
     for label in ("compiled (reduce-overhead)", "step graphs"):
         runs = [r for r in results.get("two_stage", []) if r["run"] != "stage1" and r["label"] == label
@@ -238,18 +292,18 @@ def _trainer_vs_bare(results: dict[str, Any]) -> list[list[Any]]:
             continue
         ips = sum(r["images_per_s"] for r in runs) / len(runs)
         results.setdefault("trainer_over_bare", {})[label] = ips / bare
-        out.append(["trainer/bare", f"resnet18 batch 128: Trainer epoch ({label}) vs bare compiled step", ips,
+        out.append(["trainer/bare", f"{model} batch {batch}: Trainer epoch ({label}) vs bare compiled step", ips,
                     f"{100 * ips / bare:.0f}% of the bare step's {bare:,.0f} img/s (goal >= 90%)"])
     return out
 
 
-def _overhead_section(device: torch.device, results: dict[str, Any]) -> list[list[Any]]:
+def _overhead_section(device: torch.device, results: dict[str, Any], scale: Scale = FULL) -> list[list[Any]]:
     """The loop's own host cost per step in each step mode (bench/overhead.py)."""
     from .overhead import run as run_overhead
 
     rows = []
     for mode in ("eager", "cudagraphs", "stepgraph"):
-        res = run_overhead(device, 100, None, mode)
+        res = run_overhead(device, scale.overhead_steps, None, mode)
         results.setdefault("overhead", {})[mode] = res["rows"]
         bare, _, loop, own = res["rows"]
         ops = f", {own['ops_per_step']:.1f} ops" if "ops_per_step" in own else ""
@@ -264,9 +318,10 @@ SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "
 
 
 def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0,
-        sections: tuple[str, ...] = SECTIONS) -> dict:
+        sections: tuple[str, ...] = SECTIONS, scale: Scale = FULL) -> dict:
     """The sections asked for, in :data:`SECTIONS`' order (what the open work needs first),
-    each skipped once ``budget_s`` is spent."""
+    each skipped once ``budget_s`` is spent; sizes from ``scale`` (:data:`SMOKE`: the whole
+    script at toy size, for a CPU)."""
     unknown = [x for x in sections if x not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown GPU-check section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
@@ -274,7 +329,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     deadline = start + budget_s
     info = device_info(device)
     info["cuda_devices"] = torch.cuda.device_count()
-    results: dict[str, Any] = {"info": info, "rows": [], "skipped": [], "train": []}
+    results: dict[str, Any] = {"info": info, "rows": [], "skipped": [], "train": [],
+                               "scale": "smoke" if scale == SMOKE else "full"}
     rows: list[list[Any]] = [["device", f"{info['name']}; torch {info['torch']}; CUDA {info.get('cuda')}",
                               float("nan"), f"{info['cuda_devices']} GPU(s)"]]
 
@@ -286,10 +342,14 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
             return
         t0 = time.time()
         try:
-            rows.extend(fn(*a))
+            with RecompileLimitHits() as hits:
+                rows.extend(fn(*a))
         except Exception as e:  # a failing section must not lose the others
             log.exception("section %s failed", name)
             rows.append([name, "-", float("nan"), f"failed: {type(e).__name__}: {e}"[:300]])
+        for hit in hits.hits:  # its later rows may have run uncompiled: say so beside them
+            rows.append([name, "torch.compile's recompile limit hit", float("nan"), f"failed: {hit}"])
+            results.setdefault("recompile_limit_hits", []).append({"section": name, "warning": hit})
         results["rows"] = rows
         results.setdefault("section_seconds", {})[name] = time.time() - t0
         write_json(out, "gpu", results)
@@ -297,8 +357,9 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     def train_rows(batch: int, modes: list[str], loader_modes: tuple[str, ...], steps: int) -> list[list[Any]]:
         from .train import run as run_train
 
-        res = run_train(device, data, ["resnet18", "vgg16_bn"], [batch], modes, steps, None,
-                        loader_modes=loader_modes, deadline=deadline - 120)
+        res = run_train(device, data, list(scale.models), [batch], modes, steps, None,
+                        loader_modes=loader_modes, deadline=deadline - 120, loader_images=scale.loader_images,
+                        model_kw=dict(scale.model_kw))
         out_rows = []
         for r in res["rows"]:
             note = f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] else "MFU -"
@@ -311,39 +372,44 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         results["skipped"] += res["skipped"]
         return out_rows
 
-    def pack_rows(key: str, models: list[str], ks: list[int], mode: str, pack_modes: tuple[str, ...],
-                  keep: Any = lambda r: True, reserve: float = 150.0) -> list[list[Any]]:
+    def pack_rows(key: str, models: tuple[str, ...], ks: tuple[int, ...], mode: str, pack_modes: tuple[str, ...],
+                  keep: Any = lambda r: True, reserve: float = scale.reserve_s) -> list[list[Any]]:
         """A pack table; no measurement starts once only ``reserve`` seconds of the budget
         are left (for the sections after it)."""
         from .pack import run as run_pack
 
-        res = [r for r in run_pack(device, models, ks, 128, 40, None, mode, pack_modes, deadline=deadline - reserve,
-                                   baselines=baselines) if keep(r)]
+        res = [r for r in run_pack(device, list(models), list(ks), scale.batch, scale.pack_steps, None, mode,
+                                   pack_modes, deadline=deadline - reserve, baselines=baselines,
+                                   model_kw=dict(scale.model_kw)) if keep(r)]
         results[key] = res
-        return [["pack", f"{r['model']} batch 128 {mode}, K={r['K']} {r['pack_mode']}"
+        return [["pack", f"{r['model']} batch {scale.batch} {mode}, K={r['K']} {r['pack_mode']}"
                  + (" (unsafe)" if r["unsafe"] else ""), r["images_per_s"],
                  f"x{r['x_k1']:.2f} of K=1, max |dw| vs alone {r['max_abs_diff']:.2g}"] for r in res]
 
     baselines: dict = {}  # K = 1 of a model and mode, measured once for every section
-    work = Path(tempfile.mkdtemp(prefix="fastbgm-gpu-"))
-    section("train128", train_rows, 128, ["cudagraphs-bf16"], ("without",), 60)
-    # torch.compile's CUDA graphs: runs in threads (each its own graph pool), or in turn
-    section("pack", pack_rows, "pack", ["resnet18", "vgg16_bn"], [1, 2, 4, 8], "cudagraphs", ("threads", "serial"))
-    # each run's whole step one CUDA graph, replayed on its own stream
-    section("pack-stepgraph", pack_rows, "pack_stepgraph", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph",
-            ("streams", "threads"))
-    section("two-stage", _trainer_section, device, data, work, 8, results, deadline)
-    section("trainer/bare", _trainer_vs_bare, results)
-    # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams
-    section("pack-unsafe", pack_rows, "pack_unsafe", ["resnet18"], [1, 4], "cudagraphs", ("streams",),
-            lambda r: r["K"] > 1)
-    # K runs as one vmapped network (HFTA), its whole step one CUDA graph
-    section("pack-fused", pack_rows, "pack_fused", ["resnet18", "vgg16_bn"], [1, 4, 8], "stepgraph", ("fused",),
-            lambda r: True, 0.0)
-    section("loader", _loader_section, device, seconds)
-    section("train", train_rows, 512, ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"], ("without", "with"), 40)
-    section("ddp", _two_gpu_section, out or Path("."))
-    section("overhead", _overhead_section, device, results)
+    work = Path(tempfile.mkdtemp(prefix="fastbgm-gpu-"))  # the two-stage runs' folders
+    try:
+        section("train128", train_rows, scale.batch, ["cudagraphs-bf16"], ("without",), scale.train_steps)
+        # torch.compile's CUDA graphs: runs in threads (each its own graph pool), or in turn
+        section("pack", pack_rows, "pack", scale.models, scale.pack_ks, "cudagraphs", ("threads", "serial"))
+        # each run's whole step one CUDA graph, replayed on its own stream
+        section("pack-stepgraph", pack_rows, "pack_stepgraph", scale.models, scale.graph_ks, "stepgraph",
+                ("streams", "threads"))
+        section("two-stage", _trainer_section, device, data, work, results, deadline, scale)
+        section("trainer/bare", _trainer_vs_bare, results, scale)
+        # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams
+        section("pack-unsafe", pack_rows, "pack_unsafe", scale.models[:1], scale.unsafe_ks, "cudagraphs", ("streams",),
+                lambda r: r["K"] > 1)
+        # K runs as one vmapped network (HFTA), its whole step one CUDA graph
+        section("pack-fused", pack_rows, "pack_fused", scale.models, scale.graph_ks, "stepgraph", ("fused",),
+                lambda r: True, 0.0)
+        section("loader", _loader_section, device, scale.loader_seconds or seconds, scale)
+        section("train", train_rows, scale.big_batch, ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"],
+                ("without", "with"), scale.big_steps)
+        section("ddp", _two_gpu_section, out or Path("."))
+        section("overhead", _overhead_section, device, results, scale)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     results["wall_seconds"] = time.time() - start
     write_json(out, "gpu", results)
     print_table(f"fastbgm GPU check ({results['wall_seconds']:.0f} s)", ["section", "what", "images/s", "notes"], rows)

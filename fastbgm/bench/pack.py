@@ -20,7 +20,7 @@ from fastbgm.models import build_model
 from fastbgm.trainer.loop import PACK_MODES as LOOP_PACK_MODES, RunState, train_epoch_together
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
 from fastbgm.trainer.stepgraph import StepGraphs
-from fastbgm.trainer.trainer import Speed, make_sgd
+from fastbgm.trainer.trainer import Speed, compile_model, make_sgd
 
 from .common import device_info, print_table, synchronize, write_json
 from .train import synthetic_arrays
@@ -36,8 +36,7 @@ def _state(name: str, seed: int, images: Any, labels: Any, batch: int, speed: Sp
     module = build_model(name, 10, **model_kw).to(device)
     if speed.channels_last:
         module = module.to(memory_format=torch.channels_last)
-    model = torch.compile(module, mode=None if speed.compile_mode == "default" else speed.compile_mode) \
-        if speed.compile else module
+    model = compile_model(module, speed.compile_mode) if speed.compile else module
     opt = make_sgd([{"params": list(module.parameters()), "weight_decay": 5e-4}], 0.05, 0.9, False, device)
     dtype = torch.bfloat16 if speed.precision == "bf16" else torch.float32
     train = loader_from_arrays(images, labels, batch_size=batch, device=device, augment=True, seed=seed,
@@ -63,13 +62,14 @@ def bench_speed(mode: str, device: torch.device) -> tuple[str, Speed]:
 
 
 def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: torch.device,
-            arrays: tuple[Any, Any], pack_mode: str = "serial") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+            arrays: tuple[Any, Any], pack_mode: str = "serial",
+            model_kw: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """images/s of ``k`` runs packed as ``pack_mode`` says; and run 0's final weights (on
     the CPU), which must equal those of run 0 trained alone."""
     images, labels = arrays[0][: batch * steps], arrays[1][: batch * steps]
     fused = k > 1 and pack_mode == "fused"
     streams = k > 1 and pack_mode not in ("serial", "fused")
-    states = {i: _state(name, i, images, labels, batch, speed, device, streams, graphs=not fused)
+    states = {i: _state(name, i, images, labels, batch, speed, device, streams, graphs=not fused, **(model_kw or {}))
               for i in range(k)}
     threads = pack_mode == "threads"
     fusions: dict | None = {} if fused else None  # the loop's fused groups, kept across epochs
@@ -106,7 +106,8 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
 
 def run(device: torch.device, models: list[str], ks: list[int], batch: int, steps: int, out: Path | None,
         mode: str = "auto", pack_modes: tuple[str, ...] = ("serial", "threads"),
-        deadline: float | None = None, baselines: dict | None = None) -> list[dict[str, Any]]:
+        deadline: float | None = None, baselines: dict | None = None,
+        model_kw: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The table: for each model, K = 1 alone, then each K > 1 in each pack mode, with the
     largest difference of run 0's weights from run 0 alone (0 on a CPU: bitwise, but for
     ``fused``: other kernels, float tolerance). ``mode``: eager, compiled, cudagraphs
@@ -118,7 +119,8 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
 
     ``streams`` with CUDA graphs (``mode`` cudagraphs) is measured when asked, and marked
     unsafe: the trainer refuses it, because the runs' graphs share one memory pool; its
-    difference column shows what that race does."""
+    difference column shows what that race does. ``model_kw``: the models' options
+    (e.g. small_cnn's width)."""
     gpu = device.type == "cuda"
     mode, speed = bench_speed(mode, device)
     arrays = synthetic_arrays(batch * steps)
@@ -134,7 +136,7 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                 if k == 1 and baselines is not None and key in baselines:
                     r, w = dict(baselines[key][0]), baselines[key][1]
                 else:
-                    r, w = measure(name, k, batch, steps, speed, device, arrays, pm)
+                    r, w = measure(name, k, batch, steps, speed, device, arrays, pm, model_kw)
                     if k == 1 and baselines is not None:
                         baselines[key] = (r, w)
                 if base is None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastbgm.models import build_model
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
-from fastbgm.trainer.trainer import make_sgd
+from fastbgm.trainer.trainer import compile_model, make_sgd
 
 from .common import device_info, print_table, synchronize, write_json
 
@@ -48,17 +48,18 @@ def bare_step(fwd: Any, opt: torch.optim.Optimizer, precision: str, device: torc
 
 
 def measure(name: str, batch_size: int, mode: str, device: torch.device, steps: int,
-            loaders: dict[str, Any | None], input_shape: tuple[int, int, int] = (3, 32, 32)) -> list[dict[str, Any]]:
+            loaders: dict[str, Any | None], input_shape: tuple[int, int, int] = (3, 32, 32),
+            model_kw: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Build and (maybe) compile the model once, then time each entry of ``loaders``
     (``None`` = one pre-made batch on the device). ``mode`` is ``<how>-<precision>``:
     how = eager | compiled (inductor) | cudagraphs (inductor + CUDA graphs)."""
     how, precision = mode.split("-")
     torch.manual_seed(0)
-    model = build_model(name, 10).to(device).to(memory_format=torch.channels_last)
+    model = build_model(name, 10, **(model_kw or {})).to(device).to(memory_format=torch.channels_last)
     flops = train_flops_per_image(model, input_shape, device)
     opt = make_sgd([{"params": list(model.parameters()), "weight_decay": 5e-4}], 0.01, 0.9, False, device)
-    fwd = {"eager": lambda m: m, "compiled": torch.compile,
-           "cudagraphs": lambda m: torch.compile(m, mode="reduce-overhead")}[how](model)
+    fwd = {"eager": lambda m: m, "compiled": lambda m: compile_model(m, "default"),
+           "cudagraphs": lambda m: compile_model(m, "reduce-overhead")}[how](model)
     x0 = torch.randn(batch_size, *input_shape, device=device).to(memory_format=torch.channels_last)
     if precision == "bf16":
         x0 = x0.to(torch.bfloat16)
@@ -108,7 +109,8 @@ def make_bench_loader(device: torch.device, batch_size: int, precision: str, n: 
 
 def run(device: torch.device, data_root: Path, models: list[str], batch_sizes: list[int], modes: list[str],
         steps: int, out: Path | None, loader_modes: tuple[str, ...] = ("without", "with"),
-        deadline: float | None = None) -> dict[str, Any]:
+        deadline: float | None = None, loader_images: int = 20000,
+        model_kw: dict[str, Any] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     results: dict[str, Any] = {"info": device_info(device), "rows": rows, "skipped": []}
     loaders: dict[tuple[int, str], Any] = {}
@@ -123,12 +125,12 @@ def run(device: torch.device, data_root: Path, models: list[str], batch_sizes: l
                     if lm == "with":
                         key = (bs, mode.split("-")[1])
                         if key not in loaders:
-                            loaders[key] = make_bench_loader(device, bs, key[1])
+                            loaders[key] = make_bench_loader(device, bs, key[1], loader_images)
                         use[lm] = loaders[key]
                     else:
                         use[lm] = None
                 try:
-                    rows.extend(measure(name, bs, mode, device, steps, use))
+                    rows.extend(measure(name, bs, mode, device, steps, use, model_kw=model_kw))
                 except Exception as e:  # one failing mode must not lose the table
                     log.warning("%s bs%d %s failed: %s", name, bs, mode, e)
                     results["skipped"].append(f"{name} bs{bs} {mode}: {type(e).__name__}: {e}")

@@ -135,6 +135,24 @@ def on_stream(stream: Any) -> contextlib.AbstractContextManager:
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
+COMPILED_VARIANTS = 64  # what torch.compile may keep of one function (torch's default: 8)
+
+
+def compile_model(model: nn.Module, mode: str) -> nn.Module:
+    """``torch.compile`` in ``mode`` (``default``, ``reduce-overhead``, ...), in a process
+    that keeps up to :data:`COMPILED_VARIANTS` compiled variants of a function.
+
+    Every run of an architecture in a process shares its model class's ``forward`` code
+    object, and each compile mode, precision and batch shape (an epoch's last batch too)
+    is a variant of it. Past torch's default of 8 variants, torch runs the function
+    uncompiled from then on, with one warning in the log. A pack that trains many runs
+    in turn, or the GPU check measuring many modes, would then time later runs uncompiled."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # (torch < 2.6)
+    setattr(config, name, max(getattr(config, name), COMPILED_VARIANTS))
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def lr_factor(cfg: RunConfig, epoch: int) -> float:
     """LR multiplier for (0-based) ``epoch``: warmup, then multistep / cosine / constant."""
     o = cfg.optim
@@ -494,7 +512,7 @@ class Trainer:
             ids = [env.device.index] if env.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         if speed.compile:
-            model = torch.compile(model, mode=None if speed.compile_mode == "default" else speed.compile_mode)
+            model = compile_model(model, speed.compile_mode)
         return model
 
     @torch.no_grad()
