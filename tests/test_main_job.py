@@ -237,6 +237,8 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     assert not (data / "cifar10").exists()  # where a full check reads a prepared CIFAR-10: untouched
     assert not list(tmp_path.glob("fastbgm-gpu-*"))  # the runs' folders are removed
     assert "fastbgm GPU check" in res.stdout
+    md = (tmp_path / "out" / "gpu.md").read_text().splitlines()  # the table for BENCHMARKS.md
+    assert md[2] == "| section | what | images/s | notes |" and len(md) == 4 + len(rows)
 
 
 def test_gpu_check_says_when_torch_compile_stops_compiling() -> None:

@@ -76,6 +76,23 @@ def synthetic_beton(root: Path, name: str, n: int, resolution: int, image_format
     return out / "train.beton"
 
 
+def _cell(v: Any) -> str:
+    return f"{v:,.0f}" if isinstance(v, float) and v > 100 else (f"{v:.3g}" if isinstance(v, float) else str(v))
+
+
+def write_markdown(out: Path | None, name: str, title: str, columns: list[str], rows: Iterable[list[Any]]) -> None:
+    """The table as markdown, ``out/<name>.md``: what BENCHMARKS.md takes as it is."""
+    if out is None:
+        return
+    from fastbgm.fileio import atomic_write_text
+
+    lines = [f"{title}", "", "| " + " | ".join(columns) + " |",
+             "|" + "|".join("---:" if c == "images/s" else "---" for c in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in r) + " |" for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
+
+
 def print_table(title: str, columns: list[str], rows: Iterable[list[Any]]) -> None:
     from rich.table import Table
 
@@ -83,8 +100,7 @@ def print_table(title: str, columns: list[str], rows: Iterable[list[Any]]) -> No
     for c in columns:
         t.add_column(c, justify="right" if c not in ("loader", "model", "what", "case") else "left")
     for r in rows:
-        t.add_row(*[f"{v:,.0f}" if isinstance(v, float) and v > 100 else
-                    (f"{v:.3g}" if isinstance(v, float) else str(v)) for v in r])
+        t.add_row(*[_cell(v) for v in r])
     from fastbgm.ui import console
 
     console().print(t)

@@ -26,7 +26,8 @@ said so) once the time budget is spent:
   microseconds (eager, torch.compile's CUDA graphs, step graphs), for a tiny model
   (bench/overhead.py).
 
-Writes ``gpu.json`` (updated after every section) and prints the table last.
+Writes ``gpu.json`` (updated after every section), and at the end the table as
+``gpu.md`` (markdown, for BENCHMARKS.md) and on the terminal.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .common import RecompileLimitHits, device_info, print_table, time_images, write_json
+from .common import RecompileLimitHits, device_info, print_table, time_images, write_json, write_markdown
 
 log = logging.getLogger(__name__)
 
@@ -412,5 +413,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         shutil.rmtree(work, ignore_errors=True)
     results["wall_seconds"] = time.time() - start
     write_json(out, "gpu", results)
-    print_table(f"fastbgm GPU check ({results['wall_seconds']:.0f} s)", ["section", "what", "images/s", "notes"], rows)
+    title = f"fastbgm GPU check ({results['wall_seconds']:.0f} s{', smoke' if scale == SMOKE else ''})"
+    columns = ["section", "what", "images/s", "notes"]
+    write_markdown(out, "gpu", title, columns, rows)
+    print_table(title, columns, rows)
     return results
