@@ -11,8 +11,8 @@
 # cifar10-jpeg.tar.xz); the Trainer over the bare step; then the loader,
 # batch-512 training, 2-GPU DDP rows and the loop's host cost per step. Writes
 # OUT/gpu.json after every section, and the table last: printed, and as OUT/gpu.md.
-# --smoke --device cpu: every section at toy size on a CPU (about 8 min with compilation on
-# 2 cores): run it first, on the torch the GPU machine has, so its minutes go to measuring.
+# --smoke --device cpu: every section at toy size on a CPU (2.5 to 8 min with compilation
+# on 2 cores): run it first, on the torch the GPU machine has, so its minutes go to measuring.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

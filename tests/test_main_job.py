@@ -188,6 +188,7 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     import subprocess
     import sys
     import tarfile
+    from importlib.util import find_spec
 
     from PIL import Image
 
@@ -217,8 +218,6 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     assert list(out["section_seconds"]) == list(SECTIONS)  # every section ran, in order
     assert not [r for r in rows if "failed" in str(r[3]) or "Traceback" in str(r[3])], rows
     skipped = [r for r in rows if "skipped" in str(r[3])]
-    from importlib.util import find_spec
-
     cannot = ["loader"] * (find_spec("ffcv") is None) + ["ddp"]  # what this machine cannot do
     assert [r[0] for r in skipped] == cannot, skipped
     # every pack measured, each run exactly as alone on a CPU but the fused (other kernels)
