@@ -461,6 +461,77 @@ def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
     assert any("model resnet50 has no measured" in w for w in est["unmeasured"])  # named, not guessed
 
 
+def _paper_grid(tmp_path: Path, *over: str) -> tuple[ExperimentConfig, list]:
+    exp = load(ExperimentConfig, REPO / "configs/cifar10-paper.toml",
+               [f"--runs_dir={tmp_path}", "--models=[resnet18]", "--seeds=[0]", *over])
+    return exp, plan(exp)
+
+
+def test_estimate_counts_packing_only_as_measured_and_only_what_is_left(tmp_path: Path) -> None:
+    from fastbgm.launch.estimate import _between, estimate, throughput_table
+
+    table = throughput_table()
+    one = estimate(*_paper_grid(tmp_path, "--resources.gpus=2"), table=table)  # 17 runs on 2 GPUs
+    assert one["complete"] and one["runs_per_gpu"] == 1 and one["packed_speedup"] == {}
+    # K = 4 with no packed measurement: no gain counted, and said
+    four = estimate(*_paper_grid(tmp_path, "--resources.gpus=2", "--resources.runs_per_gpu=4"), table=table)
+    assert four["gpu_hours"] == pytest.approx(one["gpu_hours"], rel=1e-3)
+    assert not four["complete"] and "no measured images/s of packed resnet18" in four["unmeasured"][0]
+    assert four["wall_hours"] >= one["wall_hours"]  # runs that share a GPU at no gain only wait on each other
+    # measured: 4 packed runs at 2.5x one run's images/s
+    alone = next(r for r in table if r["model"] == "resnet18" and r["batch"] == 128)
+    packed = [{**alone, "runs_per_gpu": 4, "kind": "pack", "pack_mode": mode, "images_per_s": x * alone["images_per_s"]}
+              for mode, x in (("threads", 2.5), ("streams", 2.8), ("fused", 3.0))]
+    fast = estimate(*_paper_grid(tmp_path, "--resources.gpus=2", "--resources.runs_per_gpu=4"), table=table + packed)
+    assert fast["complete"] and fast["packed_speedup"] == {"resnet18": 2.5}
+    assert fast["gpu_hours"] < one["gpu_hours"] and fast["wall_hours"] < one["wall_hours"]
+    fused = estimate(*_paper_grid(tmp_path, "--resources.gpus=2", "--resources.runs_per_gpu=4",
+                                  "--resources.pack_mode=fused"), table=table + packed)
+    assert fused["packed_speedup"] == {"resnet18": 3.0}  # the rows of the pack mode the runs will use
+    assert _between({1: 10.0, 4: 25.0}, 2) == 15.0 and _between({1: 10.0, 4: 25.0}, 8) == 25.0
+    # what is done costs nothing; a run that has trained some epochs, only the rest
+    exp, runs = _paper_grid(tmp_path, "--resources.gpus=2")
+    stage2 = [r for r in runs if r.stage == 2 and not r.depends_on]
+    for r in stage2[:2]:
+        r.run_dir.mkdir(parents=True)
+    (stage2[0].run_dir / "result.json").write_text(json.dumps({"status": "done"}))
+    (stage2[1].run_dir / "result.json").write_text(json.dumps({"status": "running"}))
+    epochs = stage2[1].config.stop.max_epochs
+    (stage2[1].run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n"
+                                                            for e in range(1, epochs // 2 + 1)))
+    left = estimate(exp, runs, table=table)
+    assert stage2[0].key not in left["runs"] or left["runs"][stage2[0].key] == 0
+    assert left["runs"][stage2[1].key] == pytest.approx(one["runs"][stage2[1].key] * (epochs - epochs // 2) / epochs,
+                                                        rel=1e-2)
+    assert left["gpu_hours"] < one["gpu_hours"]
+
+
+def test_ready_runs_spread_over_free_slots_before_sharing_one(tmp_path: Path) -> None:
+    # K = 4 on 3 free slots: 5 ready runs go 2 + 2 + 1, not 4 + 1 beside an idle slot;
+    # 2 ready runs on 3 slots, one each
+    import subprocess as sp
+
+    from fastbgm.launch.schedule import Scheduler, StepRun
+
+    for n, want in ((5, [2, 2, 1]), (2, [1, 1])):
+        runs = [StepRun(f"r{n}-{i}", str(tmp_path / f"r{n}-{i}")) for i in range(n)]
+        packs: list[tuple[list[str], list[str]]] = []
+
+        def start(pack: list[StepRun], slots: list[str]) -> sp.Popen:
+            packs.append(([r.key for r in pack], slots))
+            for r in pack:
+                Path(r.run_dir).mkdir(exist_ok=True)
+                (Path(r.run_dir) / "result.json").write_text(json.dumps({"status": "done"}))
+            return sp.Popen([sys.executable, "-c", "pass"])
+
+        sched = Scheduler(runs, ["gpu0", "gpu1", "gpu2"], start, runs_per_slot=4)
+        while not sched.finished:
+            sched.poll()
+            time.sleep(0.02)
+        assert [len(p) for p, _ in packs] == want and len({s[0] for _, s in packs}) == len(want)
+        assert sorted(k for p, _ in packs for k in p) == sorted(r.key for r in runs)
+
+
 def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tmp_path: Path) -> None:
     # Through the schedule benchmark (so that it is tested too): on a CPU machine a "GPU" is
     # a slot of cpus_per_task cores: 2 cores / 2 = one slot, which takes up to 2 runs in

@@ -238,6 +238,15 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     assert "fastbgm GPU check" in res.stdout
     md = (tmp_path / "out" / "gpu.md").read_text().splitlines()  # the table for BENCHMARKS.md
     assert md[2] == "| section | what | images/s | notes |" and len(md) == 4 + len(rows)
+    # the rates, as rows of the launcher's estimate table: every exact pack mode's K = 2
+    # (never the unsafe one), with its ratio to K = 1 measured beside it
+    rates = json.loads((tmp_path / "out" / "throughput-rows.json").read_text())["rows"]
+    assert [(r["kind"], r["model"], r["batch"]) for r in rates[:2]] == [("step", "small_cnn", 32),
+                                                                         ("trainer", "small_cnn", 32)]
+    assert sorted((r["step"], r["pack_mode"]) for r in rates[2:]) == [
+        ("cudagraphs", "serial"), ("cudagraphs", "threads"), ("stepgraph", "fused"), ("stepgraph", "streams"),
+        ("stepgraph", "threads")]
+    assert all(r["runs_per_gpu"] == 2 and r["x_alone"] > 0 and r["images_per_s"] > 0 for r in rates[2:])
 
 
 def test_gpu_check_says_when_torch_compile_stops_compiling() -> None:

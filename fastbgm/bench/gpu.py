@@ -27,7 +27,9 @@ said so) once the time budget is spent:
   (bench/overhead.py).
 
 Writes ``gpu.json`` (updated after every section), and at the end the table as
-``gpu.md`` (markdown, for BENCHMARKS.md) and on the terminal.
+``gpu.md`` (markdown, for BENCHMARKS.md) and on the terminal, and the measured rates as
+``throughput-rows.json`` (rows for fastbgm/launch/throughput.json: the launcher's
+estimate, packing included).
 """
 from __future__ import annotations
 
@@ -314,6 +316,37 @@ def _overhead_section(device: torch.device, results: dict[str, Any], scale: Scal
     return rows
 
 
+# a pack's difference from alone that still counts as the same run (bf16 runs, other
+# kernels: float noise after the bench's steps); a larger one is not written as a rate
+PACK_TOLERANCE = 1e-2
+
+
+def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[str, Any]]:
+    """This check's measurements as rows of the launcher's estimate table
+    (fastbgm/launch/throughput.json): the bare batch-128 step, the Trainer's images/s,
+    and for each K > 1 and pack mode that ends where alone ends, the K runs' images/s and
+    their ratio to K = 1 measured beside them (``x_alone``, what the estimate reads)."""
+    info = results["info"]
+    common = {"card": info["name"], "precision": "bf16", "date": time.strftime("%Y-%m-%d"),
+              "command": "bash launch/gpu-check.sh" + (" --smoke" if scale == SMOKE else "")}
+    rows = [{"model": r["model"], "batch": r["batch"], "images_per_s": round(r["images_per_s"]), "kind": "step",
+             **common} for r in results.get("train", [])
+            if r["batch"] == scale.batch and r["mode"] == "cudagraphs-bf16" and not r["loader"]]
+    trainer = [r["images_per_s"] for r in results.get("two_stage", []) if r["run"] != "stage1"
+               and r["label"] == "compiled (reduce-overhead)" and r["result"].get("status") == "done"]
+    if trainer:
+        rows.append({"model": scale.trainer_model, "batch": scale.batch, "kind": "trainer",
+                     "images_per_s": round(sum(trainer) / len(trainer)), **common})
+    for key, steps in (("pack", "cudagraphs"), ("pack_stepgraph", "stepgraph"), ("pack_fused", "stepgraph")):
+        for r in results.get(key, []):
+            if r["K"] > 1 and not r["unsafe"] and r["max_abs_diff"] <= PACK_TOLERANCE:
+                rows.append({"model": r["model"], "batch": r["batch"], "runs_per_gpu": r["K"],
+                             "pack_mode": r["pack_mode"], "step": steps, "kind": "pack",
+                             "images_per_s": round(r["images_per_s"]), "x_alone": round(r["x_k1"], 3),
+                             "max_abs_diff": r["max_abs_diff"], **common})
+    return rows
+
+
 SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-fused", "loader",
             "train", "ddp", "overhead")
 
@@ -413,6 +446,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         shutil.rmtree(work, ignore_errors=True)
     results["wall_seconds"] = time.time() - start
     write_json(out, "gpu", results)
+    # ready for fastbgm/launch/throughput.json, which the launcher's --dry-run estimate reads
+    write_json(out, "throughput-rows", {"rows": throughput_rows(results, scale)})
     title = f"fastbgm GPU check ({results['wall_seconds']:.0f} s{', smoke' if scale == SMOKE else ''})"
     columns = ["section", "what", "images/s", "notes"]
     write_markdown(out, "gpu", title, columns, rows)

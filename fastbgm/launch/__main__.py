@@ -188,7 +188,8 @@ def _plan_json(exp, runs, est, executor: str) -> dict:
         "allocation": {"nodes": res.nodes, "gpus_per_node": res.gpus, "slots": res.slots, "time": res.time},
         "runs": [{"key": r.key, "stage": r.stage, "depends_on": r.depends_on, "nodes": res.run_nodes,
                   "gpus": res.ranks_per_run if res.gpus else 0, "ranks": res.ranks_per_run} for r in runs],
-        "estimate": {k: est[k] for k in ("gpu_hours", "wall_hours", "measured_on", "unmeasured", "complete")},
+        "estimate": {k: est[k] for k in ("gpu_hours", "wall_hours", "measured_on", "unmeasured", "complete",
+                                         "runs_per_gpu", "packed_speedup")},
     }
 
 
@@ -215,8 +216,12 @@ def _print_plan(console: Console, exp, decisions, executor: str, est: dict | Non
     console.print(t)
     if est:
         on = ", ".join(est["measured_on"]) or "no measurement"
-        console.print(f"estimate: {est['gpu_hours']:.1f} GPU-hours, {est['wall_hours']:.1f} h wall-clock on "
-                      f"{res.slots} slot(s) (images/s measured on {on}; stage 1 at its max_epochs, an upper bound)")
+        packed = f" x {est['runs_per_gpu']} runs each" if est["runs_per_gpu"] > 1 else ""
+        gains = ", ".join(f"{m} x{x:.2f}" for m, x in est["packed_speedup"].items())
+        console.print(f"estimate of what is left: {est['gpu_hours']:.1f} GPU-hours, {est['wall_hours']:.1f} h "
+                      f"wall-clock on {res.slots} slot(s){packed} (images/s measured on {on}"
+                      + (f"; packed over alone: {gains}" if gains else "")
+                      + "; stage 1 at its max_epochs, an upper bound)")
         for why in est["unmeasured"]:
             console.print(f"  not estimated: {why}")
 

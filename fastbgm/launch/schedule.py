@@ -79,7 +79,8 @@ class Scheduler(Generic[S]):
     """Start ready runs on free slots; call :meth:`poll` until :attr:`finished`.
 
     With ``runs_per_slot`` K > 1, up to K ready one-rank runs start together on one slot
-    as one process (``fastbgm.train --pack``); and when a pack trains fewer than K runs
+    as one process (``fastbgm.train --pack``), spread over the free slots first
+    (:meth:`pack_size`); and when a pack trains fewer than K runs
     (some ended, or too few were ready when it started) while ready runs wait for a slot,
     they are offered to it (``fastbgm.trainer.inbox``): it takes them between epochs."""
 
@@ -154,7 +155,7 @@ class Scheduler(Generic[S]):
             pack = [r]
             if r.ranks == 1:  # one-rank runs share a slot, up to runs_per_slot of them, its group first
                 partners = sorted((x for x in ready if x is not r and x.ranks == 1), key=lambda x: x.group != r.group)
-                pack += partners[:self.runs_per_slot - 1]
+                pack += partners[:self.pack_size(1 + len(partners)) - 1]
             slots, self.free = self.free[:r.ranks], self.free[r.ranks:]
             for x in pack:
                 ready.remove(x)
@@ -189,6 +190,12 @@ class Scheduler(Generic[S]):
                 p.wait()
 
     # ------------------------------------------------------------------ pieces
+    def pack_size(self, ready: int) -> int:
+        """How many of ``ready`` one-rank runs a new pack takes: spread over the free
+        slots first (a slot alone trains a run fastest: K runs on one GPU share it while
+        another idles), then up to K a slot."""
+        return min(self.runs_per_slot, -(-ready // max(1, len(self.free))))
+
     def _inbox(self, pack: list[StepRun]) -> Path | None:
         """The inbox of a pack that can take more runs: one-rank runs, K > 1; else None."""
         return I.inbox_for(pack[0].run_dir) if pack[0].ranks == 1 and self.runs_per_slot > 1 else None
