@@ -459,6 +459,12 @@ def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
     assert est["gpu_hours"] > 0 and est["wall_hours"] > 0 and est["measured_on"] == ["NVIDIA H200"]
     assert est["wall_hours"] < est["gpu_hours"]  # 32 GPUs at once
     assert any("model resnet50 has no measured" in w for w in est["unmeasured"])  # named, not guessed
+    packed = launch("--config", str(REPO / "configs/cifar10-paper.toml"), "--executor", "local", "--nodes", "4",
+                    "--gpus-per-node", "8", "--runs-per-gpu", "4", "--dry-run", "--json")
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    est4 = json.loads(packed.stdout)["estimate"]
+    assert est4["runs_per_gpu"] == 4 and est4["gpu_hours"] == pytest.approx(est["gpu_hours"], rel=1e-3)
+    assert any("no measured images/s of packed resnet18" in w for w in est4["unmeasured"])
 
 
 def _paper_grid(tmp_path: Path, *over: str) -> tuple[ExperimentConfig, list]:
@@ -530,6 +536,51 @@ def test_ready_runs_spread_over_free_slots_before_sharing_one(tmp_path: Path) ->
             time.sleep(0.02)
         assert [len(p) for p, _ in packs] == want and len({s[0] for _, s in packs}) == len(want)
         assert sorted(k for p, _ in packs for k in p) == sorted(r.key for r in runs)
+
+
+def test_a_run_others_wait_on_trains_alone_while_slots_outnumber_such_runs(tmp_path: Path) -> None:
+    # 3 slots, K = 4: stage-1 run p (c waits on it) and 9 runs nobody waits on. p gets a
+    # slot of its own and is never offered a run (packed, it would train slower and c
+    # start later); the others pack 4 + 4, the 9th waits for a slot rather than join p
+    import subprocess as sp
+
+    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.trainer import inbox
+
+    runs = [StepRun("p", str(tmp_path / "p"), group="stage1")]
+    runs += [StepRun(f"s{i}", str(tmp_path / f"s{i}"), group="stage2") for i in range(9)]
+    runs += [StepRun("c", str(tmp_path / "c"), depends_on=["p"], group="stage2")]
+    for r in runs:
+        Path(r.run_dir).mkdir()
+    packs: list[list[str]] = []
+    done = json.dumps({"status": "done"})
+
+    def start(pack: list[StepRun], slots: list[str]) -> sp.Popen:
+        packs.append([r.key for r in pack])
+        if pack[0].key == "p":  # stage 1 trains a while
+            code = f"import time, pathlib; time.sleep(1.5); pathlib.Path({pack[0].run_dir!r}, 'result.json').write_text({done!r})"
+            return sp.Popen([sys.executable, "-c", code])
+        for r in pack:
+            (Path(r.run_dir) / "result.json").write_text(done)
+        return sp.Popen([sys.executable, "-c", "pass"])
+
+    sched = Scheduler(runs, ["gpu0", "gpu1", "gpu2"], start, runs_per_slot=4)
+    offered = False
+    while not sched.finished:
+        sched.poll()
+        offered = offered or bool(inbox.unclaimed(inbox.inbox_for(tmp_path / "p")))
+        time.sleep(0.05)
+    assert packs[:3] == [["p"], ["s0", "s1", "s2", "s3"], ["s4", "s5", "s6", "s7"]], packs
+    assert not offered and ["s8"] in packs and packs[-1] == ["c"]
+    assert set(sched.states.values()) == {"done"}
+    # one slot: as many runs waited on as slots, so p packs like any run
+    for r in runs:
+        (Path(r.run_dir) / "result.json").unlink()
+    packs.clear()
+    sched = Scheduler(runs, ["gpu0"], start, runs_per_slot=4)
+    sched.poll()
+    assert packs == [["p", "s0", "s1", "s2"]]
+    sched.stop_all(grace_s=5)
 
 
 def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ import json
 from importlib import resources as ir
 from typing import Any, Sequence
 
-from ..experiment import ExperimentConfig, RunSpec
+from ..experiment import ExperimentConfig, Resources, RunSpec
+from .schedule import new_packs, partners_for, runs_alone
 
 # Training-set sizes of the paper's datasets, for plans made before the data is prepared.
 KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cinic10": 90_000}
@@ -114,7 +115,7 @@ def estimate(exp: ExperimentConfig, runs: list[RunSpec],
             speedup[c.model.name] = measured[max(measured)] / alone
             together = [_between(measured, j) for j in range(1, k + 1)]
         work[r.key] = (images, together)
-    wall, gpu = _simulate(runs, work, res.slots, k)
+    wall, gpu = _simulate(runs, res, work)
     return {"gpu_hours": round(gpu / 3600, 2), "wall_hours": round(wall / 3600, 2),
             "measured_on": sorted(cards),
             "runs": {key: round(w[0] / w[1][0] / 3600, 3) for key, w in work.items()},
@@ -134,59 +135,57 @@ def _between(measured: dict[int, float], j: int) -> float:
     return measured[lo] + (measured[hi] - measured[lo]) * (j - lo) / (hi - lo)
 
 
-def _simulate(runs: list[RunSpec], work: dict[str, tuple[float, list[float]]], slots: int,
-              per_slot: int = 1) -> tuple[float, float]:
-    """The launcher's schedule played out: (wall-clock seconds, GPU-seconds held).
+def _simulate(runs: list[RunSpec], res: Resources, work: dict[str, tuple[float, list[float]]]) -> tuple[float, float]:
+    """The launcher's schedule played out, by the scheduler's own rules (schedule.py:
+    :func:`runs_alone`, :func:`new_packs` on the free slots, then what is left of the
+    ready one-rank runs offered to packs with room, :func:`partners_for`): (wall-clock seconds, GPU-seconds
+    busy). A slot with j one-rank runs trains each at images/s(j) / j; a pack whose runs
+    have all ended gives its slot back. Runs without an estimate, or with nothing left,
+    take no time."""
+    from .common import step_run
 
-    Runs start in plan order once their dependencies are done, as the scheduler starts
-    them (launch/schedule.py): a one-rank run on the free GPU if there is one, else on the
-    busiest GPU with room (a pack with room takes ready runs); a run of W ranks on W
-    free GPUs. A GPU with j one-rank runs trains each at images/s(j) / j. Runs without an
-    estimate, or with nothing left, take no time."""
-    on: list[list[str]] = [[] for _ in range(slots)]  # the one-rank runs on each GPU
-    whole: dict[str, list[int]] = {}  # a multi-rank run's GPUs
-    left = {key: w[0] for key, w in work.items()}
-    done: set[str] = set()
-    todo = sorted(runs, key=lambda r: r.stage)
-    clock = gpu_s = 0.0
-
-    def rate(key: str, g: int) -> float:
-        together = work[key][1]
-        j = len(on[g])
-        return together[min(j, len(together)) - 1] / j
-
+    per_slot = res.runs_per_gpu
+    steps = {r.key: step_run(r, res) for r in sorted(runs, key=lambda r: r.stage)}  # plan order, as the scheduler
+    waited_on = {d for x in steps.values() for d in x.depends_on}
+    left = {key: work[key][0] if key in work else 0.0 for key in steps}
+    todo, done = list(steps), set()
+    packs: list[tuple[int, list[str]]] = []  # (slots, its live runs), in start order
+    free, clock, gpu_s = res.slots, 0.0, 0.0
     while True:
-        for r in [r for r in todo if all(d in done for d in r.depends_on)]:
-            if left.get(r.key, 0.0) <= 0:
-                todo.remove(r)
-                done.add(r.key)
-                continue
-            taken = {g for gs in whole.values() for g in gs}
-            free = [g for g in range(slots) if not on[g] and g not in taken]
-            world = r.config.dist.world
-            if world > 1:
-                if len(free) >= world:
-                    whole[r.key] = free[:world]
-                    todo.remove(r)
-                continue
-            room = sorted((g for g in range(slots) if 0 < len(on[g]) < per_slot and g not in taken),
-                          key=lambda g: -len(on[g]))
-            g = free[0] if free else (room[0] if room else None)
-            if g is not None:
-                on[g].append(r.key)
-                todo.remove(r)
-        live = [(key, g) for g in range(slots) for key in on[g]] + [(key, -1) for key in whole]
-        if not live:
-            return clock, gpu_s
-        speed = {key: (rate(key, g) if g >= 0 else work[key][1][0]) for key, g in live}
-        dt = min(left[key] / speed[key] for key, _ in live)
-        gpu_s += dt * (sum(1 for g in on if g) + sum(len(gs) for gs in whole.values()))
-        clock += dt
-        for key, g in live:
-            left[key] -= speed[key] * dt
-            if left[key] <= 1e-9 * work[key][0] + 1e-9:
+        while nothing := [k for k in todo if left[k] <= 0 and all(d in done for d in steps[k].depends_on)]:
+            for key in nothing:  # (a run with nothing left may free one that waits on it)
+                todo.remove(key)
                 done.add(key)
-                if g >= 0:
-                    on[g].remove(key)
-                else:
-                    del whole[key]
+        ready = [steps[k] for k in todo if all(d in done for d in steps[k].depends_on)]
+        alone = runs_alone({x.key for x in ready if x.key in waited_on}
+                           | {k for _, live in packs for k in live if k in waited_on}, res.slots)
+        for pack in new_packs(ready, free, per_slot, alone):
+            free -= pack[0].ranks
+            packs.append((pack[0].ranks, [x.key for x in pack]))
+            for x in pack:
+                ready.remove(x)
+                todo.remove(x.key)
+        for slots, live in packs:  # the scheduler's refill (Scheduler._refill)
+            if slots == 1 and per_slot > 1 and ready and live and not alone.intersection(live):
+                for x in partners_for(steps[live[0]], ready, alone)[:per_slot - len(live)]:
+                    live.append(x.key)
+                    ready.remove(x)
+                    todo.remove(x.key)
+        if not packs:
+            return clock, gpu_s
+        speed = {}
+        for slots, live in packs:
+            for key in live:
+                together = work[key][1] if key in work else [1.0]
+                speed[key] = together[min(len(live), len(together)) - 1] / len(live)
+        dt = min(left[key] / speed[key] for key in speed)
+        gpu_s += dt * sum(slots for slots, _ in packs)
+        clock += dt
+        for key in speed:
+            left[key] -= speed[key] * dt
+        for slots, live in packs:
+            for key in [k for k in live if left[k] <= 1e-9 * work[k][0] + 1e-9]:
+                live.remove(key)
+                done.add(key)
+        free += sum(slots for slots, live in packs if not live)
+        packs = [(slots, live) for slots, live in packs if live]

@@ -15,7 +15,7 @@ import logging
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Collection, Generic, Sequence, TypeVar
 
 from ..experiment import run_status
 from ..fileio import atomic_write_json
@@ -75,12 +75,54 @@ def mark_cancelled(run_dir: str | Path, key: str, reason: str) -> None:
     atomic_write_json(Path(run_dir) / C.RESULT, {"name": key, "status": "cancelled", "reason": reason})
 
 
+def runs_alone(waited_on: Collection[str], slots: int) -> frozenset[str]:
+    """The runs that train on a slot of their own: the ready or training runs that others
+    wait on (stage 1), while the slots outnumber them. Packed, such a run trains slower,
+    and every run that waits for it starts later: on a large allocation that chain sets
+    the experiment's wall-clock time. On a small one (as many such runs as slots, or
+    more) they pack like any run, since slots given to one run each would leave most of
+    the work waiting. Played out on the paper grid this is never slower than packing
+    them, and up to a third faster on 4 to 32 GPUs (BENCHMARKS.md, session 11)."""
+    return frozenset(waited_on) if slots > len(waited_on) else frozenset()
+
+
+def partners_for(first: StepRun, ready: Sequence[StepRun], alone: Collection[str] = ()) -> list[StepRun]:
+    """The one-rank runs of ``ready`` that may share a slot with ``first`` (none of
+    ``alone``), its group first (runs of one group end about together: the slot does not
+    idle with one straggler)."""
+    return sorted((x for x in ready if x is not first and x.ranks == 1 and x.key not in alone),
+                  key=lambda x: x.group != first.group)
+
+
+def new_packs(ready: Sequence[StepRun], free: int, per_slot: int, alone: Collection[str] = ()) -> list[list[StepRun]]:
+    """The packs that start now on ``free`` slots, from ``ready`` in plan order: a run of
+    W ranks takes W slots; a run of ``alone`` (:func:`runs_alone`) one slot by itself; any
+    other one-rank run starts a pack of up to ``per_slot`` one-rank runs
+    (:func:`partners_for`), spread over the free slots first: a slot alone trains a run
+    fastest, so K runs share one only when every slot is taken (5 ready runs on 3 free
+    slots at K = 4: 2 + 2 + 1). The estimate plays the same rules out (estimate.py)."""
+    left, packs = list(ready), []
+    while left:
+        r = next((x for x in left if x.ranks <= free), None)
+        if r is None:
+            break
+        pack = [r]
+        if r.ranks == 1 and r.key not in alone:
+            partners = partners_for(r, left, alone)
+            pack += partners[:min(per_slot, -(-(1 + len(partners)) // free)) - 1]
+        free -= r.ranks
+        for x in pack:
+            left.remove(x)
+        packs.append(pack)
+    return packs
+
+
 class Scheduler(Generic[S]):
     """Start ready runs on free slots; call :meth:`poll` until :attr:`finished`.
 
     With ``runs_per_slot`` K > 1, up to K ready one-rank runs start together on one slot
     as one process (``fastbgm.train --pack``), spread over the free slots first
-    (:meth:`pack_size`); and when a pack trains fewer than K runs
+    (:func:`new_packs`); and when a pack trains fewer than K runs
     (some ended, or too few were ready when it started) while ready runs wait for a slot,
     they are offered to it (``fastbgm.trainer.inbox``): it takes them between epochs."""
 
@@ -90,6 +132,8 @@ class Scheduler(Generic[S]):
         self.free: list[S] = list(slots)
         self.start = start
         self.runs_per_slot = max(1, runs_per_slot)
+        self.slots = len(slots)
+        self.waited_on = {d for r in self.runs for d in r.depends_on}  # runs others wait on
         self.states = {r.key: run_status(Path(r.run_dir))[0] for r in self.runs}
         self.todo = [r for r in self.runs if self.states[r.key] not in ("done", "failed", "cancelled")]
         self.running: dict[str, tuple[subprocess.Popen, list[StepRun], list[S]]] = {}  # by its first run's key
@@ -148,14 +192,10 @@ class Scheduler(Generic[S]):
         if self.stop_requested:
             return
         ready = [r for r in self.todo if self._ready(r)]
-        while ready:
-            r = next((x for x in ready if x.ranks <= len(self.free)), None)
-            if r is None:
-                break
-            pack = [r]
-            if r.ranks == 1:  # one-rank runs share a slot, up to runs_per_slot of them, its group first
-                partners = sorted((x for x in ready if x is not r and x.ranks == 1), key=lambda x: x.group != r.group)
-                pack += partners[:self.pack_size(1 + len(partners)) - 1]
+        alone = runs_alone({r.key for r in ready if r.key in self.waited_on}
+                           | {k for k in self.waited_on if self.states.get(k) == "running"}, self.slots)
+        for pack in new_packs(ready, len(self.free), self.runs_per_slot, alone):
+            r = pack[0]
             slots, self.free = self.free[:r.ranks], self.free[r.ranks:]
             for x in pack:
                 ready.remove(x)
@@ -167,7 +207,7 @@ class Scheduler(Generic[S]):
             else:  # an earlier launch's
                 I.remove(I.inbox_for(r.run_dir))
             self.running[r.key] = (self.start(pack, slots), pack, slots)
-        self._refill([x for x in ready if x.ranks == 1])
+        self._refill([x for x in ready if x.ranks == 1], alone)
         if not self.running and self.todo and not any(self._ready(r) for r in self.todo):
             for r in self.todo:  # waiting on something that will never finish
                 mark_cancelled(r.run_dir, r.key, "a dependency did not finish")
@@ -190,26 +230,23 @@ class Scheduler(Generic[S]):
                 p.wait()
 
     # ------------------------------------------------------------------ pieces
-    def pack_size(self, ready: int) -> int:
-        """How many of ``ready`` one-rank runs a new pack takes: spread over the free
-        slots first (a slot alone trains a run fastest: K runs on one GPU share it while
-        another idles), then up to K a slot."""
-        return min(self.runs_per_slot, -(-ready // max(1, len(self.free))))
-
     def _inbox(self, pack: list[StepRun]) -> Path | None:
         """The inbox of a pack that can take more runs: one-rank runs, K > 1; else None."""
         return I.inbox_for(pack[0].run_dir) if pack[0].ranks == 1 and self.runs_per_slot > 1 else None
 
-    def _refill(self, ready: list[StepRun]) -> None:
-        """Offer ready one-rank runs that found no free slot to packs with room."""
+    def _refill(self, ready: list[StepRun], alone: Collection[str] = ()) -> None:
+        """Offer ready one-rank runs that found no free slot to packs with room (not to a
+        pack training a run of ``alone``, nor one of them to a pack)."""
         for proc, pack, _ in self.running.values():
             if not ready:
                 return
             box = self._inbox(pack)
             if box is None or proc.poll() is not None:
                 continue
+            if any(r.key in alone and self.states[r.key] == "running" for r in pack):
+                continue
             live = sum(self.states[r.key] == "running" for r in pack)  # (settled above, from the folders)
-            for x in sorted(ready, key=lambda x: x.group != pack[0].group)[:self.runs_per_slot - live]:
+            for x in partners_for(pack[0], ready, alone)[:self.runs_per_slot - live]:
                 if not I.offer(box, x.key, x.run_dir):
                     break  # the pack is ending
                 pack.append(x)
