@@ -273,11 +273,24 @@ def _trainer_section(device: torch.device, data: Path, work: Path, results: dict
     return rows
 
 
+def _bare_steps(results: dict[str, Any], scale: Scale = FULL) -> list[dict[str, Any]]:
+    """The ``train128`` section's rows: the bare compiled step at ``scale.batch``."""
+    return [r for r in results.get("train", [])
+            if r["batch"] == scale.batch and r["mode"] == "cudagraphs-bf16" and not r["loader"]]
+
+
+def _trainer_ips(results: dict[str, Any], label: str) -> float | None:
+    """The stage-2 runs' mean images/s through the Trainer (``label``: its step mode), or
+    None when none of them ended done."""
+    runs = [r["images_per_s"] for r in results.get("two_stage", []) if r["run"] != "stage1"
+            and r["label"] == label and r["result"].get("status") == "done"]
+    return sum(runs) / len(runs) if runs else None
+
+
 def _trainer_vs_bare(results: dict[str, Any], scale: Scale = FULL) -> list[list[Any]]:
     """The Trainer at batch 128 against the bare compiled step (goal: within 10%)."""
     model, batch = scale.trainer_model, scale.batch
-    bare = next((r["images_per_s"] for r in results.get("train", []) if r["model"] == model
-                 and r["batch"] == batch and r["mode"] == "cudagraphs-bf16" and not r["loader"]), None)
+    bare = next((r["images_per_s"] for r in _bare_steps(results, scale) if r["model"] == model), None)
     out = []
     # the step loop alone (one run through the packed loop, its loader in the loop, no
     # per-epoch extras) separates the per-step overhead from the epochs' evaluation etc.
@@ -288,12 +301,10 @@ def _trainer_vs_bare(results: dict[str, Any], scale: Scale = FULL) -> list[list[
             out.append(["trainer/bare", f"{model} batch {batch}: training loop, one run ({label}) vs bare compiled step",
                         loop, f"{100 * loop / bare:.0f}% of the bare step's {bare:,.0f} img/s"])
     for label in ("compiled (reduce-overhead)", "step graphs"):
-        runs = [r for r in results.get("two_stage", []) if r["run"] != "stage1" and r["label"] == label
-                and r["result"].get("status") == "done"]
-        if bare is None or not runs:
+        ips = _trainer_ips(results, label)
+        if bare is None or ips is None:
             out.append(["trainer/bare", label, float("nan"), "skipped: needs the train and two-stage sections"])
             continue
-        ips = sum(r["images_per_s"] for r in runs) / len(runs)
         results.setdefault("trainer_over_bare", {})[label] = ips / bare
         out.append(["trainer/bare", f"{model} batch {batch}: Trainer epoch ({label}) vs bare compiled step", ips,
                     f"{100 * ips / bare:.0f}% of the bare step's {bare:,.0f} img/s (goal >= 90%)"])
@@ -330,13 +341,11 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     common = {"card": info["name"], "precision": "bf16", "date": time.strftime("%Y-%m-%d"),
               "command": "bash launch/gpu-check.sh" + (" --smoke" if scale == SMOKE else "")}
     rows = [{"model": r["model"], "batch": r["batch"], "images_per_s": round(r["images_per_s"]), "kind": "step",
-             **common} for r in results.get("train", [])
-            if r["batch"] == scale.batch and r["mode"] == "cudagraphs-bf16" and not r["loader"]]
-    trainer = [r["images_per_s"] for r in results.get("two_stage", []) if r["run"] != "stage1"
-               and r["label"] == "compiled (reduce-overhead)" and r["result"].get("status") == "done"]
-    if trainer:
+             **common} for r in _bare_steps(results, scale)]
+    trainer = _trainer_ips(results, "compiled (reduce-overhead)")
+    if trainer is not None:
         rows.append({"model": scale.trainer_model, "batch": scale.batch, "kind": "trainer",
-                     "images_per_s": round(sum(trainer) / len(trainer)), **common})
+                     "images_per_s": round(trainer), **common})
     for key, steps in (("pack", "cudagraphs"), ("pack_stepgraph", "stepgraph"), ("pack_fused", "stepgraph")):
         for r in results.get(key, []):
             if r["K"] > 1 and not r["unsafe"] and r["max_abs_diff"] <= PACK_TOLERANCE:

@@ -5,7 +5,8 @@ filled from ``python -m fastbgm.bench`` with the card it was measured on).
 Each run processes ``epochs x training images`` (stage 1: x R copies; at most
 ``max_epochs``, so stage 1's early stop makes this an upper bound); a run that already
 trained some epochs counts only those it has left, a finished one nothing. Wall-clock
-time is the DAG list-scheduled onto the allocation's slots, as the driver schedules it.
+time is the DAG played out on the allocation's slots by the scheduler's own placement
+rules (schedule.py), as the driver and the local executor place runs.
 
 Packing (``resources.runs_per_gpu`` K > 1): j <= K one-rank runs on one GPU each train
 at ``images/s of j packed runs / j``, from the table's ``runs_per_gpu = j`` rows in the
@@ -175,8 +176,8 @@ def _simulate(runs: list[RunSpec], res: Resources, work: dict[str, tuple[float, 
             return clock, gpu_s
         speed = {}
         for slots, live in packs:
-            for key in live:
-                together = work[key][1] if key in work else [1.0]
+            for key in live:  # (only runs with work left are placed)
+                together = work[key][1]
                 speed[key] = together[min(len(live), len(together)) - 1] / len(live)
         dt = min(left[key] / speed[key] for key in speed)
         gpu_s += dt * sum(slots for slots, _ in packs)
