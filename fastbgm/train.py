@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; {where} resume(s) from the last checkpoint when run again", file=sys.stderr)
         return 130
+    finally:
+        # nothing is left to stop: a SIGTERM now (a launcher going) would only raise
+        # StopRequested inside an atexit hook and print its traceback over a finished run
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for t, result in zip(trainers, results):
         print(f"{t.run_dir}: {result.get('status')}"
               + (f" ({result.get('reason')})" if result.get("status") == "failed" else ""))

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from fastbgm.config import load
-from fastbgm.experiment import ExperimentConfig, plan
+from fastbgm.experiment import ExperimentConfig, plan, run_status
 from fastbgm.fileio import lock_holder, read_jsonl
 from fastbgm.trainer import checkpoint as C
 
@@ -100,11 +100,17 @@ def _damaged_files(root: Path) -> list[str]:
     return bad
 
 
-def _wait_for(cond: Any, timeout: float) -> bool:
+def _wait_for(cond: Any, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``cond`` until it holds, ``timeout`` passes, or ``proc`` (the launcher) has
+    ended: a moment missed because the runs finished first never comes, and waiting out
+    the timeout for it cost the suite minutes."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        ended = proc is not None and proc.poll() is not None
         if cond():
             return True
+        if ended:
+            return False
         time.sleep(0.05)
     return False
 
@@ -137,7 +143,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
     try:
         if kind == "truncate-result":
             ok = _wait_for(lambda: any((r / C.RESULT).exists() and json.loads((r / C.RESULT).read_text() or "{}")
-                                       .get("status") == "done" for r in _runs(root)), 300)
+                                       .get("status") == "done" for r in _runs(root)), 300, proc)
             proc.wait(timeout=600)
             done = [r for r in _runs(root) if (r / C.RESULT).exists()] if ok else []
             victim = rng.choice(done)
@@ -146,7 +152,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             return f"cut {victim.name}/result.json short after the launch ended"
         if kind == "preempt":
             alloc = root / "slurm-allocation.json"
-            _wait_for(lambda: some_run_at(target_rows) is not None, 300)
+            _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
             if not alloc.exists():
                 proc.wait(timeout=600)
                 return "no allocation was submitted: nothing to preempt"
@@ -154,7 +160,10 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
             proc.wait(timeout=600)
             return f"requeued allocation {job} after {target_rows} epoch(s) of a run"
-        _wait_for(lambda: some_run_at(target_rows) is not None, 300)
+        if kind == "nan-stage1":  # the fault is in the config: the launch itself meets it
+            proc.wait(timeout=600)
+            return f"stage 1 at learning rate {DIVERGING_LR:g}, which diverges"
+        _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
         run = some_run_at(target_rows)
         if kind == "kill-run" and run is not None:
             holder = lock_holder(run) or ""
@@ -172,10 +181,16 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
                 subprocess.run(["scancel", json.loads(alloc.read_text())["job_id"]], capture_output=True,
                                timeout=60)
             _wait_for(lambda: run is None or lock_holder(run) is None, 60)  # its trainers are gone
-            if kind in ("corrupt-last", "truncate-last") and run is not None and (run / C.LAST).exists():
-                b = (run / C.LAST).read_bytes()
-                (run / C.LAST).write_bytes(os.urandom(len(b)) if kind == "corrupt-last" else b[: len(b) // 2])
-                return f"{kind} of {run.name} after killing the launcher at epoch {target_rows}"
+            if kind in ("corrupt-last", "truncate-last"):
+                # a stopped run's checkpoint: the run caught may have finished on its own
+                # while the launcher went (a done run's last.pt is then only a spare)
+                stopped = [r for r in _runs(root) if (r / C.LAST).exists() and run_status(r)[0] != "done"]
+                if not stopped:
+                    return f"every started run had finished when the launcher was killed at epoch {target_rows}"
+                victim = run if run in stopped else rng.choice(stopped)
+                b = (victim / C.LAST).read_bytes()
+                (victim / C.LAST).write_bytes(os.urandom(len(b)) if kind == "corrupt-last" else b[: len(b) // 2])
+                return f"{kind} of {victim.name} after killing the launcher at epoch {target_rows}"
             return f"{'SIGTERM' if kind == 'term-launcher' else 'SIGKILL'} of the launcher at epoch {target_rows}"
         proc.wait(timeout=600)
         return "no moment found: ran to the end"
