@@ -409,6 +409,48 @@ def test_requeued_allocation_resumes_every_run_exactly(tiny_dir: Path, tmp_path:
         assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in ref_rows], key
 
 
+@needs_slurm
+@pytest.mark.timeout(120)
+def test_a_job_cancelled_a_moment_ago_is_waited_out_not_counted_as_live(tmp_path: Path) -> None:
+    """A cancelled job stays in the queue as COMPLETING while its processes end (up to the
+    cluster's KillWait): what decides whether to follow or submit must wait it out."""
+    from fastbgm.launch.slurm import queue, settled_queue
+
+    # a batch script that, like a stopping trainer, takes a few seconds over SIGTERM
+    job = subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), "--wrap",
+                          "trap 'sleep 4; exit 0' TERM; sleep 100 & wait; sleep 4"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
+    deadline = time.time() + 60
+    while time.time() < deadline and queue([job]).get(job, ("",))[0] != "RUNNING":
+        time.sleep(0.2)
+    subprocess.run(["scancel", job], check=True, timeout=60)
+    time.sleep(0.5)
+    assert queue([job]).get(job, ("",))[0] == "COMPLETING"  # what a launch used to follow out
+    assert settled_queue([job], timeout_s=60) == {}
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exactly(tiny_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The allocation cancelled by hand and the same command run at once: the old job is
+    still COMPLETING (its steps ending). The launch must not follow it out and stop with
+    every run unfinished; it waits for it to go, then submits a new one."""
+    reference = _local_reference(tmp_path, tiny_dir, name="sc")
+    args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="sc")
+    subprocess.run(["scancel", job], check=True, timeout=60)
+    again = launch(*args, "--timeout", "450", timeout=500)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] != job
+    assert "resuming" in (run / "train.log").read_text()
+    ref = reference()
+    for key, r in results(root).items():
+        assert r["status"] == "done", (key, r)
+        rows = read_jsonl(root / key / "metrics.jsonl")
+        assert [x["epoch"] for x in rows] == list(range(1, r["epochs"] + 1))
+        assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in read_jsonl(ref / key / "metrics.jsonl")]
+
+
 @needs_multinode
 @pytest.mark.timeout(400)
 def test_two_node_ddp_run_with_batchnorm_equals_one_process(tiny_dir: Path, tmp_path: Path) -> None:

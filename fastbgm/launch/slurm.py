@@ -96,6 +96,20 @@ def queue(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     return states
 
 
+def settled_queue(job_ids: list[str], timeout_s: float = 120.0, poll_s: float = 1.0) -> dict[str, tuple[str, str]]:
+    """``queue`` once no job in it is COMPLETING (or ``timeout_s`` has passed). A job
+    cancelled a moment ago stays in the queue while its steps end: a launch that counted
+    it as live would follow it out and submit nothing, and one that did not would start
+    trainers beside the ending ones. A requeued job leaves COMPLETING for PENDING, and is
+    followed as before."""
+    deadline = time.time() + timeout_s
+    q = queue(job_ids)
+    while any(state == "COMPLETING" for state, _ in q.values()) and time.time() < deadline:
+        time.sleep(poll_s)
+        q = queue(job_ids)
+    return q
+
+
 def ended_state(job_id: str) -> str:
     """Slurm's final state of a job that left the queue (sacct), e.g. FAILED, CANCELLED."""
     for jid in dict.fromkeys([job_id, job_id.split("_")[0]]):  # an array cancelled before it started
@@ -110,7 +124,7 @@ def ended_state(job_id: str) -> str:
 def queued_jobs(runs: list[RunSpec]) -> dict[str, str]:
     """Runs whose recorded per-run job is still in the queue (key -> job id)."""
     ids = {r.key: read_json(r.run_dir / JOB_FILE).get("job_id") for r in runs}
-    active = queue([v for v in ids.values() if v])
+    active = settled_queue([v for v in ids.values() if v])
     return {k: v for k, v in ids.items() if v in active}
 
 
@@ -206,7 +220,7 @@ def active_allocation(exp: ExperimentConfig) -> str | None:
     from .allocation import ALLOCATION_FILE
 
     job = read_json(experiment_dir(exp) / ALLOCATION_FILE).get("job_id")
-    return job if job and queue([job]) else None
+    return job if job and settled_queue([job]) else None
 
 
 # Pending reasons that no amount of waiting resolves.
