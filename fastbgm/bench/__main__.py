@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--seed", type=int, default=0, help="chooses the faults and their moments")
             s.add_argument("--slurm", action="store_true", help="also run on Slurm and preempt its allocation")
             s.add_argument("--kinds", default="", help="comma-separated fault kinds (default: all)")
+            s.add_argument("--runs-per-gpu", type=int, default=1,
+                           help="pack this many runs a slot in every launch (the launcher's --runs-per-gpu)")
         if name == "train":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--batch-sizes", default="128,512")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but no GPU is visible here: use --device cpu", file=sys.stderr)
         return 2
-    for flag in ("batch_size", "steps", "seconds", "workers"):
+    for flag in ("batch_size", "steps", "seconds", "workers", "runs_per_gpu", "faults"):
         if getattr(args, flag, 1) is not None and getattr(args, flag, 1) <= 0:
             print(f"error: --{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}", file=sys.stderr)
             return 2
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         from .faults import run as run_faults
 
         res = run_faults(args.out or Path("bench-out/faults"), args.faults, args.seed, args.slurm,
-                         [k for k in args.kinds.split(",") if k] or None)
+                         [k for k in args.kinds.split(",") if k] or None, args.runs_per_gpu)
         return 0 if res["total"]["damaged"] == 0 and res["total"]["recovered"] == res["total"]["injected"] else 1
     elif args.what == "pack":
         from .pack import PACK_MODES, run as run_pack

@@ -14,6 +14,9 @@ executor (and, with ``--slurm``, by a Slurm allocation):
 - ``nan-stage1``: stage 1 diverges (its dependents must be cancelled with the reason);
 - ``preempt`` (Slurm): ``scontrol requeue`` of the allocation.
 
+With ``--runs-per-gpu K`` every launch (the references' too) packs K runs a slot, so a
+killed trainer takes a pack with it and runs join running packs.
+
 After each fault the same command runs again (up to three times) and then: every run that
 can finish must be done with results identical to an uninterrupted run (the numbers in
 result.json and every weight of final.pt, bitwise on CPU); the others must say why; and
@@ -115,10 +118,11 @@ def _wait_for(cond: Any, timeout: float, proc: subprocess.Popen | None = None) -
     return False
 
 
-def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str, log: Path) -> str:
+def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str, log: Path,
+            extra: tuple[str, ...] = ()) -> str:
     """Run the experiment with the fault; return what was done."""
     root = cfg.parent / "runs" / mini.NAME
-    cmd = mini.launch_cmd(cfg, executor)
+    cmd = mini.launch_cmd(cfg, executor, *extra)
     if kind == "corrupt-cache":
         from fastbgm.data.cache import cache_path
 
@@ -200,9 +204,12 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             proc.wait()
 
 
-def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str] | None = None) -> dict[str, Any]:
-    """Inject ``faults`` faults; print and return the table."""
+def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str] | None = None,
+        runs_per_gpu: int = 1) -> dict[str, Any]:
+    """Inject ``faults`` faults; print and return the table. ``runs_per_gpu`` > 1: every
+    launch packs that many runs a slot (a killed trainer then takes a pack with it)."""
     rng = random.Random(seed)
+    extra = ("--runs-per-gpu", str(runs_per_gpu)) if runs_per_gpu > 1 else ()
     out.mkdir(parents=True, exist_ok=True)
     clean_data = mini.dataset(out / "data")
     executors = ["local"] + (["slurm"] if slurm else [])
@@ -210,7 +217,7 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
     for executor in executors:  # uninterrupted, once per executor
         work = out / f"reference-{executor}"
         shutil.rmtree(work, ignore_errors=True)
-        ref = subprocess.run(mini.launch_cmd(mini.experiment(work, clean_data), executor), capture_output=True,
+        ref = subprocess.run(mini.launch_cmd(mini.experiment(work, clean_data), executor, *extra), capture_output=True,
                              text=True, timeout=900)
         reference[executor] = _outcome(work / "runs" / mini.NAME)
         if ref.returncode != 0 or not reference[executor]:
@@ -232,13 +239,13 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         shutil.copytree(clean_data, data)
         cfg = mini.experiment(work, data, stage1_lr=DIVERGING_LR if kind == "nan-stage1" else 0.05)
         log = work / "launch.log"
-        what = _inject(kind, rng, cfg, data, executor, log)
+        what = _inject(kind, rng, cfg, data, executor, log, extra)
         if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
             reruns = 1
         else:
             reruns = 0
             for _ in range(3):
-                r = subprocess.run(mini.launch_cmd(cfg, executor), stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                r = subprocess.run(mini.launch_cmd(cfg, executor, *extra), stdout=open(log, "a"), stderr=subprocess.STDOUT,
                                    timeout=900)
                 reruns += 1
                 if r.returncode in (0, 1):
@@ -263,11 +270,12 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         t["identical"] += int(r["identical"])
         t["damaged"] += len(r["damaged"])
     total = {k: sum(t[k] for t in table.values()) for k in ("injected", "recovered", "identical", "damaged")}
-    print_table(f"fault injection: {faults} faults, seed {seed}",
+    packed = f", {runs_per_gpu} runs a slot" if runs_per_gpu > 1 else ""
+    print_table(f"fault injection: {faults} faults, seed {seed}{packed}",
                 ["fault", "injected", "runs recovered", "results identical", "files corrupted"],
                 [[k, t["injected"], t["recovered"], t["identical"], t["damaged"]] for k, t in sorted(table.items())]
                 + [["all", total["injected"], total["recovered"], total["identical"], total["damaged"]]])
-    result = {"seed": seed, "faults": faults, "table": table, "total": total, "rows": rows,
+    result = {"seed": seed, "faults": faults, "runs_per_gpu": runs_per_gpu, "table": table, "total": total, "rows": rows,
               "torch": torch.__version__}
     write_json(out, "faults", result)
     return result
