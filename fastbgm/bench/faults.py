@@ -118,11 +118,9 @@ def _wait_for(cond: Any, timeout: float, proc: subprocess.Popen | None = None) -
     return False
 
 
-def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str, log: Path,
-            extra: tuple[str, ...] = ()) -> str:
-    """Run the experiment with the fault; return what was done."""
+def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str, cmd: list[str], log: Path) -> str:
+    """Run the experiment (its launch command ``cmd``) with the fault; return what was done."""
     root = cfg.parent / "runs" / mini.NAME
-    cmd = mini.launch_cmd(cfg, executor, *extra)
     if kind == "corrupt-cache":
         from fastbgm.data.cache import cache_path
 
@@ -239,14 +237,14 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         shutil.copytree(clean_data, data)
         cfg = mini.experiment(work, data, stage1_lr=DIVERGING_LR if kind == "nan-stage1" else 0.05)
         log = work / "launch.log"
-        what = _inject(kind, rng, cfg, data, executor, log, extra)
+        cmd = mini.launch_cmd(cfg, executor, *extra)
+        what = _inject(kind, rng, cfg, data, executor, cmd, log)
         if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
             reruns = 1
         else:
             reruns = 0
             for _ in range(3):
-                r = subprocess.run(mini.launch_cmd(cfg, executor, *extra), stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                                   timeout=900)
+                r = subprocess.run(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, timeout=900)
                 reruns += 1
                 if r.returncode in (0, 1):
                     break
@@ -275,7 +273,7 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
                 ["fault", "injected", "runs recovered", "results identical", "files corrupted"],
                 [[k, t["injected"], t["recovered"], t["identical"], t["damaged"]] for k, t in sorted(table.items())]
                 + [["all", total["injected"], total["recovered"], total["identical"], total["damaged"]]])
-    result = {"seed": seed, "faults": faults, "runs_per_gpu": runs_per_gpu, "table": table, "total": total, "rows": rows,
-              "torch": torch.__version__}
+    result = {"seed": seed, "faults": faults, "runs_per_gpu": runs_per_gpu, "table": table, "total": total,
+              "rows": rows, "torch": torch.__version__}
     write_json(out, "faults", result)
     return result
