@@ -500,6 +500,9 @@ def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
     est = plan_["estimate"]
     assert est["gpu_hours"] > 0 and est["wall_hours"] > 0 and est["measured_on"] == ["NVIDIA H200"]
     assert est["wall_hours"] < est["gpu_hours"]  # 32 GPUs at once
+    # the allocation holds all 32 GPUs until its last run ends: more than they train
+    assert est["held_gpu_hours"] == pytest.approx(32 * est["wall_hours"], abs=0.2)
+    assert est["held_gpu_hours"] > est["gpu_hours"]
     assert any("model resnet50 has no measured" in w for w in est["unmeasured"])  # named, not guessed
     packed = launch("--config", str(REPO / "configs/cifar10-paper.toml"), "--executor", "local", "--nodes", "4",
                     "--gpus-per-node", "8", "--runs-per-gpu", "4", "--dry-run", "--json")
@@ -552,6 +555,19 @@ def test_estimate_counts_packing_only_as_measured_and_only_what_is_left(tmp_path
     assert left["runs"][stage2[1].key] == pytest.approx(one["runs"][stage2[1].key] * (epochs - epochs // 2) / epochs,
                                                         rel=1e-2)
     assert left["gpu_hours"] < one["gpu_hours"]
+    # as the launcher plans it (common.decide): a failed stage-1 run kept failed costs
+    # nothing, nor do the runs blocked on it; retried, it trains what it has left
+    from fastbgm.launch.common import decide, will_run
+
+    s1 = next(r for r in runs if r.stage == 1)
+    s1.run_dir.mkdir(parents=True)
+    (s1.run_dir / "result.json").write_text(json.dumps({"status": "failed", "reason": "nan"}))
+    for retry in (False, True):
+        decisions = decide(runs, retry_failed=retry)
+        est = estimate(exp, runs, table=table, plan={d.run.key: (d.status, will_run(d)) for d in decisions})
+        blocked = [r.key for r in runs if s1.key in r.depends_on]
+        assert blocked and all((est["runs"][k] == 0) != retry for k in [s1.key, *blocked])
+        assert (est["gpu_hours"] < left["gpu_hours"]) != retry
 
 
 def test_ready_runs_spread_over_free_slots_before_sharing_one(tmp_path: Path) -> None:

@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 following.update({r.key: alloc for r in runs})
         decisions = decide(runs, args.retry_failed, set(following))
         if args.dry_run:
+            from .common import will_run
             from .estimate import estimate
 
-            est = estimate(exp, runs)
+            est = estimate(exp, runs, plan={d.run.key: (d.status, will_run(d)) for d in decisions})
             if args.json:
                 print(json.dumps(_plan_json(exp, runs, est, executor)))
             else:
@@ -188,7 +189,7 @@ def _plan_json(exp, runs, est, executor: str) -> dict:
         "allocation": {"nodes": res.nodes, "gpus_per_node": res.gpus, "slots": res.slots, "time": res.time},
         "runs": [{"key": r.key, "stage": r.stage, "depends_on": r.depends_on, "nodes": res.run_nodes,
                   "gpus": res.ranks_per_run if res.gpus else 0, "ranks": res.ranks_per_run} for r in runs],
-        "estimate": {k: est[k] for k in ("gpu_hours", "wall_hours", "measured_on", "unmeasured", "complete",
+        "estimate": {k: est[k] for k in ("gpu_hours", "held_gpu_hours", "wall_hours", "measured_on", "unmeasured", "complete",
                                          "runs_per_gpu", "packed_speedup")},
     }
 
@@ -222,6 +223,11 @@ def _print_plan(console: Console, exp, decisions, executor: str, est: dict | Non
                       f"wall-clock on {res.slots} slot(s){packed} (images/s measured on {on}"
                       + (f"; packed over alone: {gains}" if gains else "")
                       + "; stage 1 at its max_epochs, an upper bound)")
+        if executor == "slurm" and res.jobs == "allocation" and est["held_gpu_hours"] > 0:
+            busy = est["gpu_hours"] / est["held_gpu_hours"]
+            console.print(f"  the allocation holds its {res.slots} {'GPU' if res.gpus else 'CPU task'}(s) for all "
+                          f"of it: {est['held_gpu_hours']:.1f} {'GPU' if res.gpus else 'slot'}-hours held "
+                          f"(what Slurm accounts), {busy:.0%} of them training")
         for why in est["unmeasured"]:
             console.print(f"  not estimated: {why}")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from importlib import resources as ir
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..experiment import ExperimentConfig, Resources, RunSpec
 from .schedule import new_packs, partners_for, runs_alone
@@ -60,25 +60,33 @@ def _row(table: list[dict[str, Any]], model: str, batch: int, packed: int = 1,
                default=None)
 
 
-def _epochs_left(r: RunSpec) -> int:
-    """Epochs the run has still to train: none when it is done, its max_epochs less those
-    its metrics record (the epochs a resume keeps) when it has started."""
-    from ..experiment import run_status
+def _epochs_left(r: RunSpec, status: str, will_run: bool = True) -> int:
+    """Epochs the run has still to train: none when it is done or will not run (kept
+    failed, blocked), its max_epochs less those its metrics record (the epochs a resume
+    keeps) when it has started."""
     from ..fileio import read_jsonl
     from ..trainer import checkpoint as C
 
-    status, _ = run_status(r.run_dir)
-    if status == "done":
+    if status == "done" or not will_run:
         return 0
-    done = len(read_jsonl(r.run_dir / C.METRICS)) if status == "running" else 0
+    done = len(read_jsonl(r.run_dir / C.METRICS)) if status in ("running", "failed", "cancelled") else 0
     return max(0, r.config.stop.max_epochs - done)
 
 
-def estimate(exp: ExperimentConfig, runs: list[RunSpec],
-             table: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """{gpu_hours, wall_hours, measured_on, runs: {key: hours alone}, unmeasured: [why],
-    complete, runs_per_gpu, packed_speedup: {model: x}} for what is left of ``runs``."""
+def estimate(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, Any]] | None = None,
+             plan: Mapping[str, tuple[str, bool]] | None = None) -> dict[str, Any]:
+    """{gpu_hours (busy), held_gpu_hours (slots x wall-clock: what an allocation holds),
+    wall_hours, measured_on, runs: {key: hours alone}, unmeasured: [why], complete,
+    runs_per_gpu, packed_speedup: {model: x}} for what is left of ``runs``.
+
+    ``plan``: each run's (status on disk, whether this launch trains it), as the launcher
+    decided them (``common.decide``), so that the estimate and the plan it prints read
+    the run folders once; without it they are read here, every unfinished run counted."""
+    from ..experiment import run_status
+
     table = list(throughput_table() if table is None else table)
+    if plan is None:
+        plan = {r.key: (run_status(r.run_dir)[0], True) for r in runs}
     res = exp.resources
     k = res.runs_per_gpu
     work: dict[str, tuple[float, list[float]]] = {}  # run: (images left, images/s with 1..K on its GPU)
@@ -99,7 +107,7 @@ def estimate(exp: ExperimentConfig, runs: list[RunSpec],
                  f"the size of dataset {r.dataset} is unknown (prepare it first)")
             continue
         cards.add(row["card"])
-        images = _epochs_left(r) * n * (c.data.copies if c.data.labels == "confusion" else 1)
+        images = _epochs_left(r, *plan[r.key]) * n * (c.data.copies if c.data.labels == "confusion" else 1)
         # ranks split the batch: ideal scaling, the optimistic side of the estimate
         alone = row["images_per_s"] * c.dist.world
         together = [alone]  # the GPU's images/s with j = 1..K runs on it
@@ -117,7 +125,8 @@ def estimate(exp: ExperimentConfig, runs: list[RunSpec],
             together = [_between(measured, j) for j in range(1, k + 1)]
         work[r.key] = (images, together)
     wall, gpu = _simulate(runs, res, work)
-    return {"gpu_hours": round(gpu / 3600, 2), "wall_hours": round(wall / 3600, 2),
+    return {"gpu_hours": round(gpu / 3600, 2), "held_gpu_hours": round(res.slots * wall / 3600, 2),
+            "wall_hours": round(wall / 3600, 2),
             "measured_on": sorted(cards),
             "runs": {key: round(w[0] / w[1][0] / 3600, 3) for key, w in work.items()},
             "unmeasured": unmeasured, "complete": not unmeasured, "runs_per_gpu": k,
