@@ -87,6 +87,13 @@ def launch(*args: str, timeout: float = 280) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=REPO, env={**os.environ, **LAUNCH_ENV})
 
 
+# ``python -c WARM_LAUNCH ARGS``: the launcher with its imports done, waiting for a line
+# on stdin before it runs ARGS (a relaunch that reads the queue the moment it is let go)
+WARM_LAUNCH = ("import sys, torch, submitit; from fastbgm.launch.__main__ import main; "
+               "import fastbgm.launch.slurm, fastbgm.launch.common, fastbgm.launch.local, fastbgm.experiment; "
+               "print('ready', flush=True); sys.stdin.readline(); sys.exit(main(sys.argv[1:]))")
+
+
 def launch_in_background(*args: str) -> subprocess.Popen:
     """:func:`launch` without waiting: its output (stdout and stderr together) is read when it ends."""
     return subprocess.Popen([sys.executable, "-m", "fastbgm.launch", *args], stdout=subprocess.PIPE,
@@ -435,12 +442,27 @@ def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exact
                                                                                    tmp_path: Path) -> None:
     """The allocation cancelled by hand and the same command run at once: the old job is
     still COMPLETING (its steps ending). The launch must not follow it out and stop with
-    every run unfinished; it waits for it to go, then submits a new one."""
+    every run unfinished; it waits for it to go, then submits a new one. (With
+    ``launch.slurm.queue`` in place of ``settled_queue`` this fails: checked.)"""
     reference = _local_reference(tmp_path, tiny_dir, name="sc")
+    # the relaunch is started (its imports take ~5 s here) before the allocation and let
+    # go right after the scancel, so that it reads the queue while the old job is still there
+    cfg = write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', epochs=14, name="sc")
+    again = subprocess.Popen([sys.executable, "-c", WARM_LAUNCH, "--config", str(cfg), "--executor", "slurm",
+                              "--nodes", "2", "--gpus-per-node", "2", "--no-report", "--timeout", "450"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=REPO, env={**os.environ, **LAUNCH_ENV})
+    while (line := again.stdout.readline()) not in ("ready\n", ""):
+        pass  # (import warnings)
+    assert line == "ready\n", "the launcher ended before it was let go"
     args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="sc")
     subprocess.run(["scancel", job], check=True, timeout=60)
-    again = launch(*args, "--timeout", "450", timeout=500)
-    assert again.returncode == 0, again.stdout[-3000:]
+    state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    again.stdin.write("go\n")
+    again.stdin.flush()
+    out, _ = again.communicate(timeout=500)
+    assert again.returncode == 0, out[-3000:]
+    assert state.stdout.strip() in ("COMPLETING", "RUNNING"), f"the old job was gone before the relaunch read the queue: {state}"
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] != job
     assert "resuming" in (run / "train.log").read_text()
     ref = reference()
