@@ -474,6 +474,39 @@ def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exact
 
 
 @needs_multinode
+@pytest.mark.timeout(600)
+def test_a_node_failing_mid_allocation_requeues_it_and_every_run_resumes_exactly(tiny_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A node of the 2-node allocation goes DOWN: Slurm kills the job (NODE_FAIL) and
+    requeues it; once the node is back, the same job runs again, and the launch that
+    follows it ends with every run done as if nothing had happened."""
+    from fastbgm.bench.faults import _job_nodes, _set_node
+
+    reference = _local_reference(tmp_path, tiny_dir, name="nf")
+    args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="nf")
+    assert _job_nodes(job) == ["node1", "node2"]
+    _set_node("node2", "down", reason="fastbgm test")
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and "node2" in _job_nodes(job):
+            time.sleep(0.5)
+    finally:
+        _set_node("node2", "resume")
+    out = launch(*args, "--timeout", "450", timeout=500)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job  # requeued, not resubmitted
+    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job], capture_output=True,
+                             text=True, timeout=60).stdout.split()
+    assert "NODE_FAIL" in history and history[-1] == "COMPLETED", history
+    assert "resuming" in (run / "train.log").read_text()
+    ref = reference()
+    for key, r in results(root).items():
+        assert r["status"] == "done", (key, r)
+        assert [x["train_loss"] for x in read_jsonl(root / key / "metrics.jsonl")] == \
+            [x["train_loss"] for x in read_jsonl(ref / key / "metrics.jsonl")]
+
+
+@needs_multinode
 @pytest.mark.timeout(400)
 def test_two_node_ddp_run_with_batchnorm_equals_one_process(tiny_dir: Path, tmp_path: Path) -> None:
     import torch

@@ -12,7 +12,9 @@ executor (and, with ``--slurm``, by a Slurm allocation):
 - ``corrupt-cache``: the dataset's resident cache cut short;
 - ``corrupt-beton``: the training .beton overwritten (the runs cannot finish: they must say why);
 - ``nan-stage1``: stage 1 diverges (its dependents must be cancelled with the reason);
-- ``preempt`` (Slurm): ``scontrol requeue`` of the allocation.
+- ``preempt`` (Slurm): ``scontrol requeue`` of the allocation;
+- ``node-fail`` (Slurm): a node of the allocation set DOWN mid-run (Slurm kills the job
+  on it, NODE_FAIL, and requeues it), then back to service.
 
 With ``--runs-per-gpu K`` every launch (the references' too) packs K runs a slot, so a
 killed trainer takes a pack with it and runs join running packs.
@@ -48,7 +50,7 @@ from .common import print_table, write_json
 
 LOCAL_KINDS = ("kill-run", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
                "corrupt-cache", "corrupt-beton", "nan-stage1")
-SLURM_KINDS = ("preempt",)
+SLURM_KINDS = ("preempt", "node-fail")
 # stage 1's learning rate for nan-stage1: the mini's BatchNorm keeps a loss finite at lr 1e12
 # (huge, not diverged); at 1e30 its first step overflows and its loss is NaN
 DIVERGING_LR = 1e30
@@ -162,6 +164,25 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
             proc.wait(timeout=600)
             return f"requeued allocation {job} after {target_rows} epoch(s) of a run"
+        if kind == "node-fail":
+            alloc = root / "slurm-allocation.json"
+            _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
+            if not alloc.exists():
+                proc.wait(timeout=600)
+                return "no allocation was submitted: no node to fail"
+            job = json.loads(alloc.read_text())["job_id"]
+            nodes = _job_nodes(job)
+            if not nodes:
+                proc.wait(timeout=600)
+                return f"allocation {job} had ended: no node to fail"
+            node = rng.choice(nodes)
+            _set_node(node, "down", reason="fastbgm fault injection")
+            try:  # Slurm kills the job on the node and requeues it; the node returns after
+                _wait_for(lambda: node not in _job_nodes(job), 60)
+            finally:
+                _set_node(node, "resume")
+            proc.wait(timeout=600)
+            return f"node {node} of allocation {job} set DOWN after {target_rows} epoch(s) of a run, then resumed"
         if kind == "nan-stage1":  # the fault is in the config: the launch itself meets it
             proc.wait(timeout=600)
             return f"stage 1 at learning rate {DIVERGING_LR:g}, which diverges"
@@ -200,6 +221,25 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _job_nodes(job: str) -> list[str]:
+    """The nodes a running job holds (none when it is pending or gone)."""
+    q = subprocess.run(["squeue", "-h", "-j", job, "-t", "RUNNING", "-o", "%N"], capture_output=True, text=True,
+                       timeout=60).stdout.strip()
+    if not q:
+        return []
+    return subprocess.run(["scontrol", "show", "hostnames", q], capture_output=True, text=True,
+                          timeout=60).stdout.split()
+
+
+def _set_node(node: str, state: str, reason: str = "") -> None:
+    """``scontrol update`` of a node's state. ``resume`` of a node already back in
+    service (the cluster's ReturnToService) is refused by Slurm, and is not an error."""
+    cmd = ["scontrol", "update", f"nodename={node}", f"state={state}"] + ([f"reason={reason}"] if reason else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 and not (state == "resume" and "Invalid node state" in r.stderr + r.stdout):
+        raise RuntimeError(f"{' '.join(cmd)}: {(r.stderr or r.stdout).strip()}")
 
 
 def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str] | None = None,
