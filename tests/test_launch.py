@@ -436,6 +436,22 @@ def test_a_job_cancelled_a_moment_ago_is_waited_out_not_counted_as_live(tmp_path
     assert settled_queue([job], timeout_s=60) == {}
 
 
+@needs_slurm
+@pytest.mark.timeout(120)
+def test_the_live_table_says_what_pending_jobs_wait_for(tmp_path: Path) -> None:
+    from fastbgm.launch.slurm import queue, queue_summary
+
+    jobs = [subprocess.run(["sbatch", "--parsable", "--hold", "-c", "1", "-o", str(tmp_path / "out"), "--wrap",
+                            "true"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+            for _ in range(2)]
+    try:
+        assert queue_summary(queue(jobs)) == "2 jobs pending (JobHeldUser)"
+        assert queue_summary(queue(jobs[:1])) == "1 job pending (JobHeldUser)"
+        assert queue_summary({}) == ""
+    finally:
+        subprocess.run(["scancel", *jobs], timeout=60)
+
+
 @needs_multinode
 @pytest.mark.timeout(600)
 def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exactly(tiny_dir: Path,
@@ -558,6 +574,12 @@ def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
     # the allocation holds all 32 GPUs until its last run ends: more than they train
     assert est["held_gpu_hours"] == pytest.approx(32 * est["wall_hours"], abs=0.2)
     assert est["held_gpu_hours"] > est["gpu_hours"]
+    # the same on 1, 2, 4 and 8 nodes: more nodes, never slower, never fewer GPU-hours held
+    sizes = est["by_nodes"]
+    assert [x["nodes"] for x in sizes] == [1, 2, 4, 8]
+    assert next(x for x in sizes if x["nodes"] == 4)["wall_hours"] == est["wall_hours"]
+    for a, b in zip(sizes, sizes[1:]):
+        assert b["wall_hours"] <= a["wall_hours"] and b["held_gpu_hours"] >= a["held_gpu_hours"] - 0.1
     assert any("model resnet50 has no measured" in w for w in est["unmeasured"])  # named, not guessed
     packed = launch("--config", str(REPO / "configs/cifar10-paper.toml"), "--executor", "local", "--nodes", "4",
                     "--gpus-per-node", "8", "--runs-per-gpu", "4", "--dry-run", "--json")

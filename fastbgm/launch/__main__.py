@@ -105,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         decisions = decide(runs, args.retry_failed, set(following))
         if args.dry_run:
             from .common import will_run
-            from .estimate import estimate
+            from .estimate import estimate, other_sizes
 
-            est = estimate(exp, runs, plan={d.run.key: (d.status, will_run(d)) for d in decisions})
+            decided = {d.run.key: (d.status, will_run(d)) for d in decisions}
+            est = estimate(exp, runs, plan=decided)
+            if exp.resources.jobs == "allocation":
+                est["by_nodes"] = other_sizes(exp, runs, plan=decided)
             if args.json:
                 print(json.dumps(_plan_json(exp, runs, est, executor)))
             else:
@@ -190,7 +193,7 @@ def _plan_json(exp, runs, est, executor: str) -> dict:
         "runs": [{"key": r.key, "stage": r.stage, "depends_on": r.depends_on, "nodes": res.run_nodes,
                   "gpus": res.ranks_per_run if res.gpus else 0, "ranks": res.ranks_per_run} for r in runs],
         "estimate": {k: est[k] for k in ("gpu_hours", "held_gpu_hours", "wall_hours", "measured_on", "unmeasured", "complete",
-                                         "runs_per_gpu", "packed_speedup")},
+                                         "runs_per_gpu", "packed_speedup", "by_nodes") if k in est},
     }
 
 
@@ -228,6 +231,11 @@ def _print_plan(console: Console, exp, decisions, executor: str, est: dict | Non
             console.print(f"  the allocation holds its {res.slots} {'GPU' if res.gpus else 'CPU task'}(s) for all "
                           f"of it: {est['held_gpu_hours']:.1f} {'GPU' if res.gpus else 'slot'}-hours held "
                           f"(what Slurm accounts), {busy:.0%} of them training")
+            others = [x for x in est.get("by_nodes", []) if x["nodes"] != res.nodes]
+            if others:
+                console.print("  other sizes: " + "; ".join(
+                    f"--nodes {x['nodes']}: {x['wall_hours']:.1f} h, {x['held_gpu_hours']:.1f} held"
+                    for x in others))
         for why in est["unmeasured"]:
             console.print(f"  not estimated: {why}")
 

@@ -133,6 +133,29 @@ def estimate(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[st
             "packed_speedup": {m: round(x, 2) for m, x in sorted(speedup.items()) if x != 1.0}}
 
 
+def other_sizes(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, Any]] | None = None,
+                plan: Mapping[str, tuple[str, bool]] | None = None) -> list[dict[str, Any]]:
+    """The estimate on allocations of other sizes: [{nodes, wall_hours, held_gpu_hours,
+    gpu_hours}] for 1, half, the asked and twice the asked number of nodes (those that
+    can hold one run), to choose ``--nodes``: past some size a larger allocation only
+    holds more GPUs idle while the runs that others wait on train."""
+    from dataclasses import replace
+
+    from ..config import ConfigError
+
+    table = list(throughput_table() if table is None else table)
+    out = []
+    for n in sorted({1, max(1, exp.resources.nodes // 2), exp.resources.nodes, 2 * exp.resources.nodes}):
+        try:
+            sized = replace(exp, resources=replace(exp.resources, nodes=n))
+        except ConfigError:  # too few nodes for one run
+            continue
+        e = estimate(sized, runs, table, plan)
+        out.append({"nodes": n, "wall_hours": e["wall_hours"], "held_gpu_hours": e["held_gpu_hours"],
+                    "gpu_hours": e["gpu_hours"]})
+    return out
+
+
 def _between(measured: dict[int, float], j: int) -> float:
     """images/s with j runs on a GPU: measured, else linear between the nearest measured
     counts below and above, else the nearest below's (no further gain)."""

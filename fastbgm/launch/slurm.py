@@ -223,6 +223,16 @@ def active_allocation(exp: ExperimentConfig) -> str | None:
     return job if job and settled_queue([job]) else None
 
 
+def queue_summary(q: dict[str, tuple[str, str]]) -> str:
+    """What the followed jobs wait for, for the live table's title: pending jobs counted
+    by Slurm's reason (a requeued allocation waiting for a node that went down reads
+    "1 job pending (Nodes required for job are DOWN, DRAINED or ...)")."""
+    from collections import Counter
+
+    pending = Counter(reason for state, reason in q.values() if state == "PENDING")
+    return ", ".join(f"{n} job{'s' if n > 1 else ''} pending ({reason})" for reason, n in pending.most_common(3))
+
+
 # Pending reasons that no amount of waiting resolves.
 NEVER = ("DependencyNeverSatisfied", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidQOS",
          "InvalidAccount", "PartitionConfig")
@@ -263,7 +273,8 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                         mark_cancelled(r.run_dir, r.key, f"its stage-1 run {r.depends_on[0]} failed")
                         st = "cancelled"
                 states[r.key] = st
-            view.update(table(runs, states, "fastbgm on Slurm"))
+            waiting = queue_summary(q)
+            view.update(table(runs, states, "fastbgm on Slurm" + (f": {waiting}" if waiting else "")))
             if not q:
                 return
             if timeout_s is not None and time.time() - start > timeout_s:
