@@ -153,6 +153,9 @@ def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_di
         adv = root / f"synthetic/small_cnn/seed0/stage2-adversarial-{mode}"
         assert json.loads((adv / "slurm-job.json").read_text())["depends_on"] == [s1_job]
         assert (adv / "init.pt").stat().st_mtime >= (s1 / "final.pt").stat().st_mtime
+    # every job asked to be requeued on a node failure, whatever the cluster's JobRequeue
+    scripts = list((root / ".submitit").glob("*/*.sh"))
+    assert scripts and all("#SBATCH --requeue" in x.read_text().splitlines() for x in scripts)
     # re-launching a finished experiment submits nothing
     before = sacct_count()
     again = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--timeout", "60")

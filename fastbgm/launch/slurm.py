@@ -172,7 +172,9 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
     submitted: dict[str, str] = {}
     for (_, parents), group in sorted(groups.items()):
         deps = [job_ids[k] for k in parents.split(",") if k and job_ids.get(k)]
-        extra: dict[str, Any] = {"kill-on-invalid-dep": "yes"}  # a failed parent cancels, on any cluster
+        # a failed parent cancels, on any cluster; a job on a node that fails goes back in
+        # the queue (not left NODE_FAIL) even where the cluster's JobRequeue is 0
+        extra: dict[str, Any] = {"kill-on-invalid-dep": "yes", "requeue": True}
         if deps:
             extra["dependency"] = "afterok:" + ":".join(deps)
         for i in range(0, len(group), limit):
