@@ -127,6 +127,10 @@ CASES = [
     ("bench: --batch-size 0", lambda w: ["fastbgm.bench", "loader", "--device", "cpu", "--batch-size", "0"],
      ["--batch-size", "> 0"]),
     ("bench: --runs 0", lambda w: ["fastbgm.bench", "pack", "--device", "cpu", "--runs", "0"], ["--runs"]),
+    ("bench: faults --kinds unknown", lambda w: ["fastbgm.bench", "faults", "--kinds", "kill-run,explode"],
+     ["--kinds explode", "choose from"]),
+    ("bench: faults --kinds preempt without --slurm", lambda w: ["fastbgm.bench", "faults", "--kinds", "preempt"],
+     ["--kinds preempt", "needs --slurm"]),
 ]
 
 

@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--kinds", default="", help="comma-separated fault kinds (default: all)")
             s.add_argument("--runs-per-gpu", type=int, default=1,
                            help="pack this many runs a slot in every launch (the launcher's --runs-per-gpu)")
+            s.add_argument("--slurm-jobs", default="allocation", choices=("allocation", "per-run"),
+                           help="how the Slurm launches submit (the launcher's --jobs)")
         if name == "train":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
             s.add_argument("--batch-sizes", default="128,512")
@@ -94,8 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "faults":
         from .faults import run as run_faults
 
-        res = run_faults(args.out or Path("bench-out/faults"), args.faults, args.seed, args.slurm,
-                         [k for k in args.kinds.split(",") if k] or None, args.runs_per_gpu)
+        from .faults import LOCAL_KINDS, SLURM_KINDS
+
+        kinds = [k for k in args.kinds.split(",") if k]
+        bad = [k for k in kinds if k not in LOCAL_KINDS + SLURM_KINDS]
+        if bad or (not args.slurm and any(k in SLURM_KINDS for k in kinds)):
+            print(f"error: --kinds {','.join(bad) or ','.join(k for k in kinds if k in SLURM_KINDS)}: "
+                  + (f"unknown; choose from {', '.join(LOCAL_KINDS + SLURM_KINDS)}" if bad else "needs --slurm"),
+                  file=sys.stderr)
+            return 2
+        if args.slurm_jobs == "per-run" and args.runs_per_gpu > 1:
+            print("error: --slurm-jobs per-run packs nothing (runs share a slot only inside an allocation): "
+                  "drop --runs-per-gpu", file=sys.stderr)
+            return 2
+        res = run_faults(args.out or Path("bench-out/faults"), args.faults, args.seed, args.slurm, kinds or None,
+                         args.runs_per_gpu, args.slurm_jobs)
         return 0 if res["total"]["damaged"] == 0 and res["total"]["recovered"] == res["total"]["injected"] else 1
     elif args.what == "pack":
         from .pack import PACK_MODES, run as run_pack

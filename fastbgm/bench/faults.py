@@ -43,6 +43,7 @@ import torch
 from fastbgm.config import load
 from fastbgm.experiment import ExperimentConfig, plan, run_status
 from fastbgm.fileio import lock_holder, read_jsonl
+from fastbgm.launch.slurm import JOB_FILE as SLURM_JOB_FILE
 from fastbgm.trainer import checkpoint as C
 
 from . import mini
@@ -155,26 +156,21 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             (victim / C.RESULT).write_text(text[: rng.randint(1, len(text) - 1)])
             return f"cut {victim.name}/result.json short after the launch ended"
         if kind == "preempt":
-            alloc = root / "slurm-allocation.json"
             _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
-            if not alloc.exists():
+            job = _job_of(root, some_run_at(target_rows))
+            if job is None:
                 proc.wait(timeout=600)
-                return "no allocation was submitted: nothing to preempt"
-            job = json.loads(alloc.read_text())["job_id"]
+                return "no job was training a run: nothing to preempt"
             subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
             proc.wait(timeout=600)
-            return f"requeued allocation {job} after {target_rows} epoch(s) of a run"
+            return f"requeued job {job} after {target_rows} epoch(s) of a run"
         if kind == "node-fail":
-            alloc = root / "slurm-allocation.json"
             _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
-            if not alloc.exists():
-                proc.wait(timeout=600)
-                return "no allocation was submitted: no node to fail"
-            job = json.loads(alloc.read_text())["job_id"]
-            nodes = _job_nodes(job)
+            job = _job_of(root, some_run_at(target_rows))
+            nodes = _job_nodes(job) if job else []
             if not nodes:
                 proc.wait(timeout=600)
-                return f"allocation {job} had ended: no node to fail"
+                return "no job was training a run: no node to fail"
             node = rng.choice(nodes)
             _set_node(node, "down", reason="fastbgm fault injection")
             try:  # Slurm kills the job on the node and requeues it; the node returns after
@@ -182,7 +178,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             finally:
                 _set_node(node, "resume")
             proc.wait(timeout=600)
-            return f"node {node} of allocation {job} set DOWN after {target_rows} epoch(s) of a run, then resumed"
+            return f"node {node} of job {job} set DOWN after {target_rows} epoch(s) of a run, then resumed"
         if kind == "nan-stage1":  # the fault is in the config: the launch itself meets it
             proc.wait(timeout=600)
             return f"stage 1 at learning rate {DIVERGING_LR:g}, which diverges"
@@ -198,11 +194,10 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
         if kind in ("kill-launcher", "term-launcher", "corrupt-last", "truncate-last"):
             proc.send_signal(signal.SIGTERM if kind == "term-launcher" else signal.SIGKILL)
             proc.wait(timeout=60)
-            alloc = root / "slurm-allocation.json"
-            if kind in ("corrupt-last", "truncate-last") and executor == "slurm" and alloc.exists():
-                # on Slurm the runs outlive the launcher: damage a stopped run, so lose the allocation too
-                subprocess.run(["scancel", json.loads(alloc.read_text())["job_id"]], capture_output=True,
-                               timeout=60)
+            jobs = _slurm_jobs(root)
+            if kind in ("corrupt-last", "truncate-last") and executor == "slurm" and jobs:
+                # on Slurm the runs outlive the launcher: damage a stopped run, so lose its jobs too
+                subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
             _wait_for(lambda: run is None or lock_holder(run) is None, 60)  # its trainers are gone
             if kind in ("corrupt-last", "truncate-last"):
                 # a stopped run's checkpoint: the run caught may have finished on its own
@@ -221,6 +216,21 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _slurm_jobs(root: Path) -> list[str]:
+    """The Slurm jobs the launcher submitted for the experiment: its allocation, or (with
+    ``--jobs per-run``) one a run."""
+    files = [root / "slurm-allocation.json"] + [r / SLURM_JOB_FILE for r in _runs(root)]
+    return sorted({json.loads(f.read_text())["job_id"] for f in files if f.exists()})
+
+
+def _job_of(root: Path, run: Path | None) -> str | None:
+    """The Slurm job training ``run``: the allocation, or the run's own job."""
+    for f in (root / "slurm-allocation.json", run / SLURM_JOB_FILE if run else None):
+        if f is not None and f.exists():
+            return json.loads(f.read_text())["job_id"]
+    return None
 
 
 def _job_nodes(job: str) -> list[str]:
@@ -243,11 +253,18 @@ def _set_node(node: str, state: str, reason: str = "") -> None:
 
 
 def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str] | None = None,
-        runs_per_gpu: int = 1) -> dict[str, Any]:
+        runs_per_gpu: int = 1, slurm_jobs: str = "allocation") -> dict[str, Any]:
     """Inject ``faults`` faults; print and return the table. ``runs_per_gpu`` > 1: every
-    launch packs that many runs a slot (a killed trainer then takes a pack with it)."""
+    launch packs that many runs a slot (a killed trainer then takes a pack with it).
+    ``slurm_jobs``: how the Slurm launches submit (the launcher's ``--jobs``: one
+    allocation, or one job a run)."""
+    if slurm_jobs not in ("allocation", "per-run"):
+        raise ValueError(f"slurm_jobs must be allocation or per-run, got {slurm_jobs!r}")
+    if slurm_jobs == "per-run" and runs_per_gpu > 1:
+        raise ValueError("runs are packed only inside an allocation: --slurm-jobs per-run takes --runs-per-gpu 1")
     rng = random.Random(seed)
-    extra = ("--runs-per-gpu", str(runs_per_gpu)) if runs_per_gpu > 1 else ()
+    packing = ("--runs-per-gpu", str(runs_per_gpu)) if runs_per_gpu > 1 else ()
+    extras = {"local": packing, "slurm": packing + (("--jobs", "per-run") if slurm_jobs == "per-run" else ())}
     out.mkdir(parents=True, exist_ok=True)
     clean_data = mini.dataset(out / "data")
     executors = ["local"] + (["slurm"] if slurm else [])
@@ -255,8 +272,8 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
     for executor in executors:  # uninterrupted, once per executor
         work = out / f"reference-{executor}"
         shutil.rmtree(work, ignore_errors=True)
-        ref = subprocess.run(mini.launch_cmd(mini.experiment(work, clean_data), executor, *extra), capture_output=True,
-                             text=True, timeout=900)
+        ref = subprocess.run(mini.launch_cmd(mini.experiment(work, clean_data), executor, *extras[executor]),
+                             capture_output=True, text=True, timeout=900)
         reference[executor] = _outcome(work / "runs" / mini.NAME)
         if ref.returncode != 0 or not reference[executor]:
             raise RuntimeError(f"the uninterrupted {executor} run did not finish (exit {ref.returncode}): "
@@ -277,7 +294,7 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         shutil.copytree(clean_data, data)
         cfg = mini.experiment(work, data, stage1_lr=DIVERGING_LR if kind == "nan-stage1" else 0.05)
         log = work / "launch.log"
-        cmd = mini.launch_cmd(cfg, executor, *extra)
+        cmd = mini.launch_cmd(cfg, executor, *extras[executor])
         what = _inject(kind, rng, cfg, data, executor, cmd, log)
         if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
             reruns = 1
@@ -308,12 +325,13 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         t["identical"] += int(r["identical"])
         t["damaged"] += len(r["damaged"])
     total = {k: sum(t[k] for t in table.values()) for k in ("injected", "recovered", "identical", "damaged")}
-    packed = f", {runs_per_gpu} runs a slot" if runs_per_gpu > 1 else ""
+    packed = (f", {runs_per_gpu} runs a slot" if runs_per_gpu > 1 else "") + \
+        (", one Slurm job a run" if slurm and slurm_jobs == "per-run" else "")
     print_table(f"fault injection: {faults} faults, seed {seed}{packed}",
                 ["fault", "injected", "runs recovered", "results identical", "files corrupted"],
                 [[k, t["injected"], t["recovered"], t["identical"], t["damaged"]] for k, t in sorted(table.items())]
                 + [["all", total["injected"], total["recovered"], total["identical"], total["damaged"]]])
-    result = {"seed": seed, "faults": faults, "runs_per_gpu": runs_per_gpu, "table": table, "total": total,
+    result = {"seed": seed, "faults": faults, "runs_per_gpu": runs_per_gpu, "slurm_jobs": slurm_jobs, "table": table, "total": total,
               "rows": rows, "torch": torch.__version__}
     write_json(out, "faults", result)
     return result
