@@ -127,8 +127,31 @@ def _forward_for(speed: Any, key: tuple) -> Callable:
     if key not in _COMPILED:
         code = _forward.__code__.replace(co_name=f"_forward_{len(_COMPILED)}")
         fn = types.FunctionType(code, _forward.__globals__, code.co_name, _forward.__defaults__)
-        _COMPILED[key] = torch.compile(fn, dynamic=False)
+        _COMPILED[key] = CompiledOrEager(fn)
     return _COMPILED[key]
+
+
+class CompiledOrEager:
+    """The fused forward compiled whole (``fullgraph``), or, where this torch cannot trace
+    it, uncompiled with one warning that says so. torch 2.4's dynamo does not inline
+    ``vmap`` over ``functional_call`` of a module: it would break the graph and run the
+    step eagerly without a word (torch 2.11 and 2.13 compile it whole). A graph break
+    is found while tracing, before anything runs, so falling back loses no step."""
+
+    def __init__(self, fn: Callable):
+        self.compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+        self.why_not: str | None = None  # why this torch runs it uncompiled
+
+    def __call__(self, *args: Any) -> Any:
+        if self.why_not is None:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.Unsupported as e:
+                self.why_not = str(e).strip().splitlines()[0]
+                log.warning("torch %s cannot compile the fused step (%s): pack mode fused runs it uncompiled, "
+                            "slower; use a newer torch (2.11 compiles it) or resources.pack_mode = threads",
+                            torch.__version__, self.why_not)
+        return _forward(*args)
 
 
 class FusedRuns:

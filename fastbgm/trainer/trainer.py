@@ -148,9 +148,15 @@ def compile_model(model: nn.Module, mode: str) -> nn.Module:
     uncompiled from then on, with one warning in the log. A pack that trains many runs
     in turn, or the GPU check measuring many modes, would then time later runs uncompiled."""
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # (torch < 2.6)
+    name = recompile_limit_name()
     setattr(config, name, max(getattr(config, name), COMPILED_VARIANTS))
     return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def recompile_limit_name() -> str:
+    """The name of torch.compile's per-function variant limit in ``torch._dynamo.config``:
+    ``recompile_limit`` since torch 2.6, ``cache_size_limit`` before."""
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def lr_factor(cfg: RunConfig, epoch: int) -> float:
