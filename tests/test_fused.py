@@ -194,13 +194,15 @@ def test_each_fused_group_compiles_on_its_own_past_the_recompile_limit(tiny_dir:
         assert one_step(3) > 0  # compiled, not run eagerly past the limit
 
 
-def test_a_fused_step_this_torch_cannot_compile_runs_uncompiled_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_fused_step_this_torch_cannot_compile_runs_uncompiled_and_says_so(caplog: pytest.LogCaptureFixture,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """torch 2.4 cannot trace vmap over a module's functional_call: the fused step must not
     then run uncompiled in silence. A forward with a graph break stands in for it on any
     torch: one warning, then the uncompiled step, equal to it."""
     import logging
 
-    from fastbgm.trainer.fused import CompiledOrEager, _forward
+    from fastbgm.trainer import fused as fused_mod
+    from fastbgm.trainer.fused import CompiledOrEager, _forward, uncompiled_fused_steps
 
     class Breaks(torch.nn.Module):
         def __init__(self) -> None:
@@ -215,9 +217,11 @@ def test_a_fused_step_this_torch_cannot_compile_runs_uncompiled_and_says_so(capl
     params = {n: torch.randn(2, *p.shape) for n, p in base.named_parameters()}  # 2 runs
     x, y = torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5))
     f = CompiledOrEager(_forward)
+    monkeypatch.setitem(fused_mod._COMPILED, ("Breaks",), f)  # as _forward_for registers one
+    assert ("Breaks",) not in uncompiled_fused_steps()
     with caplog.at_level(logging.WARNING, logger="fastbgm.trainer"):
         got = [f(base, (), None, params, {}, x, y) for _ in range(2)]
-    assert f.why_not
+    assert f.why_not and uncompiled_fused_steps()[("Breaks",)] == f.why_not  # what the GPU check lists
     assert sum("cannot compile the fused step" in r.getMessage() for r in caplog.records) == 1
     want = _forward(base, (), None, params, {}, x, y)
     for loss, correct in got:

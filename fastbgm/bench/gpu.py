@@ -384,6 +384,9 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
             rows.append([name, "-", float("nan"), "skipped: time budget spent"])
             return
         t0 = time.time()
+        from ..trainer.fused import uncompiled_fused_steps
+
+        eager_before = uncompiled_fused_steps()
         try:
             with RecompileLimitHits() as hits:
                 rows.extend(fn(*a))
@@ -393,6 +396,10 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         for hit in hits.hits:  # its later rows may have run uncompiled: say so beside them
             rows.append([name, "torch.compile's recompile limit hit", float("nan"), f"failed: {hit}"])
             results.setdefault("recompile_limit_hits", []).append({"section": name, "warning": hit})
+        for key, why in uncompiled_fused_steps().items():  # its fused rows ran uncompiled: say so beside them
+            if key not in eager_before:
+                rows.append([name, "fused step ran uncompiled", float("nan"), f"failed: torch cannot compile it: {why}"])
+                results.setdefault("fused_uncompiled", []).append({"section": name, "why": why})
         results["rows"] = rows
         results.setdefault("section_seconds", {})[name] = time.time() - t0
         write_json(out, "gpu", results)

@@ -131,6 +131,11 @@ def _forward_for(speed: Any, key: tuple) -> Callable:
     return _COMPILED[key]
 
 
+def uncompiled_fused_steps() -> dict[tuple, str]:
+    """The fused forwards of this process that this torch could not compile: {key: why}."""
+    return {k: f.why_not for k, f in _COMPILED.items() if isinstance(f, CompiledOrEager) and f.why_not}
+
+
 class CompiledOrEager:
     """The fused forward compiled whole (``fullgraph``), or, where this torch cannot trace
     it, uncompiled with one warning that says so. torch 2.4's dynamo does not inline
