@@ -543,13 +543,14 @@ def test_step_graphs_compute_exactly_what_plain_steps_compute(tiny_dir: Path, tm
                 tmp_path / "fp16").run()
 
 
-def test_pack_mode_never_replays_cuda_graphs_of_two_runs_on_two_streams() -> None:
+def test_pack_mode_never_replays_cuda_graphs_of_two_runs_on_two_streams(monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA-graph trees of one thread share one memory pool: graphs of two runs replayed on
     two streams would overwrite each other. Device-independent logic, checked without a GPU."""
     from fastbgm.config import ConfigError
     from fastbgm.trainer.loop import resolve_pack_mode
     from fastbgm.trainer.trainer import Speed
 
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # (a torch that compiles from threads)
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     graphs = Speed("cuda", True, "reduce-overhead", True, "bf16", True, 1)
     plain = Speed("cuda", True, "default", True, "bf16", True, 1)
@@ -561,6 +562,28 @@ def test_pack_mode_never_replays_cuda_graphs_of_two_runs_on_two_streams() -> Non
     assert resolve_pack_mode("fused", gpu, [graphs, plain]) == "fused"  # the runs' own graphs are not used
     with pytest.raises(ConfigError, match="not one of"):
         resolve_pack_mode("hfta", gpu, [plain])
+
+
+def test_an_old_torch_never_compiles_packed_runs_from_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.4 cannot compile from several threads at once (each packed run failed with
+    "using FX to symbolically trace a dynamo-optimized function"): the default is then a
+    mode without threads, and threads asked for by name is refused with the fix."""
+    from fastbgm.config import ConfigError
+    from fastbgm.trainer.loop import resolve_pack_mode
+    from fastbgm.trainer.trainer import Speed
+
+    gpu = torch.device("cuda", 0)
+    graphs = Speed("cuda", True, "reduce-overhead", True, "bf16", True, 1)
+    plain = Speed("cuda", True, "default", True, "bf16", True, 1)
+    eager = Speed("cuda", False, "default", True, "bf16", True, 1)
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    assert resolve_pack_mode("auto", gpu, [graphs, graphs]) == "serial"  # (streams would mix their graphs)
+    assert resolve_pack_mode("auto", gpu, [plain, plain]) == "streams"
+    assert resolve_pack_mode("auto", gpu, [eager, eager]) == "threads"  # nothing to compile
+    with pytest.raises(ConfigError, match="torch 2.4.1.* cannot .*torch >= 2.11"):
+        resolve_pack_mode("threads", gpu, [plain, eager])
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert resolve_pack_mode("auto", gpu, [graphs, graphs]) == "threads"
 
 
 @pytest.mark.parametrize("mode", ["threads", "fused"])

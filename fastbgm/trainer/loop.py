@@ -19,7 +19,9 @@ How the runs of a pack share the device (:data:`PACK_MODES`):
 - ``threads``: each run's epochs in a thread of its own (the same one for the run's
   whole life) on its own stream. CUDA-graph trees belong to a thread, so each run
   replays graphs from its own pool: safe with ``reduce-overhead``, and the runs still
-  overlap. The default on a GPU otherwise.
+  overlap. The default on a GPU otherwise. Compiled runs need torch >= 2.11 for it
+  (:data:`THREADED_COMPILE_FROM`); below, the default is ``streams`` (``serial`` with
+  torch's CUDA graphs) and ``threads`` is refused.
 
 - ``fused``: runs of one architecture, batch shape and speed switches trained as one
   network (HFTA; fused.py): their parameters stacked, the step ``torch.func.vmap``-ed
@@ -39,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import threading
 import time
 import traceback
@@ -63,15 +66,35 @@ from .trainer import (_STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, 
 log = logging.getLogger("fastbgm.trainer")
 
 
+# The oldest torch seen compiling runs from several threads at once (2.11 on the GPU
+# machine, 2.13 here). torch 2.4 cannot: a thread's trace meets another's compiled frame
+# ("Detected that you are using FX to symbolically trace a dynamo-optimized function")
+# and the runs fail. Versions between are untested, so they take the safe modes.
+THREADED_COMPILE_FROM = (2, 11)
+
+
+def threaded_compile_ok() -> bool:
+    return tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= THREADED_COMPILE_FROM
+
+
 def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> str:
     """The way a pack shares ``device`` (see the module's docstring)."""
     if mode not in PACK_MODES:
         raise ConfigError(f"pack mode {mode!r} is not one of {', '.join(PACK_MODES)}")
+    compiled_in_threads_fails = any(s.compile for s in speeds) and not threaded_compile_ok()
     if mode == "auto":
         if device.type != "cuda":
             return "serial"
         # a run's step graphs replay from one call each: no thread needed to overlap them
-        return "streams" if all(s.step_graph for s in speeds) else "threads"
+        if all(s.step_graph for s in speeds):
+            return "streams"
+        if compiled_in_threads_fails:
+            return "serial" if any(s.torch_graphs for s in speeds) else "streams"
+        return "threads"
+    if mode == "threads" and compiled_in_threads_fails:
+        raise ConfigError(f"pack mode 'threads' compiles runs from several threads at once, which torch "
+                          f"{torch.__version__} cannot (torch >= {'.'.join(map(str, THREADED_COMPILE_FROM))} "
+                          "can); use pack mode serial or streams, or speed.compile=false")
     graphs = [s for s in speeds if s.torch_graphs]
     if mode == "streams" and device.type == "cuda" and graphs:
         raise ConfigError("pack mode 'streams' cannot replay CUDA graphs (speed.compile_mode = "
