@@ -576,12 +576,17 @@ def test_an_old_torch_never_compiles_packed_runs_from_threads(monkeypatch: pytes
     graphs = Speed("cuda", True, "reduce-overhead", True, "bf16", True, 1)
     plain = Speed("cuda", True, "default", True, "bf16", True, 1)
     eager = Speed("cuda", False, "default", True, "bf16", True, 1)
+    for var in ("TORCHDYNAMO_DISABLE", "TORCH_COMPILE_DISABLE"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
     assert resolve_pack_mode("auto", gpu, [graphs, graphs]) == "serial"  # (streams would mix their graphs)
     assert resolve_pack_mode("auto", gpu, [plain, plain]) == "streams"
     assert resolve_pack_mode("auto", gpu, [eager, eager]) == "threads"  # nothing to compile
     with pytest.raises(ConfigError, match="torch 2.4.1.* cannot .*torch >= 2.11"):
         resolve_pack_mode("threads", gpu, [plain, eager])
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # nothing compiles at all
+    assert resolve_pack_mode("threads", gpu, [plain, plain]) == "threads"
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE")
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
     assert resolve_pack_mode("auto", gpu, [graphs, graphs]) == "threads"
 

@@ -17,7 +17,7 @@ import torch
 from fastbgm import distributed as D
 from fastbgm.data import loader_from_arrays
 from fastbgm.models import build_model
-from fastbgm.trainer.loop import PACK_MODES as LOOP_PACK_MODES, RunState, train_epoch_together
+from fastbgm.trainer.loop import PACK_MODES as LOOP_PACK_MODES, RunState, threaded_compile_ok, train_epoch_together
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
 from fastbgm.trainer.stepgraph import StepGraphs
 from fastbgm.trainer.trainer import Speed, compile_model, make_sgd
@@ -131,6 +131,10 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
             for pm in (pack_modes if k > 1 else ("serial",)):
                 if deadline is not None and time.time() > deadline:
                     log.warning("time budget spent: %s K=%d %s skipped", name, k, pm)
+                    continue
+                if pm == "threads" and k > 1 and speed.compile and not threaded_compile_ok():
+                    log.warning("%s K=%d threads skipped: torch %s cannot compile from several threads at once "
+                                "(the trainer packs such runs on streams or serially)", name, k, torch.__version__)
                     continue
                 key = (name, mode, batch, steps)
                 if k == 1 and baselines is not None and key in baselines:

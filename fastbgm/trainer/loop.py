@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import threading
 import time
@@ -74,6 +75,10 @@ THREADED_COMPILE_FROM = (2, 11)
 
 
 def threaded_compile_ok() -> bool:
+    """Whether runs may compile from several threads at once here (always, when torch.compile
+    is switched off: TORCHDYNAMO_DISABLE=1 or TORCH_COMPILE_DISABLE=1)."""
+    if "1" in (os.environ.get("TORCHDYNAMO_DISABLE"), os.environ.get("TORCH_COMPILE_DISABLE")):
+        return True
     return tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= THREADED_COMPILE_FROM
 
 
