@@ -94,20 +94,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run(device, args.data, args.seconds, args.batch_size, args.out, args.workers)
     elif args.what == "faults":
-        from .faults import run as run_faults
-
-        from .faults import LOCAL_KINDS, SLURM_KINDS
+        from .faults import check_args, run as run_faults
 
         kinds = [k for k in args.kinds.split(",") if k]
-        bad = [k for k in kinds if k not in LOCAL_KINDS + SLURM_KINDS]
-        if bad or (not args.slurm and any(k in SLURM_KINDS for k in kinds)):
-            print(f"error: --kinds {','.join(bad) or ','.join(k for k in kinds if k in SLURM_KINDS)}: "
-                  + (f"unknown; choose from {', '.join(LOCAL_KINDS + SLURM_KINDS)}" if bad else "needs --slurm"),
-                  file=sys.stderr)
-            return 2
-        if args.slurm_jobs == "per-run" and args.runs_per_gpu > 1:
-            print("error: --slurm-jobs per-run packs nothing (runs share a slot only inside an allocation): "
-                  "drop --runs-per-gpu", file=sys.stderr)
+        try:
+            check_args(args.slurm, kinds, args.runs_per_gpu, args.slurm_jobs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
         res = run_faults(args.out or Path("bench-out/faults"), args.faults, args.seed, args.slurm, kinds or None,
                          args.runs_per_gpu, args.slurm_jobs)

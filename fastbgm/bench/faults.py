@@ -252,16 +252,27 @@ def _set_node(node: str, state: str, reason: str = "") -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {(r.stderr or r.stdout).strip()}")
 
 
+def check_args(slurm: bool, kinds: list[str], runs_per_gpu: int, slurm_jobs: str) -> None:
+    """ValueError, naming the flag and the fix, for a sweep that cannot run as asked."""
+    bad = [k for k in kinds if k not in LOCAL_KINDS + SLURM_KINDS]
+    if bad:
+        raise ValueError(f"--kinds {','.join(bad)}: unknown; choose from {', '.join(LOCAL_KINDS + SLURM_KINDS)}")
+    if not slurm and any(k in SLURM_KINDS for k in kinds):
+        raise ValueError(f"--kinds {','.join(k for k in kinds if k in SLURM_KINDS)}: needs --slurm")
+    if slurm_jobs not in ("allocation", "per-run"):
+        raise ValueError(f"--slurm-jobs must be allocation or per-run, got {slurm_jobs!r}")
+    if slurm_jobs == "per-run" and runs_per_gpu > 1:
+        raise ValueError("--slurm-jobs per-run packs nothing (runs share a slot only inside an allocation): "
+                         "drop --runs-per-gpu")
+
+
 def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str] | None = None,
         runs_per_gpu: int = 1, slurm_jobs: str = "allocation") -> dict[str, Any]:
     """Inject ``faults`` faults; print and return the table. ``runs_per_gpu`` > 1: every
     launch packs that many runs a slot (a killed trainer then takes a pack with it).
     ``slurm_jobs``: how the Slurm launches submit (the launcher's ``--jobs``: one
     allocation, or one job a run)."""
-    if slurm_jobs not in ("allocation", "per-run"):
-        raise ValueError(f"slurm_jobs must be allocation or per-run, got {slurm_jobs!r}")
-    if slurm_jobs == "per-run" and runs_per_gpu > 1:
-        raise ValueError("runs are packed only inside an allocation: --slurm-jobs per-run takes --runs-per-gpu 1")
+    check_args(slurm, kinds or [], runs_per_gpu, slurm_jobs)
     rng = random.Random(seed)
     packing = ("--runs-per-gpu", str(runs_per_gpu)) if runs_per_gpu > 1 else ()
     extras = {"local": packing, "slurm": packing + (("--jobs", "per-run") if slurm_jobs == "per-run" else ())}

@@ -365,6 +365,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     """The sections asked for, in :data:`SECTIONS`' order (what the open work needs first),
     each skipped once ``budget_s`` is spent; sizes from ``scale`` (:data:`SMOKE`: the whole
     script at toy size, for a CPU)."""
+    from ..trainer.fused import uncompiled_fused_steps
+
     unknown = [x for x in sections if x not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown GPU-check section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
@@ -384,8 +386,6 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
             rows.append([name, "-", float("nan"), "skipped: time budget spent"])
             return
         t0 = time.time()
-        from ..trainer.fused import uncompiled_fused_steps
-
         eager_before = uncompiled_fused_steps()
         try:
             with RecompileLimitHits() as hits:

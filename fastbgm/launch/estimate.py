@@ -82,6 +82,28 @@ def estimate(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[st
     ``plan``: each run's (status on disk, whether this launch trains it), as the launcher
     decided them (``common.decide``), so that the estimate and the plan it prints read
     the run folders once; without it they are read here, every unfinished run counted."""
+    res = exp.resources
+    work, unmeasured, cards, speedup = _work(exp, runs, table, plan)
+    wall, gpu = _simulate(runs, res, work)
+    return {**_hours(res, wall, gpu),
+            "measured_on": sorted(cards),
+            "runs": {key: round(w[0] / w[1][0] / 3600, 3) for key, w in work.items()},
+            "unmeasured": unmeasured, "complete": not unmeasured, "runs_per_gpu": res.runs_per_gpu,
+            "packed_speedup": {m: round(x, 2) for m, x in sorted(speedup.items()) if x != 1.0}}
+
+
+def _hours(res: Resources, wall: float, gpu: float) -> dict[str, float]:
+    """{gpu_hours (busy), held_gpu_hours (slots x wall-clock), wall_hours} from seconds."""
+    return {"gpu_hours": round(gpu / 3600, 2), "held_gpu_hours": round(res.slots * wall / 3600, 2),
+            "wall_hours": round(wall / 3600, 2)}
+
+
+def _work(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, Any]] | None,
+          plan: Mapping[str, tuple[str, bool]] | None
+          ) -> tuple[dict[str, tuple[float, list[float]]], list[str], set[str], dict[str, float]]:
+    """What each run has left and how fast it trains, whatever the allocation's size:
+    ({run: (images left, images/s with 1..K runs on its GPU)}, unmeasured: [why], cards,
+    packed speed-up by model)."""
     from ..experiment import run_status
 
     table = list(throughput_table() if table is None else table)
@@ -124,13 +146,7 @@ def estimate(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[st
             speedup[c.model.name] = measured[max(measured)] / alone
             together = [_between(measured, j) for j in range(1, k + 1)]
         work[r.key] = (images, together)
-    wall, gpu = _simulate(runs, res, work)
-    return {"gpu_hours": round(gpu / 3600, 2), "held_gpu_hours": round(res.slots * wall / 3600, 2),
-            "wall_hours": round(wall / 3600, 2),
-            "measured_on": sorted(cards),
-            "runs": {key: round(w[0] / w[1][0] / 3600, 3) for key, w in work.items()},
-            "unmeasured": unmeasured, "complete": not unmeasured, "runs_per_gpu": k,
-            "packed_speedup": {m: round(x, 2) for m, x in sorted(speedup.items()) if x != 1.0}}
+    return work, unmeasured, cards, speedup
 
 
 def other_sizes(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, Any]] | None = None,
@@ -143,16 +159,14 @@ def other_sizes(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict
 
     from ..config import ConfigError
 
-    table = list(throughput_table() if table is None else table)
+    work = _work(exp, runs, table, plan)[0]  # (the runs' work does not depend on the size)
     out = []
     for n in sorted({1, max(1, exp.resources.nodes // 2), exp.resources.nodes, 2 * exp.resources.nodes}):
         try:
-            sized = replace(exp, resources=replace(exp.resources, nodes=n))
+            sized = replace(exp.resources, nodes=n)
         except ConfigError:  # too few nodes for one run
             continue
-        e = estimate(sized, runs, table, plan)
-        out.append({"nodes": n, "wall_hours": e["wall_hours"], "held_gpu_hours": e["held_gpu_hours"],
-                    "gpu_hours": e["gpu_hours"]})
+        out.append({"nodes": n, **_hours(sized, *_simulate(runs, sized, work))})
     return out
 
 

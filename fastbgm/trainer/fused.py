@@ -153,8 +153,9 @@ class CompiledOrEager:
                 return self.compiled(*args)
             except torch._dynamo.exc.Unsupported as e:
                 self.why_not = str(e).strip().splitlines()[0]
+                # (not "use pack mode threads": below torch 2.11 that is refused for compiled runs)
                 log.warning("torch %s cannot compile the fused step (%s): pack mode fused runs it uncompiled, "
-                            "slower; use a newer torch (2.11 compiles it) or resources.pack_mode = threads",
+                            "slower; use a newer torch (2.11 compiles it) or another resources.pack_mode",
                             torch.__version__, self.why_not)
         return _forward(*args)
 
