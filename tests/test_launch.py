@@ -366,12 +366,16 @@ def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Pat
             assert res[key][m] == _LOCAL_ALLOC[key][m], (key, m)
 
 
+def _allocation_args(cfg: Path) -> list[str]:
+    """The launch of ``cfg`` as one allocation on the 2-node cluster."""
+    return ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2", "--no-report"]
+
+
 def _allocation_three_epochs_in(tmp_path: Path, tiny_dir: Path, **kw: Any) -> tuple[list[str], Path, str, Path]:
     """Submit a 14-epoch vanilla experiment as one allocation on the 2-node cluster and
     wait until its random-init run has 3 epochs: (launch args, experiment folder, job id,
     that run's folder)."""
-    cfg = write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', epochs=14, **kw)
-    args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2", "--no-report"]
+    args = _allocation_args(write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', epochs=14, **kw))
     out = launch(*args, "--no-wait")
     assert out.returncode == 0, out.stdout[-3000:]
     root = tmp_path / "runs" / kw["name"]
@@ -467,8 +471,7 @@ def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exact
     # the relaunch is started (its imports take ~5 s here) before the allocation and let
     # go right after the scancel, so that it reads the queue while the old job is still there
     cfg = write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', epochs=14, name="sc")
-    again = subprocess.Popen([sys.executable, "-c", WARM_LAUNCH, "--config", str(cfg), "--executor", "slurm",
-                              "--nodes", "2", "--gpus-per-node", "2", "--no-report", "--timeout", "450"],
+    again = subprocess.Popen([sys.executable, "-c", WARM_LAUNCH, *_allocation_args(cfg), "--timeout", "450"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              cwd=REPO, env={**os.environ, **LAUNCH_ENV})
     while (line := again.stdout.readline()) not in ("ready\n", ""):
