@@ -630,9 +630,11 @@ def test_estimate_counts_packing_only_as_measured_and_only_what_is_left(tmp_path
         r.run_dir.mkdir(parents=True)
     (stage2[0].run_dir / "result.json").write_text(json.dumps({"status": "done"}))
     (stage2[1].run_dir / "result.json").write_text(json.dumps({"status": "running"}))
+    # its checkpoint after half its epochs, and rows since that a resume trains again
     epochs = stage2[1].config.stop.max_epochs
-    (stage2[1].run_dir / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n"
-                                                            for e in range(1, epochs // 2 + 1)))
+    (stage2[1].run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, **({"checkpoint_seconds": 0.1} if e in (1, epochs // 2) else {})}) + "\n"
+        for e in range(1, epochs // 2 + 50)))
     left = estimate(exp, runs, table=table)
     assert stage2[0].key not in left["runs"] or left["runs"][stage2[0].key] == 0
     assert left["runs"][stage2[1].key] == pytest.approx(one["runs"][stage2[1].key] * (epochs - epochs // 2) / epochs,

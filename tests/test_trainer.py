@@ -107,6 +107,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path,
     if every:
         assert not (run / C.LAST).exists()  # nothing saved yet: the epochs done are lost
         saved = 0
+        assert C.checkpointed_epochs(run) == 0  # what the launcher's estimate counts as kept
     else:
         # as if the kill had landed between last.pt and its epoch's row: the row comes back from it
         saved = C.load(run / C.LAST)["epoch"]
@@ -121,8 +122,10 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir: Path, tmp_path: Path,
     assert all({"epoch_seconds", "measures_seconds", "eval_seconds"} <= r.keys() for r in b)
     if every:
         assert ["checkpoint_seconds" in r for r in b] == [False] * 5 + [True]  # only the last epoch's
+        assert [bool(r.get("checkpointed")) for r in b] == [False] * 5 + [True]
     else:
         assert sum("checkpoint_seconds" in r for r in b) == 5 and "checkpoint_seconds" not in b[saved - 1]
+        assert all(r.get("checkpointed") for r in b)  # the row restored from last.pt says so too
     for ra, rb in zip(a, b):
         for k in ("train_loss", "train_acc", "test_acc", "param_l2", "dist_from_init"):
             if k in ra:

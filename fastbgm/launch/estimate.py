@@ -62,14 +62,12 @@ def _row(table: list[dict[str, Any]], model: str, batch: int, packed: int = 1,
 
 def _epochs_left(r: RunSpec, status: str, will_run: bool = True) -> int:
     """Epochs the run has still to train: none when it is done or will not run (kept
-    failed, blocked), its max_epochs less those its metrics record (the epochs a resume
-    keeps) when it has started."""
-    from ..fileio import read_jsonl
-    from ..trainer import checkpoint as C
+    failed, blocked), its max_epochs less the epochs a resume keeps when it has started."""
+    from ..trainer.checkpoint import checkpointed_epochs
 
     if status == "done" or not will_run:
         return 0
-    done = len(read_jsonl(r.run_dir / C.METRICS)) if status in ("running", "failed", "cancelled") else 0
+    done = checkpointed_epochs(r.run_dir) if status in ("running", "failed", "cancelled") else 0
     return max(0, r.config.stop.max_epochs - done)
 
 

@@ -4,7 +4,8 @@ run_dir/config.json     the resolved RunConfig
 run_dir/env.json        provenance: code version, device, torch, dataset checksums
 run_dir/metrics.jsonl   one line per epoch
 run_dir/init.pt         the weights the run started from (for distance-from-init)
-run_dir/last.pt         written every epoch: model, optimizer, scheduler, epoch, RNG, loader
+run_dir/last.pt         model, optimizer, scheduler, epoch, RNG, loader: written at the end of an
+                        epoch every speed.checkpoint_every_s, and at the stop
 run_dir/final.pt        the final model
 run_dir/result.json     status (running / done / failed + reason) and final numbers
 run_dir/planned-config.json   the config a launcher planned for it (what it starts from)
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..fileio import read_jsonl
 
 CONFIG = "config.json"
 ENV = "env.json"
@@ -64,6 +67,16 @@ def remove_stale_temp(run_dir: str | Path) -> list[str]:
         p.unlink(missing_ok=True)
         gone.append(p.name)
     return gone
+
+
+def checkpointed_epochs(run_dir: str | Path) -> int:
+    """The epochs a resume of this run keeps, read from metrics.jsonl rather than by
+    loading last.pt: the epoch of the last row written with its checkpoint (the rows
+    after it are trained again). A kill between a checkpoint and its row makes this
+    one checkpoint short."""
+    saved = [r.get("epoch", 0) for r in read_jsonl(Path(run_dir) / METRICS)
+             if r.get("checkpointed") or "checkpoint_seconds" in r]  # (the latter: rows of older runs)
+    return int(saved[-1]) if saved else 0
 
 
 def has_training(run_dir: str | Path) -> bool:

@@ -296,6 +296,7 @@ class Trainer:
             # kill between the two is mended on resume (the row comes back from last.pt)
             t_ckpt = time.perf_counter()
             if stop or last or t_ckpt - s.saved_at >= cfg.speed.checkpoint_every_s:
+                row["checkpointed"] = True  # (C.checkpointed_epochs: what a resume keeps)
                 self._save_last(s.module, s.optimizer, s.scheduler, s.scaler, s.train, epoch + 1, stop, row)
                 s.saved_at = time.perf_counter()
                 row["checkpoint_seconds"] = s.saved_at - t_ckpt
