@@ -7,6 +7,7 @@ version (rename is atomic on POSIX within one file system).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use what open() would
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.filename is None:  # (a failed write names no file): name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -51,18 +56,41 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import io
+
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # serialised in memory first: torch's own file writer reports a full disk as an
+    # opaque RuntimeError ("unexpected pos ..."), Python's as OSError(ENOSPC), which
+    # the trainer and the launcher know to be resumable (see no_space)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_WORDS = tuple(os.strerror(n) for n in NO_SPACE_ERRNOS)  # how such an error reads in a log
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether ``e`` is a write that failed for want of space (a full disk, or a quota):
+    nothing wrong with the run, which resumes from its last complete files once space
+    is freed."""
+    return isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one line and fsync; a torn last line is ignored by :func:`read_jsonl`."""
-    with open(path, "a") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(line.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

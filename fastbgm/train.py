@@ -9,7 +9,8 @@ one plain process, under ``torchrun`` (one process per device) and inside a Slur
 or job step (submitit's variables, or the step's own).
 
 Exit codes: 0 every run done; 1 a run failed; 2 a mistake (the message says which);
-75 stopped on request (Slurm's warning before a time limit): resumable.
+74 no space left to write a run folder (a full disk or quota): resumable once space is
+freed; 75 stopped on request (Slurm's warning before a time limit): resumable.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import sys
 from pathlib import Path
 
 STOP_EXIT = 75  # EX_TEMPFAIL: stopped on request, resumable
+NO_SPACE_EXIT = 74  # EX_IOERR: a write found no space; every run resumes once space is freed
+NO_SPACE_ADVICE = ("no run failed: free some space and run the same command again, and each unfinished run "
+                   "resumes from its last checkpoint")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ConfigError, load
     from .data.sources import DatasetError
-    from .fileio import FolderBusy
+    from .fileio import FolderBusy, no_space
     from .trainer import RunConfig, StopRequested, Trainer
     from .trainer import checkpoint as C
     from .trainer.loop import train_runs
@@ -99,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an unwritable or full run folder
+        if no_space(e):
+            print(f"error: {where}: {e.strerror or e} ({e.filename or 'writing the run folder'}); "
+                  f"{NO_SPACE_ADVICE}", file=sys.stderr)
+            return NO_SPACE_EXIT
         print(f"error: {where}: {e.strerror or e} ({e.filename or 'writing the run folder'}); "
-              "free some space or choose a writable --run-dir", file=sys.stderr)
+              "choose a writable --run-dir", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; {where} resume(s) from the last checkpoint when run again", file=sys.stderr)

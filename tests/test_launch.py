@@ -445,6 +445,27 @@ def test_a_job_cancelled_a_moment_ago_is_waited_out_not_counted_as_live(tmp_path
 
 @needs_slurm
 @pytest.mark.timeout(120)
+def test_following_says_how_a_job_that_left_runs_unfinished_ended(tiny_dir: Path, tmp_path: Path) -> None:
+    """An allocation whose driver ended early (it could not write the runs folder, say) left
+    the launcher printing only "pending" runs; wait() now says how each such job ended,
+    and the launcher prints it with the job's log."""
+    from rich.console import Console
+
+    from fastbgm.launch.slurm import ended_state, queue, wait
+
+    job = subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), "--wrap", "exit 3"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
+    deadline = time.time() + 60
+    while time.time() < deadline and (queue([job]) or ended_state(job) == "UNKNOWN"):
+        time.sleep(0.2)
+    exp = load(ExperimentConfig, write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', inits='["random"]'))
+    runs = plan(exp)
+    ended = wait(runs, {r.key: job for r in runs}, Console(file=open(os.devnull, "w")), poll_s=0.1)
+    assert ended == {job: "FAILED"}
+
+
+@needs_slurm
+@pytest.mark.timeout(120)
 def test_the_live_table_says_what_pending_jobs_wait_for(tmp_path: Path) -> None:
     from fastbgm.launch.slurm import queue, queue_summary
 
@@ -724,6 +745,54 @@ def test_a_run_others_wait_on_trains_alone_while_slots_outnumber_such_runs(tmp_p
     sched.poll()
     assert packs == [["p", "s0", "s1", "s2"]]
     sched.stop_all(grace_s=5)
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_full_disk_fails_no_run_and_the_relaunch_resumes_every_run_exactly(tiny_dir: Path, tmp_path: Path,
+                                                                             k: int) -> None:
+    # The runs folder on a small tmpfs that fills mid-experiment. torch.save used to report
+    # a full disk as an opaque RuntimeError, so runs were recorded failed (and their stage-2
+    # runs cancelled, both needing --retry-failed). Now no run fails: the launcher stops
+    # (exit 74) saying so, and once space is freed the same command finishes every run as
+    # an uninterrupted launch does. K = 2: two runs packed in one process, both stopped.
+    import math
+
+    from fastbgm.train import NO_SPACE_EXIT
+
+    extra = ["--runs-per-gpu", "2", "--cpus-per-task", "2"] if k == 2 else []
+    (tmp_path / "ref").mkdir()
+    ref_cfg = write_experiment(tmp_path / "ref", tiny_dir, name="full", modes='["vanilla"]')
+    ref = launch("--config", str(ref_cfg), "--executor", "local", "--no-report", *extra)
+    assert ref.returncode == 0, ref.stdout[-3000:]
+    # what the finished experiment takes on a tmpfs (whole pages): 60% of it fills up mid-way
+    need = sum(4096 * math.ceil(f.stat().st_size / 4096) for f in (tmp_path / "ref/runs").rglob("*") if f.is_file())
+    disk = tmp_path / "disk"
+    (disk / "runs").mkdir(parents=True)
+    cfg = write_experiment(disk, tiny_dir, name="full", modes='["vanilla"]')
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(0.6 * need) // 4096 * 4}k", "tmpfs",
+                       str(disk / "runs")], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        full = launch("--config", str(cfg), "--executor", "local", "--no-report", *extra)
+        out = full.stdout + full.stderr
+        assert full.returncode == NO_SPACE_EXIT and "Traceback" not in out, out[-3000:]
+        assert "no space left" in out and "no run failed" in out, out[-3000:]
+        states = {key: r["status"] for key, r in results(disk / "runs").items()}
+        assert "running" in states.values() and not {"failed", "cancelled"} & set(states.values()), states
+        assert not list((disk / "runs").rglob(".*.tmp"))  # no half-written file left behind
+        logs = "".join(p.read_text() for p in (disk / "runs").rglob("train.log"))
+        assert "No space left on device" in logs and "Traceback" not in logs, logs[-3000:]
+        subprocess.run(["mount", "-o", f"remount,size={4 * need // 1024}k", str(disk / "runs")], check=True)
+        again = launch("--config", str(cfg), "--executor", "local", "--no-report", *extra)
+        assert again.returncode == 0, again.stdout[-3000:]
+        want, got = results(tmp_path / "ref/runs"), results(disk / "runs")
+        assert want.keys() == got.keys()
+        for key, r in want.items():
+            for m in ("status", "epochs", "train_loss", "train_acc", "test_loss", "test_acc"):
+                assert got[key][m] == r[m], (key, m)
+    finally:
+        subprocess.run(["umount", str(disk / "runs")], capture_output=True)
 
 
 def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tmp_path: Path) -> None:

@@ -283,6 +283,31 @@ def test_error_while_being_requeued_is_not_recorded_as_failure(tiny_dir: Path, t
     assert res["status"] == "done" and res["epochs"] == 40
 
 
+def test_a_checkpoint_that_finds_no_space_says_so_and_leaves_the_previous_one(tmp_path: Path) -> None:
+    """torch.save onto a full disk raises an opaque RuntimeError ("unexpected pos ..."),
+    which read as the run failing; the checkpoint writer raises OSError(ENOSPC) naming the
+    file, which the trainer and the launcher know to be resumable (fileio.no_space)."""
+    import errno
+
+    from fastbgm.fileio import atomic_torch_save, no_space
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        small = {"w": torch.arange(1000.0)}
+        atomic_torch_save(small, disk / C.LAST)
+        with pytest.raises(OSError) as e:
+            atomic_torch_save({"w": torch.zeros(100_000)}, disk / C.LAST)  # 400 kB
+        assert e.value.errno == errno.ENOSPC and no_space(e.value) and e.value.filename == str(disk / C.LAST)
+        assert torch.equal(C.load(disk / C.LAST)["w"], small["w"])  # the previous one, whole
+        assert [f.name for f in disk.iterdir()] == [C.LAST]  # no half-written temp file
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def test_paper_model_parameter_counts() -> None:
     expect = {"vgg16_bn": 14.7e6, "resnet18": 11.2e6, "resnet50": 23.5e6, "densenet40_bc": 176e3}
     for name, n in expect.items():

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..config import ConfigError, load
     from ..experiment import ExperimentConfig, experiment_dir, plan, write_plan
     from ..data.sources import DatasetError
+    from ..fileio import no_space
+    from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
     from .common import LaunchError, closing_report, decide, stage_runs
 
     overrides = list(rest)
@@ -123,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         if executor == "local":
             from .local import run_local
 
-            run_local(runs, exp.resources, console)
+            if not run_local(runs, exp.resources, console):
+                console.print(f"[red]error:[/] no space left to write the run folders under {exp.runs_dir}; "
+                              f"{NO_SPACE_ADVICE}")
+                closing_report(runs, console, retry_cmd)
+                return NO_SPACE_EXIT
         else:
-            from .slurm import submit_allocation, submit_per_run, wait
+            from .slurm import allocation_log, submit_allocation, submit_per_run, wait
 
             todo = [d for d in decisions if d.action in ("submit", "resume", "retry")]
             if exp.resources.jobs == "allocation":
@@ -142,11 +148,22 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"following nothing: {len(set(following.values()))} job(s) in the queue; "
                               "run the same command to follow them")
                 return 0
-            wait(runs, following, console, timeout_s=args.timeout)
+            ended = wait(runs, following, console, timeout_s=args.timeout)
+            for job in sorted(set(following.values()) & ended.keys() if exp.resources.jobs == "allocation" else ()):
+                if not ended[job].startswith("COMPLETED"):  # (a driver that ended early, for one)
+                    log_file = allocation_log(exp, job)
+                    console.print(f"[red]allocation {job} ended {ended[job]}[/]: "
+                                  + (f"its log is {log_file}" if log_file.exists() else
+                                     f"it wrote no log ({log_file}): could its nodes not see or write the "
+                                     "runs folder?"))
     except (LaunchError, ConfigError, DatasetError, FileNotFoundError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     except OSError as e:  # an unwritable or full runs folder
+        if no_space(e):
+            console.print(f"[red]error:[/] cannot write {escape(str(e.filename or exp.runs_dir))}: "
+                          f"{e.strerror or e}; {NO_SPACE_ADVICE}")
+            return NO_SPACE_EXIT
         console.print(f"[red]error:[/] cannot write {escape(str(e.filename or exp.runs_dir))}: {e.strerror or e}; "
                       "choose a writable runs_dir (--runs_dir=...) or free some space")
         return 2

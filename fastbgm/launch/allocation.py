@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
 from .job import scontrol_requeue
 from .schedule import Scheduler, StepRun, pack_log, train_command
 
@@ -68,6 +69,10 @@ class AllocationDriver:
             log.info("allocation ending (%s): stopping %d step(s); they resume from last.pt", e, len(sched.running))
             sched.stop_all()
             raise SystemExit(143) from None
+        if sched.no_space:  # a requeue would meet the same full disk: end, and say so
+            log.error("allocation %s: no space left to write the run folders (see their train.log); %s",
+                      job, NO_SPACE_ADVICE)
+            raise SystemExit(NO_SPACE_EXIT)
         if sched.stop_requested:  # the time limit is near: requeue; every unfinished run resumes later
             sched.stop_all()
             self._requeue(job)

@@ -13,7 +13,7 @@ from ..experiment import Resources, RunSpec, run_status
 from ..fileio import atomic_write_json, lock_holder, read_jsonl
 from ..trainer import checkpoint as C
 from ..trainer.config import identity_changes
-from .schedule import StepRun, mark_cancelled
+from .schedule import StepRun, last_error, mark_cancelled
 
 
 class LaunchError(RuntimeError):
@@ -118,14 +118,17 @@ def closing_report(runs: list[RunSpec], console: Any, retry_cmd: str) -> bool:
     for r in runs:
         status, res = run_status(r.run_dir)
         if status != "done":
-            bad.append((r, status, res.get("reason", "")))
+            # a run stopped unfinished: its trainer's last error, without the advice after "; "
+            why = res.get("reason", "") or (last_error(r.run_dir).split("; ")[0] if status == "running" else "")
+            bad.append((r, status, why))
     if not bad:
         console.print(f"[green]all {len(runs)} runs done[/]")
         return True
     for r, status, reason in bad:
         console.print(f"[red]{status}[/] {r.key}" + (f": {reason}" if reason else ""))
-    console.print(f"{len(bad)} of {len(runs)} runs not done. Re-launch to resume unfinished runs; "
-                  f"to retry failed ones: {retry_cmd} --retry-failed")
+    failed = any(status == "failed" for _, status, _ in bad)
+    console.print(f"{len(bad)} of {len(runs)} runs not done. Re-launch to resume unfinished runs"
+                  + (f"; to retry failed ones: {retry_cmd} --retry-failed" if failed else ""))
     return False
 
 

@@ -28,8 +28,10 @@ def local_slots(res: Resources) -> list[str | None]:
     return [None] * max(1, (os.cpu_count() or 1) // max(1, res.cpus_per_task))
 
 
-def run_local(runs: list[RunSpec], res: Resources, console: Any, poll_s: float = 0.5) -> None:
-    """Run every unfinished run of ``runs`` on this machine, in dependency order."""
+def run_local(runs: list[RunSpec], res: Resources, console: Any, poll_s: float = 0.5) -> bool:
+    """Run every unfinished run of ``runs`` on this machine, in dependency order. False
+    when a trainer found no space to write its run folder: then nothing more was started,
+    and the runs so stopped resume on the next launch."""
     slots = local_slots(res)
     steps = [step_run(r, res) for r in runs]
     try:
@@ -46,6 +48,7 @@ def run_local(runs: list[RunSpec], res: Resources, console: Any, poll_s: float =
             view.update(table(runs, sched.states, "fastbgm local"))
             time.sleep(poll_s)
         view.update(table(runs, sched.states, "fastbgm local"))
+    return not sched.no_space
 
 
 class Stopped(KeyboardInterrupt):

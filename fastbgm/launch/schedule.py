@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Generic, Sequence, TypeVar
 
 from ..experiment import run_status
-from ..fileio import atomic_write_json
-from ..train import STOP_EXIT
+from ..fileio import NO_SPACE_WORDS, atomic_write_json
+from ..train import NO_SPACE_EXIT, STOP_EXIT
 from ..trainer import checkpoint as C
 from ..trainer import inbox as I
 
@@ -63,11 +63,42 @@ def train_command(pack: list[StepRun]) -> list[str]:
 
 def pack_log(pack: list[StepRun]) -> Any:
     """The log file a process writes to: its first run's train.log (the others say where)."""
+    import datetime
+
     first = Path(pack[0].run_dir) / C.TRAIN_LOG
     for r in pack[1:]:
         with open(Path(r.run_dir) / C.TRAIN_LOG, "a") as f:
             f.write(f"packed with {', '.join(x.key for x in pack if x is not r)}: this process logs to {first}\n")
-    return open(first, "a")
+    log = open(first, "a")
+    # each start on a line of its own, so that nothing an earlier process printed last
+    # reads as this one's (last_error)
+    log.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: started "
+              f"{', '.join(x.key for x in pack)}\n")
+    log.flush()
+    return log
+
+
+def last_error(run_dir: str | Path) -> str:
+    """The error line its last trainer process printed near its end ("error: ..."; a
+    packed run's log points to its pack's): why a run that is neither done nor failed
+    stopped, a full disk say. Empty when it ended without one (a kill)."""
+    log = Path(run_dir) / C.TRAIN_LOG
+    for _ in range(2):
+        try:
+            with open(log, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - 8192))
+                tail = f.read().decode(errors="replace").splitlines()[-10:]
+        except OSError:
+            return ""
+        pointer = [x for x in tail if "this process logs to " in x]
+        if tail and pointer and tail[-1] == pointer[-1]:  # packed, not first: its pack's log says
+            log = Path(pointer[-1].rsplit("this process logs to ", 1)[1].strip())
+            continue
+        starts = [i for i, x in enumerate(tail) if x.startswith("--- ")]  # (pack_log's line)
+        # (srun may add its own "srun: error: ..." lines after the trainer's)
+        return next((x.strip() for x in reversed(tail[starts[-1] + 1 if starts else 0:])
+                     if x.startswith("error: ")), "")
+    return ""
 
 
 def mark_cancelled(run_dir: str | Path, key: str, reason: str) -> None:
@@ -138,6 +169,7 @@ class Scheduler(Generic[S]):
         self.todo = [r for r in self.runs if self.states[r.key] not in ("done", "failed", "cancelled")]
         self.running: dict[str, tuple[subprocess.Popen, list[StepRun], list[S]]] = {}  # by its first run's key
         self.stop_requested = False  # a trainer exited with STOP_EXIT: start nothing more
+        self.no_space = False  # a trainer found no space to write its run folder: start nothing more
         too_big = [r.key for r in self.todo if r.ranks > len(self.free)]
         if too_big:
             raise ValueError(f"{len(too_big)} run(s) need more ranks than there are slots ({len(self.free)}): "
@@ -145,7 +177,7 @@ class Scheduler(Generic[S]):
 
     @property
     def finished(self) -> bool:
-        return not self.running and (not self.todo or self.stop_requested)
+        return not self.running and (not self.todo or self.stop_requested or self.no_space)
 
     def poll(self) -> None:
         """Settle the runs that ended, cancel what can no longer run, start what is ready;
@@ -180,16 +212,25 @@ class Scheduler(Generic[S]):
                     self.todo.append(r)
                     self.todo.sort(key=self.runs.index)
                     continue
-                if (proc.returncode == STOP_EXIT and run_status(Path(r.run_dir))[0] not in ("done", "failed")
+                # (torchrun reports a rank's exit 74 as 1: its log says why)
+                no_space = proc.returncode == NO_SPACE_EXIT or (
+                    proc.returncode != 0 and any(w in last_error(r.run_dir) for w in NO_SPACE_WORDS))
+                if ((proc.returncode == STOP_EXIT or no_space)
+                        and run_status(Path(r.run_dir))[0] not in ("done", "failed")
                         and not C.rank_failures(r.run_dir)):  # not a rank's peers stopped after it failed
-                    self.stop_requested = True
-                    self.states[r.key] = "running"  # resumable from last.pt
-                    log.info("%s: stopped on request; it resumes later", r.key)
+                    # resumable from last.pt; a full disk would stop every run started next, too
+                    if no_space:
+                        self.no_space = True
+                    else:
+                        self.stop_requested = True
+                    self.states[r.key] = "running"
+                    log.info("%s: %s; it resumes later", r.key, "no space left to write its run folder"
+                             if no_space else "stopped on request")
                     continue
                 self.states[r.key] = self._settle(r, proc.returncode)
                 log.info("%s: %s (exit %s)", r.key, self.states[r.key], proc.returncode)
         self._cancel_blocked()
-        if self.stop_requested:
+        if self.stop_requested or self.no_space:
             return
         ready = [r for r in self.todo if self._ready(r)]
         alone = runs_alone({r.key for r in ready if r.key in self.waited_on}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
@@ -217,6 +218,11 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> str:
     return job.job_id
 
 
+def allocation_log(exp: ExperimentConfig, job: str) -> Path:
+    """Where the allocation's driver logs (submitit's file for the batch script's stderr)."""
+    return experiment_dir(exp) / ".submitit" / job / f"{job}_0_log.err"
+
+
 def active_allocation(exp: ExperimentConfig) -> str | None:
     """The experiment's allocation job, while it is queued or running."""
     from .allocation import ALLOCATION_FILE
@@ -241,14 +247,15 @@ NEVER = ("DependencyNeverSatisfied", "PartitionNodeLimit", "PartitionTimeLimit",
 
 
 def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float = 2.0,
-         timeout_s: float | None = None) -> None:
+         timeout_s: float | None = None) -> dict[str, str]:
     """Live table until every job we follow has left the queue. ``jobs``: run key -> job
     id (one per run, or the same allocation job for every run). A job pending for a
-    reason that never resolves is cancelled and its runs marked with that reason."""
+    reason that never resolves is cancelled and its runs marked with that reason.
+    Returns how each job that left the queue with a run unfinished ended (sacct's state)."""
     from rich.live import Live
 
     start = time.time()
-    gone: set[str] = set()
+    gone: dict[str, str] = {}
     with Live(table(runs, {}, "fastbgm on Slurm"), console=console, refresh_per_second=1) as view:
         while True:
             q = queue(list(jobs.values()))
@@ -268,8 +275,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                     elif slurm_state != "RUNNING" or st == "pending":
                         st = "pending"
                 elif job and job not in q and job not in gone and st not in ("done", "failed", "cancelled"):
-                    gone.add(job)
-                    final = ended_state(job)
+                    gone[job] = final = ended_state(job)
                     per_run = list(jobs.values()).count(job) == 1  # not the allocation every run shares
                     if per_run and final.startswith("CANCELLED") and r.depends_on:
                         mark_cancelled(r.run_dir, r.key, f"its stage-1 run {r.depends_on[0]} failed")
@@ -278,7 +284,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
             waiting = queue_summary(q)
             view.update(table(runs, states, "fastbgm on Slurm" + (f": {waiting}" if waiting else "")))
             if not q:
-                return
+                return gone
             if timeout_s is not None and time.time() - start > timeout_s:
                 raise LaunchError(f"still waiting after {timeout_s:.0f} s; the jobs keep running: run the same "
                                   "command again to follow them")

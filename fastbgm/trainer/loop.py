@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from .. import distributed as D
 from ..config import ConfigError
 from ..data.loader import DeviceLoader
-from ..fileio import exclusive_folder
+from ..fileio import exclusive_folder, no_space
 from . import checkpoint as C
 from .config import PACK_MODES
 from .fused import FusedRuns, fused_epoch, fusion_key
@@ -291,7 +291,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                                      len(stale))
                     s = t.open(env, speed)
                 except Exception as e:  # alone: the caller says it; packed: this run only
-                    if alone and not run_failure(e):
+                    if (alone and not run_failure(e)) or no_space(e):  # (a full disk: every run's)
                         raise
                     traceback.clear_frames(e.__traceback__)
                     results[i] = t.fail(None, e, record=locked)  # in its folder only once that is ours
@@ -324,8 +324,8 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                         results[i] = t._finish(s.module, env, s.speed)
                         leave(i)
                 except Exception as e:  # this run fails; alone, an unexpected error is raised on
-                    if _STOP_REQUESTED.is_set():
-                        raise
+                    if _STOP_REQUESTED.is_set() or no_space(e):  # a full disk fails no run: the pack
+                        raise  # stops, and every run resumes from its last checkpoint once space is freed
                     traceback.clear_frames(e.__traceback__)
                     results[i] = t.fail(s, e)
                     leave(i)
