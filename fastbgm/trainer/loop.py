@@ -19,8 +19,8 @@ How the runs of a pack share the device (:data:`PACK_MODES`):
 - ``threads``: each run's epochs in a thread of its own (the same one for the run's
   whole life) on its own stream. CUDA-graph trees belong to a thread, so each run
   replays graphs from its own pool: safe with ``reduce-overhead``, and the runs still
-  overlap. The default on a GPU otherwise. Compiled runs need torch >= 2.11 for it
-  (:data:`THREADED_COMPILE_FROM`); below, the default is ``streams`` (``serial`` with
+  overlap. The default on a GPU otherwise. Compiled runs need torch >= 2.5 for it
+  (:data:`THREADED_COMPILE_FROM`); on 2.4 the default is ``streams`` (``serial`` with
   torch's CUDA graphs) and ``threads`` is refused.
 
 - ``fused``: runs of one architecture, batch shape and speed switches trained as one
@@ -67,11 +67,14 @@ from .trainer import (_STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, 
 log = logging.getLogger("fastbgm.trainer")
 
 
-# The oldest torch seen compiling runs from several threads at once (2.11 on the GPU
-# machine, 2.13 here). torch 2.4 cannot: a thread's trace meets another's compiled frame
-# ("Detected that you are using FX to symbolically trace a dynamo-optimized function")
-# and the runs fail. Versions between are untested, so they take the safe modes.
-THREADED_COMPILE_FROM = (2, 11)
+# The oldest torch seen compiling runs from several threads at once. torch 2.4 cannot: a
+# thread's trace meets another's compiled frame ("Detected that you are using FX to
+# symbolically trace a dynamo-optimized function") and the runs fail. Every later minor
+# release did it (the pack bench's threads rows, K = 2 and 3, on a CPU; RELIABILITY.md,
+# "Torch versions"): 2.5.1, 2.6.0, 2.8.0, 2.9.1, 2.10.0, 2.11.0 and 2.13.0 with inductor,
+# 2.7.1 with dynamo and AOT autograd only (its inductor cannot build that model's CPU
+# code, threads or not), while 2.4.1 fails the same way under both.
+THREADED_COMPILE_FROM = (2, 5)
 
 
 def threaded_compile_ok() -> bool:
