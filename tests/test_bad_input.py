@@ -203,13 +203,25 @@ def test_unreadable_result_is_said_and_the_run_resumes(tmp_path: Path) -> None:
     assert status == "running" and "unreadable" in res["reason"] and "resumes" in res["reason"]
 
 
+def test_the_disk_full_fault_needs_root_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastbgm.bench.faults import check_args
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(ValueError, match="--kinds disk-full: needs root .*leave it out"):
+        check_args(False, ["kill-run", "disk-full"], 1, "allocation")
+    check_args(False, ["kill-run"], 1, "allocation")
+
+
 @pytest.mark.timeout(900)
 def test_fault_injection_small_seeded_instance(tmp_path: Path) -> None:
     """A small instance of ``python -m fastbgm.bench faults`` (RELIABILITY.md has a full
-    run): a trainer SIGKILLed, the launcher SIGKILLed, a damaged last.pt and a stage 1
-    that diverges; after each, the same command finishes every run that can finish,
-    bitwise as an uninterrupted run, and leaves no damaged file."""
+    run): a trainer SIGKILLed, the launcher SIGKILLed, a damaged last.pt, a stage 1 that
+    diverges and (as root) the runs folder on a full disk; after each, the same command
+    finishes every run that can finish, bitwise as an uninterrupted run, and leaves no
+    damaged file."""
     from fastbgm.bench.faults import run
 
-    res = run(tmp_path, faults=4, seed=1, kinds=["kill-run", "kill-launcher", "corrupt-last", "nan-stage1"])
-    assert res["total"] == {"injected": 4, "recovered": 4, "identical": 4, "damaged": 0}, res["rows"]
+    kinds = ["kill-run", "kill-launcher", "corrupt-last", "nan-stage1"] + ["disk-full"] * (os.geteuid() == 0)
+    res = run(tmp_path, faults=len(kinds), seed=1, kinds=kinds)
+    n = len(kinds)
+    assert res["total"] == {"injected": n, "recovered": n, "identical": n, "damaged": 0}, res["rows"]

@@ -792,7 +792,7 @@ def test_a_full_disk_fails_no_run_and_the_relaunch_resumes_every_run_exactly(tin
             for m in ("status", "epochs", "train_loss", "train_acc", "test_loss", "test_acc"):
                 assert got[key][m] == r[m], (key, m)
     finally:
-        subprocess.run(["umount", str(disk / "runs")], capture_output=True)
+        subprocess.run(["umount", "--lazy", str(disk / "runs")], capture_output=True)
 
 
 def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tmp_path: Path) -> None:
@@ -973,3 +973,33 @@ def test_an_inbox_refuses_offers_once_closed(tmp_path: Path) -> None:
     assert inbox.offer(box, "exp/c", tmp_path / "c")
     assert inbox.close(box) == [tmp_path / "c"]  # what landed before it closed is the pack's
     assert not inbox.offer(box, "exp/d", tmp_path / "d") and inbox.unclaimed(box) == []
+
+
+def test_an_offer_the_disk_refuses_leaves_nothing_and_a_stopped_launchs_inboxes_are_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a launcher stopped by a full disk left a pack's inbox, with a half-written offer, in
+    # a run folder that the next launch packed differently: nothing ever removed it
+    import errno
+
+    from fastbgm.fileio import exclusive_folder
+    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.trainer import inbox
+
+    box = inbox.inbox_for(tmp_path / "a")
+    inbox.open_inbox(box)
+
+    def full(*a: Any, **k: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(json, "dump", full)
+        with pytest.raises(OSError):
+            inbox.offer(box, "exp/b", tmp_path / "b")
+    assert list(box.iterdir()) == []
+    assert inbox.offer(box, "exp/c", tmp_path / "c")
+    busy = inbox.inbox_for(tmp_path / "d")
+    inbox.open_inbox(busy)
+    with exclusive_folder(tmp_path / "d"):  # a live pack's: kept
+        Scheduler([StepRun("exp/a", str(tmp_path / "a")), StepRun("exp/d", str(tmp_path / "d"))], [None],
+                  lambda p, s: None)
+        assert not box.exists() and busy.exists()

@@ -305,7 +305,7 @@ def test_a_checkpoint_that_finds_no_space_says_so_and_leaves_the_previous_one(tm
         assert torch.equal(C.load(disk / C.LAST)["w"], small["w"])  # the previous one, whole
         assert [f.name for f in disk.iterdir()] == [C.LAST]  # no half-written temp file
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)
 
 
 def test_paper_model_parameter_counts() -> None:

@@ -50,8 +50,11 @@ from . import mini
 from .common import print_table, write_json
 
 LOCAL_KINDS = ("kill-run", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
-               "corrupt-cache", "corrupt-beton", "nan-stage1")
+               "corrupt-cache", "corrupt-beton", "nan-stage1", "disk-full")
 SLURM_KINDS = ("preempt", "node-fail")
+# kinds that need root (they mount a small tmpfs), and the local executor (the local
+# cluster's nodes live in mount namespaces of their own, which a later mount never reaches)
+ROOT_KINDS = ("disk-full",)
 # stage 1's learning rate for nan-stage1: the mini's BatchNorm keeps a loss finite at lr 1e12
 # (huge, not diverged); at 1e30 its first step overflows and its loss is NaN
 DIVERGING_LR = 1e30
@@ -121,9 +124,26 @@ def _wait_for(cond: Any, timeout: float, proc: subprocess.Popen | None = None) -
     return False
 
 
-def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str, cmd: list[str], log: Path) -> str:
-    """Run the experiment (its launch command ``cmd``) with the fault; return what was done."""
+def _tmpfs_bytes(folder: Path) -> int:
+    """What ``folder``'s files take on a tmpfs (whole pages)."""
+    return sum(4096 * -(-f.stat().st_size // 4096) for f in folder.rglob("*") if f.is_file())
+
+
+def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str, cmd: list[str], log: Path,
+            full_size: int = 0) -> str:
+    """Run the experiment (its launch command ``cmd``) with the fault; return what was
+    done. ``full_size``: what the finished experiment's runs folder takes on a tmpfs."""
     root = cfg.parent / "runs" / mini.NAME
+    if kind == "disk-full":  # the runs folder on a tmpfs too small for the experiment; freed after
+        frac = rng.uniform(0.3, 0.9)
+        runs = cfg.parent / "runs"
+        runs.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(frac * full_size) // 4096 * 4}k", "tmpfs",
+                        str(runs)], check=True, capture_output=True, timeout=60)
+        r = subprocess.run(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, timeout=600)
+        subprocess.run(["mount", "-o", f"remount,size={4 * full_size // 1024}k", str(runs)], check=True,
+                       capture_output=True, timeout=60)
+        return f"runs folder on a tmpfs of {frac:.0%} of what the experiment needs (launch exit {r.returncode}), then enlarged"
     if kind == "corrupt-cache":
         from fastbgm.data.cache import cache_path
 
@@ -261,6 +281,9 @@ def check_args(slurm: bool, kinds: list[str], runs_per_gpu: int, slurm_jobs: str
         raise ValueError(f"--kinds {','.join(k for k in kinds if k in SLURM_KINDS)}: needs --slurm")
     if slurm_jobs not in ("allocation", "per-run"):
         raise ValueError(f"--slurm-jobs must be allocation or per-run, got {slurm_jobs!r}")
+    if any(k in ROOT_KINDS for k in kinds) and os.geteuid() != 0:
+        raise ValueError(f"--kinds {','.join(k for k in kinds if k in ROOT_KINDS)}: needs root (it mounts a small "
+                         "tmpfs); run as root, or leave it out")
     if slurm_jobs == "per-run" and runs_per_gpu > 1:
         raise ValueError("--slurm-jobs per-run packs nothing (runs share a slot only inside an allocation): "
                          "drop --runs-per-gpu")
@@ -295,10 +318,14 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
     exp = load(ExperimentConfig, mini.experiment(out / "reference-nan", clean_data, stage1_lr=DIVERGING_LR))
     reference["nan"] = {r.key: reference["local"][r.key] for r in plan(exp) if r.stage == 2 and not r.depends_on}
     pool = list(kinds or (LOCAL_KINDS + (SLURM_KINDS if slurm else ())))
+    if not kinds and os.geteuid() != 0:
+        print(f"not root: the sweep leaves out {', '.join(ROOT_KINDS)} (it mounts a small tmpfs)", flush=True)
+        pool = [k for k in pool if k not in ROOT_KINDS]
+    full_size = _tmpfs_bytes(out / "reference-local" / "runs")
     rows: list[dict[str, Any]] = []
     for i in range(faults):
         kind = pool[i % len(pool)] if i < len(pool) else rng.choice(pool)
-        executor = "slurm" if kind in SLURM_KINDS else rng.choice(executors)
+        executor = "slurm" if kind in SLURM_KINDS else "local" if kind in ROOT_KINDS else rng.choice(executors)
         work = out / f"fault-{i:03d}"
         shutil.rmtree(work, ignore_errors=True)
         data = work / "data"
@@ -306,24 +333,28 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         cfg = mini.experiment(work, data, stage1_lr=DIVERGING_LR if kind == "nan-stage1" else 0.05)
         log = work / "launch.log"
         cmd = mini.launch_cmd(cfg, executor, *extras[executor])
-        what = _inject(kind, rng, cfg, data, executor, cmd, log)
-        if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
-            reruns = 1
-        else:
-            reruns = 0
-            for _ in range(3):
-                r = subprocess.run(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, timeout=900)
-                reruns += 1
-                if r.returncode in (0, 1):
-                    break
-        got = _outcome(work / "runs" / mini.NAME)
+        try:
+            what = _inject(kind, rng, cfg, data, executor, cmd, log, full_size)
+            if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
+                reruns = 1
+            else:
+                reruns = 0
+                for _ in range(3):
+                    r = subprocess.run(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, timeout=900)
+                    reruns += 1
+                    if r.returncode in (0, 1):
+                        break
+            got = _outcome(work / "runs" / mini.NAME)
+            damaged = _damaged_files(work / "runs")
+        finally:
+            if kind in ROOT_KINDS:
+                subprocess.run(["umount", "--lazy", str(work / "runs")], capture_output=True, timeout=60)
         ref = reference["nan" if kind == "nan-stage1" else executor]
         finishable = [k for k, v in ref.items() if v["status"] == "done"] if kind != "corrupt-beton" else []
         identical = all(got.get(k, {}).get(m) == ref[k].get(m) for k in finishable for m in (*NUMBERS, "weights"))
         recovered = all(got.get(k, {}).get("status") == "done" for k in finishable)
         others = [k for k in got if k not in finishable]
         explained = all(got[k]["status"] in ("failed", "cancelled") and got[k]["reason"] for k in others)
-        damaged = _damaged_files(work / "runs")
         rows.append({"fault": i, "kind": kind, "executor": executor, "what": what, "reruns": reruns,
                      "recovered": recovered and explained, "identical": identical, "damaged": damaged})
         print(f"fault {i:3d} {kind:16s} {executor:5s} recovered={recovered and explained} identical={identical} "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Collection, Generic, Sequence, TypeVar
 
 from ..experiment import run_status
-from ..fileio import NO_SPACE_WORDS, atomic_write_json
+from ..fileio import NO_SPACE_WORDS, atomic_write_json, lock_holder
 from ..train import NO_SPACE_EXIT, STOP_EXIT
 from ..trainer import checkpoint as C
 from ..trainer import inbox as I
@@ -167,6 +167,9 @@ class Scheduler(Generic[S]):
         self.waited_on = {d for r in self.runs for d in r.depends_on}  # runs others wait on
         self.states = {r.key: run_status(Path(r.run_dir))[0] for r in self.runs}
         self.todo = [r for r in self.runs if self.states[r.key] not in ("done", "failed", "cancelled")]
+        for r in self.runs:  # inboxes of an earlier launch's packs, stopped before it could remove them
+            if lock_holder(r.run_dir) is None:
+                I.remove(I.inbox_for(r.run_dir))
         self.running: dict[str, tuple[subprocess.Popen, list[StepRun], list[S]]] = {}  # by its first run's key
         self.stop_requested = False  # a trainer exited with STOP_EXIT: start nothing more
         self.no_space = False  # a trainer found no space to write its run folder: start nothing more

@@ -67,6 +67,8 @@ def offer(inbox: Path, key: str, run_dir: str | os.PathLike) -> bool:
         os.replace(tmp, inbox / f"{_file(key)}.offer")
     except FileNotFoundError:
         return False
+    finally:
+        tmp.unlink(missing_ok=True)  # (a write that failed half-way: a full disk)
     return True
 
 
@@ -95,6 +97,8 @@ def ask(inbox: Path) -> bool:
         os.replace(tmp, inbox / ASK)
     except FileNotFoundError:
         return False
+    finally:
+        tmp.unlink(missing_ok=True)
     return True
 
 
