@@ -3,8 +3,11 @@ is optional and its tests skip with a reason when it is absent."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -13,6 +16,25 @@ torch.set_num_threads(int(os.environ.get("FASTBGM_TEST_THREADS", "2")))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FASTBGM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_kb: int) -> Iterator[Path]:
+    """A tmpfs of ``size_kb`` at ``path`` for the block: a disk that fills up (the test
+    skips where none can be mounted: it needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield path
+    finally:  # lazily: a file still open (torch's writer, after its error) would keep it mounted
+        subprocess.run(["umount", "--lazy", str(path)], capture_output=True)
+
+
+def resize_disk(path: Path, size_kb: int) -> None:
+    """Space freed (or taken) on a :func:`small_disk`."""
+    subprocess.run(["mount", "-o", f"remount,size={size_kb}k", str(path)], check=True, capture_output=True)
 
 
 def shared_file(name: str) -> Path:

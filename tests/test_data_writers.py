@@ -16,6 +16,8 @@ from fastbgm.data.cache import load_resident
 from fastbgm.data.imagenet import RESTRICTED_CLASSES, synsets
 from fastbgm.fileio import sha256_file
 
+from .conftest import small_disk
+
 
 def _write_cifar_batches(root: Path, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, list[int]]:
     rng = np.random.default_rng(seed)
@@ -240,20 +242,13 @@ def test_a_dying_writer_process_ends_prepare_with_an_error(tmp_path: Path) -> No
     import subprocess
     import sys
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path / "small", 600) as mnt:
         out = subprocess.run([sys.executable, "-m", "fastbgm.data", "prepare", "synthetic", "--out",
                               str(mnt / "d"), "--train-size", "2000", "--test-size", "10", "--resolution", "16",
                               "--quiet", "--workers", "2"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 2, out.stderr[-2000:]
         assert "No space left" in out.stderr and "free some space" in out.stderr, out.stderr[-2000:]
         assert not (mnt / "d").exists() or not any((mnt / "d").iterdir())  # no hidden .prepare-* left
-    finally:
-        subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True)  # (even with a file still open)
 
 
 def test_resident_cache_of_another_split_is_refused(tmp_path: Path) -> None:

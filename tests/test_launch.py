@@ -18,7 +18,7 @@ from fastbgm.experiment import ExperimentConfig, expand_modes, parse_mode, plan
 from fastbgm.fileio import read_jsonl
 from fastbgm.launch.slurm import slurm_available
 
-from .conftest import REPO
+from .conftest import REPO, resize_disk, small_disk
 
 needs_slurm = pytest.mark.skipif(not slurm_available(), reason="no Slurm cluster answers here "
                                  "(start one with: bash launch/slurm-start.sh)")
@@ -768,12 +768,8 @@ def test_a_full_disk_fails_no_run_and_the_relaunch_resumes_every_run_exactly(tin
     # what the finished experiment takes on a tmpfs (whole pages): 60% of it fills up mid-way
     need = sum(4096 * math.ceil(f.stat().st_size / 4096) for f in (tmp_path / "ref/runs").rglob("*") if f.is_file())
     disk = tmp_path / "disk"
-    (disk / "runs").mkdir(parents=True)
-    cfg = write_experiment(disk, tiny_dir, name="full", modes='["vanilla"]')
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(0.6 * need) // 4096 * 4}k", "tmpfs",
-                       str(disk / "runs")], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_disk(disk / "runs", int(0.6 * need) // 4096 * 4):
+        cfg = write_experiment(disk, tiny_dir, name="full", modes='["vanilla"]')
         full = launch("--config", str(cfg), "--executor", "local", "--no-report", *extra)
         out = full.stdout + full.stderr
         assert full.returncode == NO_SPACE_EXIT and "Traceback" not in out, out[-3000:]
@@ -783,7 +779,7 @@ def test_a_full_disk_fails_no_run_and_the_relaunch_resumes_every_run_exactly(tin
         assert not list((disk / "runs").rglob(".*.tmp"))  # no half-written file left behind
         logs = "".join(p.read_text() for p in (disk / "runs").rglob("train.log"))
         assert "No space left on device" in logs and "Traceback" not in logs, logs[-3000:]
-        subprocess.run(["mount", "-o", f"remount,size={4 * need // 1024}k", str(disk / "runs")], check=True)
+        resize_disk(disk / "runs", 4 * need // 1024)
         again = launch("--config", str(cfg), "--executor", "local", "--no-report", *extra)
         assert again.returncode == 0, again.stdout[-3000:]
         want, got = results(tmp_path / "ref/runs"), results(disk / "runs")
@@ -791,8 +787,6 @@ def test_a_full_disk_fails_no_run_and_the_relaunch_resumes_every_run_exactly(tin
         for key, r in want.items():
             for m in ("status", "epochs", "train_loss", "train_acc", "test_loss", "test_acc"):
                 assert got[key][m] == r[m], (key, m)
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk / "runs")], capture_output=True)
 
 
 def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from fastbgm.trainer import RunConfig, Trainer, lr_factor
 from fastbgm.trainer import checkpoint as C
 from fastbgm.trainer.loop import RunState
 
-from .conftest import REPO, run_config
+from .conftest import REPO, run_config, small_disk
 from .reference import reference_ddp_training
 
 
@@ -291,12 +291,7 @@ def test_a_checkpoint_that_finds_no_space_says_so_and_leaves_the_previous_one(tm
 
     from fastbgm.fileio import atomic_torch_save, no_space
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path / "disk", 256) as disk:
         small = {"w": torch.arange(1000.0)}
         atomic_torch_save(small, disk / C.LAST)
         with pytest.raises(OSError) as e:
@@ -304,8 +299,6 @@ def test_a_checkpoint_that_finds_no_space_says_so_and_leaves_the_previous_one(tm
         assert e.value.errno == errno.ENOSPC and no_space(e.value) and e.value.filename == str(disk / C.LAST)
         assert torch.equal(C.load(disk / C.LAST)["w"], small["w"])  # the previous one, whole
         assert [f.name for f in disk.iterdir()] == [C.LAST]  # no half-written temp file
-    finally:
-        subprocess.run(["umount", "--lazy", str(disk)], capture_output=True)
 
 
 def test_paper_model_parameter_counts() -> None:
