@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from PIL import Image
 from fastbgm.fileio import atomic_write_json
 from fastbgm.report import build_report
 
-from .conftest import REPO
+from .conftest import REPO, small_disk
 from .test_launch import launch, write_experiment
 
 
@@ -154,6 +155,17 @@ def test_report_errors_name_the_problem(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "fastbgm.report", str(tmp_path / "empty")], capture_output=True,
                          text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2 and "holds no runs" in out.stdout
+    # no room for the report's figures: said, not a traceback, and nothing half-written
+    with small_disk(tmp_path / "disk", 64) as disk:
+        root = _hand_experiment(disk, {"vanilla": [0.1]})
+        out = subprocess.run([sys.executable, "-m", "fastbgm.report", str(root)], capture_output=True, text=True,
+                             cwd=REPO, timeout=120, env={**os.environ, "COLUMNS": "300"})
+        assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr, out.stdout[-2000:] + out.stderr
+        assert "cannot write the report" in out.stdout and "No space left" in out.stdout, out.stdout[-2000:]
+        assert not list(root.rglob(".*.tmp"))
+        for png in root.rglob("*.png"):  # a figure is whole, or absent
+            with Image.open(png) as im:
+                im.verify()
 
 
 def test_comparison_names_what_the_experiments_varied(tmp_path: Path) -> None:

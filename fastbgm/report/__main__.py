@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as e:
             console.print(f"[red]error:[/] {escape(str(e))}")
             return 2
+        except OSError as e:  # a full disk, a read-only folder: every file is written beside, then renamed
+            console.print(f"[red]error:[/] cannot write the report of {escape(str(exp))}: {e.strerror or e} "
+                          f"({escape(str(e.filename or exp))}); free some space or make it writable, and run "
+                          "the same command again (the runs are untouched)")
+            return 2
         _print_report(console, reports[-1])
     if len(reports) > 1:
         from .compare import label, write_comparison

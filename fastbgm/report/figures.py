@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from ..fileio import atomic_path
 from .analysis import Row, mode_order
 from .collect import Run
 
@@ -25,9 +26,12 @@ def _plt():
 def _save(fig, path: Path) -> tuple[Path, int]:
     """Write the PNG and close the figure; returns the path and the number of panels."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
     panels = len(fig.axes)
-    _plt().close(fig)
+    try:
+        with atomic_path(path) as tmp:  # (a full disk or a kill leaves the previous figure, or none)
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        _plt().close(fig)
     return path, panels
 
 
