@@ -776,6 +776,9 @@ def test_a_full_disk_fails_no_run_and_the_relaunch_resumes_every_run_exactly(tin
         assert "no space left" in out and "no run failed" in out, out[-3000:]
         states = {key: r["status"] for key, r in results(disk / "runs").items()}
         assert "running" in states.values() and not {"failed", "cancelled"} & set(states.values()), states
+        # each unfinished run listed with its trainer's error (a packed run, its pack's)
+        for key in (k.split("/", 1)[1] for k, v in states.items() if v == "running"):
+            assert f"running {key}: error:" in " ".join(out.split()), out[-3000:]
         assert not list((disk / "runs").rglob(".*.tmp"))  # no half-written file left behind
         logs = "".join(p.read_text() for p in (disk / "runs").rglob("train.log"))
         assert "No space left on device" in logs and "Traceback" not in logs, logs[-3000:]
@@ -997,3 +1000,19 @@ def test_an_offer_the_disk_refuses_leaves_nothing_and_a_stopped_launchs_inboxes_
         Scheduler([StepRun("exp/a", str(tmp_path / "a")), StepRun("exp/d", str(tmp_path / "d"))], [None],
                   lambda p, s: None)
         assert not box.exists() and busy.exists()
+
+
+def test_an_unfinished_runs_last_error_is_its_last_trainers_own(tmp_path: Path) -> None:
+    from fastbgm.launch.schedule import last_error
+
+    a, b, c = (tmp_path / x for x in "abc")
+    for d in (a, b, c):
+        d.mkdir()
+    (a / "train.log").write_text("--- 1: started a\nerror: an older one\n--- 2: started a, b\nresuming\n"
+                                 "error: a: No space left on device (a/last.pt); no run failed: ...\n"
+                                 "srun: error: node1: task 0: Exited with exit code 74\n")
+    (b / "train.log").write_text(f"packed with a: this process logs to {a / 'train.log'}\n")
+    (c / "train.log").write_text("--- 1: started c\nerror: an older one\n--- 2: started c\nresuming\n")
+    assert last_error(a).startswith("error: a: No space left on device (a/last.pt)")
+    assert last_error(b) == last_error(a)  # a packed run: its pack's log
+    assert last_error(c) == "" and last_error(tmp_path / "none") == ""  # killed, or never started
