@@ -244,6 +244,32 @@ def test_per_run_jobs_cancel_dependents_of_a_failed_stage1_without_cluster_help(
 
 
 @needs_slurm
+@pytest.mark.timeout(400)
+def test_per_run_dependents_of_a_stage1_job_ended_unfinished_say_so_and_are_planned_again(tiny_dir: Path,
+                                                                                         tmp_path: Path) -> None:
+    # A stage-1 job that ends with its run unfinished (cancelled here; a full disk, a kill)
+    # leaves its dependents' jobs never to start. They were marked "its stage-1 run ...
+    # failed", which it had not: the next launch resumes it and runs them.
+    cfg = write_experiment(tmp_path, tiny_dir, name="gone", modes='["vanilla"]', inits='["adversarial"]')
+    args = ["--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--no-report",
+            "--stage1.max_epochs=400", "--stage1.target_train_acc=0"]
+    p = launch_in_background(*args, "--timeout", "300")
+    s1 = tmp_path / "runs/gone/synthetic/small_cnn/seed0/stage1-R2-z0.1"
+    deadline = time.time() + 200
+    while time.time() < deadline and len(read_jsonl(s1 / "metrics.jsonl")) < 2:
+        time.sleep(0.2)
+    job = json.loads((s1 / "slurm-job.json").read_text())["job_id"]
+    subprocess.run(["scancel", job], check=True, timeout=60)
+    out, _ = p.communicate(timeout=320)
+    adv = json.loads((s1.parent / "stage2-adversarial-vanilla/result.json").read_text())
+    assert adv["status"] == "cancelled", out[-3000:]
+    assert f"stage1-R2-z0.1 stopped unfinished (its job {job} ended CANCELLED" in adv["reason"], adv
+    plan_again = launch(*args, "--dry-run")
+    rows = {line.split()[1].rsplit("/", 1)[-1]: line for line in plan_again.stdout.splitlines() if "seed0/" in line}
+    assert "resume" in rows["stage1-R2-z0.1"] and "submit" in rows["stage2-adversarial-vanilla"], plan_again.stdout
+
+
+@needs_slurm
 @pytest.mark.timeout(120)
 def test_impossible_request_is_rejected_before_anything_waits(tiny_dir: Path, tmp_path: Path) -> None:
     cfg = write_experiment(tmp_path, tiny_dir, name="big")

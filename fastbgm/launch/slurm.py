@@ -256,6 +256,19 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
 
     start = time.time()
     gone: dict[str, str] = {}
+    by_key = {r.key: r for r in runs}
+
+    def parent_why(parent: str) -> str:
+        """Why a run whose job waited on its stage-1 run's job can never start: that run
+        failed, or its job ended with the run unfinished (cancelled, killed, a full disk),
+        which the next launch resumes."""
+        status = run_status(by_key[parent].run_dir)[0] if parent in by_key else "failed"
+        if status in ("failed", "cancelled"):
+            return f"its stage-1 run {parent} {status}"
+        job = jobs.get(parent)
+        how = f" (its job {job} ended {gone.get(job) or ended_state(job)})" if job else ""
+        return f"its stage-1 run {parent} stopped unfinished{how}; the same command resumes it, then runs this one"
+
     with Live(table(runs, {}, "fastbgm on Slurm"), console=console, refresh_per_second=1) as view:
         while True:
             q = queue(list(jobs.values()))
@@ -268,7 +281,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                     if slurm_state == "PENDING" and reason.split(",")[0] in NEVER:
                         subprocess.run(["scancel", job], capture_output=True, timeout=60)
                         parent = next(iter(r.depends_on), "")
-                        why = (f"its stage-1 run {parent} failed" if reason.startswith("Dependency") and parent
+                        why = (parent_why(parent) if reason.startswith("Dependency") and parent
                                else f"Slurm can never start its job {job} ({reason})")
                         mark_cancelled(r.run_dir, r.key, why)
                         st = "cancelled"
@@ -278,7 +291,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                     gone[job] = final = ended_state(job)
                     per_run = list(jobs.values()).count(job) == 1  # not the allocation every run shares
                     if per_run and final.startswith("CANCELLED") and r.depends_on:
-                        mark_cancelled(r.run_dir, r.key, f"its stage-1 run {r.depends_on[0]} failed")
+                        mark_cancelled(r.run_dir, r.key, parent_why(r.depends_on[0]))
                         st = "cancelled"
                 states[r.key] = st
             waiting = queue_summary(q)
