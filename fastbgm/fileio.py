@@ -18,6 +18,18 @@ from typing import Any, Iterator
 
 
 @contextmanager
+def _naming(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError raised in the block names ``path`` when it names no file (a failed
+    write does not), so that the message says which file found no space."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
     path = Path(path)
@@ -26,15 +38,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use what open() would
-        os.replace(tmp_path, path)
-    except OSError as e:
-        if e.filename is None:  # (a failed write names no file): name the one being written
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
+        with _naming(path):
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use what open() would
+            os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -82,15 +91,10 @@ def no_space(e: BaseException) -> bool:
 
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one line and fsync; a torn last line is ignored by :func:`read_jsonl`."""
-    try:
-        with open(path, "a") as f:
-            f.write(line.rstrip("\n") + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        if e.filename is None:
-            raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
+    with _naming(path), open(path, "a") as f:
+        f.write(line.rstrip("\n") + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -103,13 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an unwritable or full run folder
-        if no_space(e):
-            print(f"error: {where}: {e.strerror or e} ({e.filename or 'writing the run folder'}); "
-                  f"{NO_SPACE_ADVICE}", file=sys.stderr)
-            return NO_SPACE_EXIT
+        full = no_space(e)
         print(f"error: {where}: {e.strerror or e} ({e.filename or 'writing the run folder'}); "
-              "choose a writable --run-dir", file=sys.stderr)
-        return 2
+              + (NO_SPACE_ADVICE if full else "choose a writable --run-dir"), file=sys.stderr)
+        return NO_SPACE_EXIT if full else 2
     except KeyboardInterrupt:
         print(f"interrupted; {where} resume(s) from the last checkpoint when run again", file=sys.stderr)
         return 130

@@ -160,13 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
     except OSError as e:  # an unwritable or full runs folder
-        if no_space(e):
-            console.print(f"[red]error:[/] cannot write {escape(str(e.filename or exp.runs_dir))}: "
-                          f"{e.strerror or e}; {NO_SPACE_ADVICE}")
-            return NO_SPACE_EXIT
+        full = no_space(e)
         console.print(f"[red]error:[/] cannot write {escape(str(e.filename or exp.runs_dir))}: {e.strerror or e}; "
-                      "choose a writable runs_dir (--runs_dir=...) or free some space")
-        return 2
+                      + (NO_SPACE_ADVICE if full else "choose a writable runs_dir (--runs_dir=...) or free some space"))
+        return NO_SPACE_EXIT if full else 2
     except KeyboardInterrupt as e:
         why = f" ({e.args[0]})" if e.args else ""
         if executor == "slurm":
