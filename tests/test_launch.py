@@ -542,37 +542,116 @@ def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exact
         assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in read_jsonl(ref / key / "metrics.jsonl")]
 
 
-@needs_multinode
-@pytest.mark.timeout(600)
-def test_a_node_failing_mid_allocation_requeues_it_and_every_run_resumes_exactly(tiny_dir: Path,
-                                                                                 tmp_path: Path) -> None:
-    """A node of the 2-node allocation goes DOWN: Slurm kills the job (NODE_FAIL) and
-    requeues it; once the node is back, the same job runs again, and the launch that
-    follows it ends with every run done as if nothing had happened."""
-    from fastbgm.bench.faults import _job_nodes, _set_node
+def _one_run_a_node(tmp_path: Path, tiny_dir: Path,
+                    name: str) -> tuple[list[str], subprocess.Popen, Path, str, dict[str, Path]]:
+    """Launch a 14-epoch vanilla experiment as one allocation of 2 nodes x 1 GPU, and wait
+    until its two first runs (stage 1, and stage 2 from random init) train, one on each
+    node, 2 epochs in: (launch args, the launch, following the job; experiment folder,
+    job id, {node: its run's folder})."""
+    from fastbgm.launch.allocation import allocation_nodes
 
-    reference = _local_reference(tmp_path, tiny_dir, name="nf")
-    args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="nf")
-    assert _job_nodes(job) == ["node1", "node2"]
-    _set_node("node2", "down", reason="fastbgm test")
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and "node2" in _job_nodes(job):
-            time.sleep(0.5)
-    finally:
-        _set_node("node2", "resume")
-    out = launch(*args, "--timeout", "450", timeout=500)
-    assert out.returncode == 0, out.stdout[-3000:]
-    assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job  # requeued, not resubmitted
-    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job], capture_output=True,
-                             text=True, timeout=60).stdout.split()
-    assert "NODE_FAIL" in history and history[-1] == "COMPLETED", history
-    assert "resuming" in (run / "train.log").read_text()
-    ref = reference()
+    cfg = write_experiment(tmp_path, tiny_dir, name=name, modes='["vanilla"]', epochs=14)
+    args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--no-report"]
+    follower = launch_in_background(*args, "--timeout", "400")
+    root = tmp_path / "runs" / name
+    seed = root / "synthetic/small_cnn/seed0"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(seed.glob("stage1-*")):
+        time.sleep(0.2)
+    first = [*seed.glob("stage1-*"), seed / "stage2-random-vanilla"]
+    while time.time() < deadline and not all(len(read_jsonl(r / "metrics.jsonl")) >= 2 for r in first):
+        time.sleep(0.2)
+    job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
+    where = {json.loads((r / "env.json").read_text())["hosts"][0]: r for r in first}
+    assert sorted(where) == allocation_nodes(job) == ["node1", "node2"], where
+    return args, follower, root, job, where
+
+
+def _batch_host(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
+    return out.split("BatchHost=")[1].split()[0]
+
+
+def _lose_node(job: str, node: str) -> None:
+    """``node`` fails for good: DOWN (Slurm takes it from the job), then DRAIN, so that it
+    does not come back into service while the test runs (the cluster's ReturnToService
+    would return a DOWN node whose slurmd answers)."""
+    from fastbgm.bench.faults import _set_node
+    from fastbgm.launch.allocation import allocation_nodes
+
+    _set_node(node, "down", reason="fastbgm test")
+    _set_node(node, "drain", reason="fastbgm test")
+    deadline = time.time() + 60
+    while time.time() < deadline and node in allocation_nodes(job):
+        time.sleep(0.5)
+
+
+def _assert_as_uninterrupted(root: Path, ref: Path) -> None:
     for key, r in results(root).items():
         assert r["status"] == "done", (key, r)
-        assert [x["train_loss"] for x in read_jsonl(root / key / "metrics.jsonl")] == \
-            [x["train_loss"] for x in read_jsonl(ref / key / "metrics.jsonl")]
+        rows = read_jsonl(root / key / "metrics.jsonl")
+        assert [x["epoch"] for x in rows] == list(range(1, r["epochs"] + 1)), key
+        assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in read_jsonl(ref / key / "metrics.jsonl")]
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_a_node_lost_for_good_costs_only_its_run_which_resumes_on_the_nodes_left(tiny_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A node of the 2-node allocation fails and never comes back: the job goes on, on the
+    node left; the run that was on the lost node starts again there from its last.pt,
+    and the launch following the job ends with every run done as if nothing had happened.
+    The run on the other node never stopped."""
+    from fastbgm.bench.faults import _set_node
+
+    reference = _local_reference(tmp_path, tiny_dir, name="nl")
+    args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nl")
+    lost = next(n for n in where if n != _batch_host(job))
+    try:
+        _lose_node(job, lost)
+        out, _ = follower.communicate(timeout=450)
+    finally:
+        _set_node(lost, "resume")
+    assert follower.returncode == 0, out[-3000:]
+    assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
+    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job], capture_output=True,
+                             text=True, timeout=60).stdout.split()
+    assert "NODE_FAIL" not in history and history[-1] == "COMPLETED", history  # never requeued
+    log = (root / ".submitit" / job / f"{job}_0_log.err").read_text()
+    assert f"lost node(s) {lost}" in log and "its node was lost" in log, log[-3000:]
+    assert "resuming" in (where[lost] / "train.log").read_text()
+    kept = next(r for n, r in where.items() if n != lost)
+    assert "resuming" not in (kept / "train.log").read_text()
+    _assert_as_uninterrupted(root, reference())
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_the_node_of_the_allocations_driver_lost_the_same_command_resumes_every_run(tiny_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The node the driver runs on fails: Slurm ends the job (it cannot go on without its
+    batch script). The launch says so, and the same command, with ``--min-nodes 1`` since
+    the node stays down, submits a new allocation that resumes every unfinished run on the
+    node left, exactly."""
+    from fastbgm.bench.faults import _set_node
+
+    reference = _local_reference(tmp_path, tiny_dir, name="nb")
+    args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nb")
+    lost = _batch_host(job)
+    try:
+        _lose_node(job, lost)
+        first, _ = follower.communicate(timeout=450)
+        assert follower.returncode == 1, first[-3000:]
+        assert f"lost {lost}, the node its driver ran on" in " ".join(first.split()), first[-3000:]
+        again = launch(*args, "--min-nodes", "1", "--timeout", "450", timeout=500)
+    finally:
+        _set_node(lost, "resume")
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "submitted allocation" in again.stdout and "1 node(s)" in again.stdout, again.stdout[-3000:]
+    assert "only 1 of the partition's nodes are up; --min-nodes 1 lets it start on 1" in again.stdout
+    assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] != job
+    assert all("resuming" in (r / "train.log").read_text() for r in where.values())
+    _assert_as_uninterrupted(root, reference())
 
 
 @needs_multinode
@@ -619,7 +698,7 @@ def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
                  "--gpus-per-node", "8", "--dry-run", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     plan_ = json.loads(out.stdout)
-    assert plan_["allocation"] == {"nodes": 4, "gpus_per_node": 8, "slots": 32, "time": "24:00:00"}
+    assert plan_["allocation"] == {"nodes": 4, "min_nodes": 4, "gpus_per_node": 8, "slots": 32, "time": "24:00:00"}
     assert len(plan_["runs"]) == 204 and all(r["gpus"] == 1 and r["nodes"] == 1 for r in plan_["runs"])
     est = plan_["estimate"]
     assert est["gpu_hours"] > 0 and est["wall_hours"] > 0 and est["measured_on"] == ["NVIDIA H200"]
@@ -700,6 +779,43 @@ def test_estimate_counts_packing_only_as_measured_and_only_what_is_left(tmp_path
         blocked = [r.key for r in runs if s1.key in r.depends_on]
         assert blocked and all((est["runs"][k] == 0) != retry for k in [s1.key, *blocked])
         assert (est["gpu_hours"] < left["gpu_hours"]) != retry
+
+
+def test_a_lost_node_restarts_its_runs_on_the_slots_left_and_starts_nothing_on_its_own(tmp_path: Path) -> None:
+    """The scheduler as the allocation's driver drives it when a node goes: the run whose
+    step ended because of it (its exit code 0, as srun's may be) waits for a slot again,
+    not failed; the lost slots take nothing more, and a two-node run that no longer fits
+    ends the loop unfinished (``outgrown``: the driver then requeues the allocation)."""
+    import subprocess as sp
+
+    from fastbgm.launch.schedule import Scheduler, StepRun
+
+    runs = [StepRun(f"r{i}", str(tmp_path / f"r{i}")) for i in range(4)] + [
+        StepRun("wide", str(tmp_path / "wide"), depends_on=["r0", "r1", "r2", "r3"], ranks=2, ranks_per_node=1)]
+    started: list[tuple[str, int]] = []  # (run, how many steps ran beside it)
+    lost = {"now": False}
+
+    def start(pack: list[StepRun], slots: list[str]) -> sp.Popen:
+        r = pack[0]
+        Path(r.run_dir).mkdir(exist_ok=True)
+        started.append((r.key, len(sched.running)))
+        if r.key == "r1" and not lost["now"]:  # on the node that fails: ends with no result
+            return sp.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+        (Path(r.run_dir) / "result.json").write_text(json.dumps({"status": "done"}))
+        return sp.Popen([sys.executable, "-c", "import time; time.sleep(0.1)"])
+
+    sched = Scheduler(runs, ["gpu0", "gpu1"], start, interrupted=lambda pack: lost["now"])
+    sched.poll()
+    assert started == [("r0", 0), ("r1", 1)]
+    lost["now"] = True
+    sched.lose_slots(1, nodes_left=1)  # a node leaves, r1's step still running on it
+    while not sched.finished:
+        sched.poll()
+        time.sleep(0.02)
+    assert sched.states == {"r0": "done", "r1": "done", "r2": "done", "r3": "done", "wide": "pending"}
+    assert sorted(started[2:]) == [("r1", 0), ("r2", 0), ("r3", 0)]  # one slot left: one step at a time
+    assert sched.outgrown and sched.slots == 1 and sched.slot_debt == 0
+    assert not (tmp_path / "wide").exists()  # not started, not cancelled: it waits for a larger allocation
 
 
 def test_ready_runs_spread_over_free_slots_before_sharing_one(tmp_path: Path) -> None:

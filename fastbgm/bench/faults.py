@@ -13,8 +13,11 @@ executor (and, with ``--slurm``, by a Slurm allocation):
 - ``corrupt-beton``: the training .beton overwritten (the runs cannot finish: they must say why);
 - ``nan-stage1``: stage 1 diverges (its dependents must be cancelled with the reason);
 - ``preempt`` (Slurm): ``scontrol requeue`` of the allocation;
-- ``node-fail`` (Slurm): a node of the allocation set DOWN mid-run (Slurm kills the job
-  on it, NODE_FAIL, and requeues it), then back to service.
+- ``node-fail`` (Slurm): a node of the allocation set DOWN mid-run, then back to service.
+  Slurm takes it from the job, whose driver restarts the runs that were on it on the
+  nodes left; if it was the driver's own node, Slurm ends the job (and the same command
+  resumes every run on a new allocation). With ``--slurm-jobs per-run``, Slurm requeues
+  the job of the run on it.
 
 With ``--runs-per-gpu K`` every launch (the references' too) packs K runs a slot, so a
 killed trainer takes a pack with it and runs join running packs.
@@ -43,6 +46,7 @@ import torch
 from fastbgm.config import load
 from fastbgm.experiment import ExperimentConfig, plan, run_status
 from fastbgm.fileio import lock_holder, read_jsonl
+from fastbgm.launch.allocation import allocation_nodes
 from fastbgm.launch.slurm import JOB_FILE as SLURM_JOB_FILE
 from fastbgm.trainer import checkpoint as C
 
@@ -187,14 +191,14 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
         if kind == "node-fail":
             _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
             job = _job_of(root, some_run_at(target_rows))
-            nodes = _job_nodes(job) if job else []
+            nodes = allocation_nodes(job) if job else []
             if not nodes:
                 proc.wait(timeout=600)
                 return "no job was training a run: no node to fail"
             node = rng.choice(nodes)
             _set_node(node, "down", reason="fastbgm fault injection")
-            try:  # Slurm kills the job on the node and requeues it; the node returns after
-                _wait_for(lambda: node not in _job_nodes(job), 60)
+            try:  # Slurm takes the node from the job (or requeues a per-run job); the node returns after
+                _wait_for(lambda: node not in allocation_nodes(job), 60)
             finally:
                 _set_node(node, "resume")
             proc.wait(timeout=600)
@@ -251,16 +255,6 @@ def _job_of(root: Path, run: Path | None) -> str | None:
         if f is not None and f.exists():
             return json.loads(f.read_text())["job_id"]
     return None
-
-
-def _job_nodes(job: str) -> list[str]:
-    """The nodes a running job holds (none when it is pending or gone)."""
-    q = subprocess.run(["squeue", "-h", "-j", job, "-t", "RUNNING", "-o", "%N"], capture_output=True, text=True,
-                       timeout=60).stdout.strip()
-    if not q:
-        return []
-    return subprocess.run(["scontrol", "show", "hostnames", q], capture_output=True, text=True,
-                          timeout=60).stdout.split()
 
 
 def _set_node(node: str, state: str, reason: str = "") -> None:

@@ -163,6 +163,9 @@ class Resources:
     task of ``cpus_per_task`` cores, and a node holds ``tasks_per_node`` of them."""
 
     nodes: int = 1
+    # Slurm: the fewest nodes a new allocation may start on when some of the partition's
+    # are down or drained (0: all of ``nodes``; the allocation then waits for them)
+    min_nodes: int = 0
     gpus: int = 1  # GPUs per node (0: CPU-only nodes)
     ranks_per_run: int = 1  # processes (GPUs) one run spans: > 1 is one DDP run
     runs_per_gpu: int = 1  # one-rank runs packed onto one GPU (or CPU slot), in one process
@@ -199,6 +202,16 @@ class Resources:
         check(self.run_nodes <= self.nodes, "resources.ranks_per_run",
               f"one run spans {self.run_nodes} node(s) ({self.ranks_per_run} ranks, {per_node} per node) but the "
               f"allocation has {self.nodes}; raise --nodes or lower ranks_per_run")
+        check(0 <= self.min_nodes <= self.nodes, "resources.min_nodes",
+              f"must be between 0 (all of --nodes) and --nodes ({self.nodes}), got {self.min_nodes}")
+        check(self.least_nodes >= self.run_nodes, "resources.min_nodes",
+              f"one run spans {self.run_nodes} node(s), so an allocation of {self.min_nodes} could never train it; "
+              f"raise --min-nodes to {self.run_nodes}")
+
+    @property
+    def least_nodes(self) -> int:
+        """The fewest nodes an allocation may start on."""
+        return self.min_nodes or self.nodes
 
     @property
     def slots_per_node(self) -> int:

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
                    help="slurm, local, or auto (slurm when sbatch and sinfo answer)")
     p.add_argument("--nodes", type=int, help="nodes of the allocation the experiment may occupy at once")
+    p.add_argument("--min-nodes", type=int,
+                   help="slurm: start the allocation on as few as this many nodes when some of the partition's are "
+                   "down or drained (default: wait for all of --nodes)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node of the allocation (0: CPU-only nodes)")
     p.add_argument("--ranks-per-run", type=int, help="GPUs (processes) one run spans; > 1 is one DDP run")
     p.add_argument("--runs-per-gpu", type=int,
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from .common import LaunchError, closing_report, decide, stage_runs
 
     overrides = list(rest)
-    for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus"), ("ranks_per_run", "ranks_per_run"),
+    for flag, key in (("nodes", "nodes"), ("min_nodes", "min_nodes"), ("gpus_per_node", "gpus"), ("ranks_per_run", "ranks_per_run"),
                       ("runs_per_gpu", "runs_per_gpu"), ("pack_mode", "pack_mode"), ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
                       ("time", "time")):
         v = getattr(args, flag)
@@ -131,15 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                 closing_report(runs, console, retry_cmd)
                 return NO_SPACE_EXIT
         else:
-            from .slurm import allocation_log, submit_allocation, submit_per_run, wait
+            from .slurm import allocation_log, lost_driver_node, submit_allocation, submit_per_run, wait
 
             todo = [d for d in decisions if d.action in ("submit", "resume", "retry")]
             if exp.resources.jobs == "allocation":
                 if todo and not any(v for v in following.values()):
-                    job = submit_allocation(exp, runs)
+                    job, nodes, why = submit_allocation(exp, runs)
                     following.update({r.key: job for r in runs})
-                    console.print(f"submitted allocation {job}: {exp.resources.nodes} node(s) x "
-                                  f"{exp.resources.slots_per_node} slot(s) for {len(todo)} run(s)")
+                    console.print(f"submitted allocation {job}: {nodes} node(s) x "
+                                  f"{exp.resources.slots_per_node} slot(s) for {len(todo)} run(s)"
+                                  + (f" ({why})" if why else ""))
             else:
                 following.update(submit_per_run(exp, decisions, args.max_parallel))
             if not following:
@@ -152,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             for job in sorted(set(following.values()) & ended.keys() if exp.resources.jobs == "allocation" else ()):
                 if not ended[job].startswith("COMPLETED"):  # (a driver that ended early, for one)
                     log_file = allocation_log(exp, job)
+                    lost = lost_driver_node(job)
+                    if lost:  # (Slurm ends a --no-kill job whose batch host fails)
+                        console.print(f"[red]allocation {job} lost {lost}, the node its driver ran on[/], and Slurm "
+                                      f"ended it ({ended[job]}): the same command resumes its unfinished runs on a "
+                                      "new allocation (--min-nodes lets it start on fewer nodes)")
+                        continue
                     console.print(f"[red]allocation {job} ended {ended[job]}[/]: "
                                   + (f"its log is {log_file}" if log_file.exists() else
                                      f"it wrote no log ({log_file}): could its nodes not see or write the "
@@ -203,7 +213,8 @@ def _plan_json(exp, runs, est, executor: str) -> dict:
     res = exp.resources
     return {
         "experiment": exp.name, "executor": executor, "jobs": res.jobs,
-        "allocation": {"nodes": res.nodes, "gpus_per_node": res.gpus, "slots": res.slots, "time": res.time},
+        "allocation": {"nodes": res.nodes, "min_nodes": res.least_nodes, "gpus_per_node": res.gpus,
+                       "slots": res.slots, "time": res.time},
         "runs": [{"key": r.key, "stage": r.stage, "depends_on": r.depends_on, "nodes": res.run_nodes,
                   "gpus": res.ranks_per_run if res.gpus else 0, "ranks": res.ranks_per_run} for r in runs],
         "estimate": {k: est[k] for k in ("gpu_hours", "held_gpu_hours", "wall_hours", "measured_on", "unmeasured", "complete",

@@ -158,8 +158,14 @@ class Scheduler(Generic[S]):
     they are offered to it (``fastbgm.trainer.inbox``): it takes them between epochs."""
 
     def __init__(self, runs: Sequence[StepRun], slots: Sequence[S],
-                 start: Callable[[list[StepRun], list[S]], subprocess.Popen], runs_per_slot: int = 1):
+                 start: Callable[[list[StepRun], list[S]], subprocess.Popen], runs_per_slot: int = 1,
+                 interrupted: Callable[[list[StepRun]], bool] | None = None):
         self.runs = list(runs)
+        # whether a process that ended with its runs unsettled was stopped from outside
+        # (its node was lost): its runs then start again here, from their last.pt
+        self.interrupted = interrupted or (lambda pack: False)
+        self.node_limit: int | None = None  # nodes a run may span, once the allocation lost some
+        self.slot_debt = 0  # slots lost while in use: dropped as they come free
         self.free: list[S] = list(slots)
         self.start = start
         self.runs_per_slot = max(1, runs_per_slot)
@@ -180,7 +186,23 @@ class Scheduler(Generic[S]):
 
     @property
     def finished(self) -> bool:
-        return not self.running and (not self.todo or self.stop_requested or self.no_space)
+        return not self.running and (not self.todo or self.stop_requested or self.no_space or self.outgrown)
+
+    @property
+    def outgrown(self) -> bool:
+        """Nothing runs, and the ready runs all need more than the slots (or nodes) left:
+        only an allocation of the first size can train them."""
+        ready = [r for r in self.todo if self._ready(r)]
+        return not self.running and bool(ready) and not any(self._fits(r) for r in ready)
+
+    def lose_slots(self, n: int, nodes_left: int) -> None:
+        """The allocation lost a node (``n`` slots; ``nodes_left`` remain): start no run on
+        them again, and none that spans more nodes than are left."""
+        self.slots -= n
+        self.node_limit = nodes_left
+        dropped = min(n, len(self.free))
+        self.free = self.free[:len(self.free) - dropped]
+        self.slot_debt += n - dropped
 
     def poll(self) -> None:
         """Settle the runs that ended, cancel what can no longer run, start what is ready;
@@ -205,15 +227,15 @@ class Scheduler(Generic[S]):
                             log.info("%s: %s (seen before its pack's process ends)", r.key, status)
                 continue
             del self.running[key]
-            self.free.extend(slots)
+            repaid = min(self.slot_debt, len(slots))
+            self.slot_debt -= repaid
+            self.free.extend(slots[repaid:])
             box = I.inbox_for(pack[0].run_dir)
             never = set(I.unclaimed(box))
             I.remove(box)
             for r in pack:
-                if r.key in never:  # offered, but the pack ended first: it waits for a slot again,
-                    self.states[r.key] = "pending"  # in its place in the plan
-                    self.todo.append(r)
-                    self.todo.sort(key=self.runs.index)
+                if r.key in never:  # offered, but the pack ended first: it waits for a slot again
+                    self._wait_again(r)
                     continue
                 # (torchrun reports a rank's exit 74 as 1: its log says why)
                 no_space = proc.returncode == NO_SPACE_EXIT or (
@@ -230,12 +252,17 @@ class Scheduler(Generic[S]):
                     log.info("%s: %s; it resumes later", r.key, "no space left to write its run folder"
                              if no_space else "stopped on request")
                     continue
+                if run_status(Path(r.run_dir))[0] not in ("done", "failed") and self.interrupted(pack):
+                    self._wait_again(r)  # it resumes from its last.pt on the nodes left
+                    log.info("%s: its node was lost (exit %s); it starts again from its last checkpoint",
+                             r.key, proc.returncode)
+                    continue
                 self.states[r.key] = self._settle(r, proc.returncode)
                 log.info("%s: %s (exit %s)", r.key, self.states[r.key], proc.returncode)
         self._cancel_blocked()
         if self.stop_requested or self.no_space:
             return
-        ready = [r for r in self.todo if self._ready(r)]
+        ready = [r for r in self.todo if self._ready(r) and self._fits(r)]
         alone = runs_alone({r.key for r in ready if r.key in self.waited_on}
                            | {k for k in self.waited_on if self.states.get(k) == "running"}, self.slots)
         for pack in new_packs(ready, len(self.free), self.runs_per_slot, alone):
@@ -299,8 +326,18 @@ class Scheduler(Generic[S]):
                 self.states[x.key] = "running"
                 log.info("%s: offered to the pack of %s", x.key, pack[0].key)
 
+    def _wait_again(self, r: StepRun) -> None:
+        """``r`` waits for a slot again, in its place in the plan."""
+        self.states[r.key] = "pending"
+        self.todo.append(r)
+        self.todo.sort(key=self.runs.index)
+
     def _ready(self, r: StepRun) -> bool:
         return all(self.states.get(d) == "done" for d in r.depends_on)
+
+    def _fits(self, r: StepRun) -> bool:
+        """Whether the slots (and nodes) the allocation has now can ever hold ``r``."""
+        return r.ranks <= self.slots and (self.node_limit is None or r.nodes <= self.node_limit)
 
     def _settle(self, r: StepRun, returncode: int) -> str:
         status = run_status(Path(r.run_dir))[0]

@@ -51,6 +51,40 @@ def cluster_capacity(partition: str = "") -> dict[str, int]:
     return {"nodes": len(nodes), "cpus": cpus, "gpus": gpus}
 
 
+# sinfo's long node states that can run a job now (a "~" suffix, powered down to save
+# power, is resumed by Slurm; a "*" suffix, not responding, is not usable)
+USABLE = {"idle", "mixed", "allocated", "completing", "reserved", "planned", "powering_up"}
+
+
+def usable_nodes(partition: str = "") -> int:
+    """Nodes of the partition that could run a job now: not down, drained, failed, or
+    silent."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%N %T"] + (["-p", partition] if partition else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise LaunchError(f"sinfo failed ({out.stderr.strip()}); is Slurm running? (bash launch/slurm-start.sh)")
+    up = set()
+    for line in out.stdout.splitlines():
+        name, state = (line.split() + ["", ""])[:2]
+        if "*" not in state and state.rstrip("~#!%$@^-") in USABLE:
+            up.add(name)
+    return len(up)
+
+
+def allocation_size(res: Any) -> tuple[int, str]:
+    """How many nodes a new allocation asks for: ``nodes``, or as few as ``min_nodes``
+    when fewer of the partition's nodes are up; and why, when fewer."""
+    up = usable_nodes(res.partition)
+    n = max(res.least_nodes, min(res.nodes, up))
+    if up >= res.nodes:
+        return n, ""
+    if n < res.nodes:
+        return n, f"only {up} of the partition's nodes are up; --min-nodes {res.least_nodes} lets it start on {n}"
+    return n, (f"only {up} of the partition's nodes are up, the others down or drained: it waits for {res.nodes}"
+               + (f"; --min-nodes {max(up, res.run_nodes)} would start it on {max(up, res.run_nodes)}"
+                  if 0 < up and res.run_nodes <= up else ""))
+
+
 def job_shape(res: Any) -> tuple[int, int, int]:
     """(nodes, tasks per node, GPUs per node) of one job: the whole allocation, or, with
     ``jobs = "per-run"``, one run."""
@@ -195,17 +229,22 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
     return submitted
 
 
-def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> str:
+def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, int, str]:
     """ONE job for the experiment: its allocation, with the driver that packs the runs
-    onto it as job steps (:mod:`fastbgm.launch.allocation`)."""
+    onto it as job steps (:mod:`fastbgm.launch.allocation`). Returns its job id, its
+    nodes, and why they are fewer than asked (:func:`allocation_size`)."""
     from .allocation import ALLOCATION_FILE, AllocationDriver
     from .common import step_run
 
     res = exp.resources
-    executor = _executor(exp, **_shape_params(res),
+    nodes, why = allocation_size(res)
+    executor = _executor(exp, **{**_shape_params(res), "nodes": nodes},
                          slurm_use_srun=False,  # the driver runs in the batch script and starts steps
-                         slurm_additional_parameters={"requeue": True})
-    driver = AllocationDriver([step_run(r, res) for r in runs], res.slots, res.cpus_per_task, gpus=res.gpus > 0,
+                         # a failed node leaves the job, which goes on (the driver restarts
+                         # the runs that were on it), instead of ending it
+                         slurm_additional_parameters={"requeue": True, "no-kill": True})
+    driver = AllocationDriver([step_run(r, res) for r in runs], res.slots_per_node, res.cpus_per_task,
+                              gpus=res.gpus > 0,
                               runs_per_slot=res.runs_per_gpu,
                               mem_mb_per_rank=res.mem_gb * 1024 // res.slots_per_node if res.mem_gb else 0)
     try:
@@ -213,9 +252,24 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> str:
     except Exception as e:
         raise _rejected(f"the allocation for {exp.name}", e) from e
     atomic_write_json(experiment_dir(exp) / ALLOCATION_FILE, {
-        "job_id": job.job_id, "submitted": time.time(), "nodes": res.nodes, "gpus_per_node": res.gpus,
+        "job_id": job.job_id, "submitted": time.time(), "nodes": nodes, "gpus_per_node": res.gpus,
         "runs": [r.key for r in runs]})
-    return job.job_id
+    return job.job_id, nodes, why
+
+
+def lost_driver_node(job: str) -> str:
+    """The node a finished allocation lost its batch script with (the driver's node, which
+    Slurm took from the job when it failed), or "" when it did not."""
+    out = subprocess.run(["sacct", "-n", "-D", "-P", "-o", "JobID,NodeList", "-j", job], capture_output=True,
+                         text=True, timeout=60).stdout.splitlines()
+    rows = [line.split("|") for line in out if line.count("|") == 1]
+    batch = [nodes for jid, nodes in rows if jid == f"{job}.batch"]
+    last = [nodes for jid, nodes in rows if jid == job]
+    if not batch or not last or batch[-1] in ("", "None assigned"):
+        return ""
+    held = subprocess.run(["scontrol", "show", "hostnames", last[-1]], capture_output=True, text=True,
+                          timeout=60).stdout.split()
+    return batch[-1] if batch[-1] not in held else ""
 
 
 def allocation_log(exp: ExperimentConfig, job: str) -> Path:
