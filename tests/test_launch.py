@@ -655,6 +655,47 @@ def test_the_node_of_the_allocations_driver_lost_the_same_command_resumes_every_
 
 
 @needs_multinode
+@pytest.mark.timeout(600)
+def test_a_run_wider_than_the_nodes_left_waits_for_the_allocation_at_full_size(tiny_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """A 2-node DDP run loses a node: it cannot train on the one left, so the driver
+    requeues the allocation at its full size, which starts once the node is back, and
+    the run resumes from its last.pt: every epoch trained once."""
+    from fastbgm.bench.faults import _set_node
+
+    cfg = write_experiment(tmp_path, tiny_dir, name="wide", modes='["vanilla"]', inits='["random"]', epochs=10)
+    args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--ranks-per-run",
+            "2", "--resources.ranks_per_node=1", "--no-report"]
+    follower = launch_in_background(*args, "--timeout", "400")
+    root = tmp_path / "runs" / "wide"
+    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 2:
+        time.sleep(0.2)
+    job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
+    lost = next(n for n in ("node1", "node2") if n != _batch_host(job))
+    try:
+        _lose_node(job, lost)
+        deadline = time.time() + 120
+        while time.time() < deadline and "requeueing it at its first size" not in (
+                root / ".submitit" / job / f"{job}_0_log.err").read_text():
+            time.sleep(0.5)
+    finally:
+        _set_node(lost, "resume")
+    out, _ = follower.communicate(timeout=450)
+    assert follower.returncode == 0, out[-3000:]
+    log = (root / ".submitit" / job / f"{job}_0_log.err").read_text()
+    assert "need more than the 1 node(s) left; requeueing it at its first size" in log, log[-3000:]
+    restarts = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
+    assert "Restarts=0" not in restarts, restarts
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "done", result
+    assert [x["epoch"] for x in read_jsonl(run / "metrics.jsonl")] == list(range(1, 11))
+    assert "resuming" in (run / "train.log").read_text()
+    assert sorted(json.loads((run / "env.json").read_text())["hosts"]) == ["node1", "node2"]
+
+
+@needs_multinode
 @pytest.mark.timeout(400)
 def test_two_node_ddp_run_with_batchnorm_equals_one_process(tiny_dir: Path, tmp_path: Path) -> None:
     import torch

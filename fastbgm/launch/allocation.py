@@ -161,7 +161,10 @@ class AllocationDriver:
             log.error("could not requeue allocation %s (%s); re-launch to resume its runs", job, e)
             return
         log.info("requeued allocation %s; every unfinished run resumes from last.pt", job)
-        time.sleep(120)  # Slurm ends this instance of the job
+        try:
+            time.sleep(120)  # Slurm ends this instance of the job
+        except _Ended:
+            raise SystemExit(143) from None
 
 
 def hostnames(nodelist: str) -> list[str]:
