@@ -260,6 +260,8 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, 
 def lost_driver_node(job: str) -> str:
     """The node a finished allocation lost its batch script with (the driver's node, which
     Slurm took from the job when it failed), or "" when it did not."""
+    from .allocation import hostnames
+
     out = subprocess.run(["sacct", "-n", "-D", "-P", "-o", "JobID,NodeList", "-j", job], capture_output=True,
                          text=True, timeout=60).stdout.splitlines()
     rows = [line.split("|") for line in out if line.count("|") == 1]
@@ -267,9 +269,7 @@ def lost_driver_node(job: str) -> str:
     last = [nodes for jid, nodes in rows if jid == job]
     if not batch or not last or batch[-1] in ("", "None assigned"):
         return ""
-    held = subprocess.run(["scontrol", "show", "hostnames", last[-1]], capture_output=True, text=True,
-                          timeout=60).stdout.split()
-    return batch[-1] if batch[-1] not in held else ""
+    return batch[-1] if batch[-1] not in hostnames(last[-1]) else ""
 
 
 def allocation_log(exp: ExperimentConfig, job: str) -> Path:
