@@ -228,7 +228,8 @@ def _print_plan(console: Console, exp, decisions, executor: str, est: dict | Non
     res = exp.resources
     if executor == "slurm":
         where = (f"{'one allocation of ' if res.jobs == 'allocation' else 'one job per run, within '}"
-                 f"{res.nodes} node(s) x {res.slots_per_node} {'GPU' if res.gpus else 'CPU task'}(s), "
+                 f"{res.nodes} node(s){f' (at least {res.least_nodes})' if res.least_nodes < res.nodes else ''} "
+                 f"x {res.slots_per_node} {'GPU' if res.gpus else 'CPU task'}(s), "
                  f"{res.cpus_per_task} CPU(s)/task, {res.time}")
     else:
         where = "this machine"
