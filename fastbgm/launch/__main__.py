@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console(stderr=args.json)
     logging.basicConfig(level=logging.WARNING)
     from ..config import ConfigError, load
-    from ..experiment import ExperimentConfig, experiment_dir, plan, write_plan
+    from ..experiment import ExperimentConfig, experiment_dir, plan, run_status, write_plan
     from ..data.sources import DatasetError
     from ..fileio import no_space
     from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
@@ -152,20 +152,33 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"following nothing: {len(set(following.values()))} job(s) in the queue; "
                               "run the same command to follow them")
                 return 0
-            ended = wait(runs, following, console, timeout_s=args.timeout)
-            for job in sorted(set(following.values()) & ended.keys() if exp.resources.jobs == "allocation" else ()):
-                if not ended[job].startswith("COMPLETED"):  # (a driver that ended early, for one)
-                    log_file = allocation_log(exp, job)
-                    lost = lost_driver_node(job)
-                    if lost:  # (Slurm ends a --no-kill job whose batch host fails)
-                        console.print(f"[red]allocation {job} lost {lost}, the node its driver ran on[/], and Slurm "
-                                      f"ended it ({ended[job]}): the same command resumes its unfinished runs on a "
-                                      "new allocation (--min-nodes lets it start on fewer nodes)")
+            # A node can fail many times over a long grid: each time it is the driver's own,
+            # Slurm ends the allocation and the launch submits the next (at most once a node).
+            for again in range(exp.resources.nodes + 1):
+                ended = wait(runs, following, console, timeout_s=args.timeout)
+                jobs = sorted(set(following.values()) & ended.keys() if exp.resources.jobs == "allocation" else ())
+                lost = {job: lost_driver_node(job) for job in jobs if not ended[job].startswith("COMPLETED")}
+                for job, node in lost.items():
+                    if node:  # (Slurm ends a --no-kill job whose batch host fails)
+                        console.print(f"[red]allocation {job} lost {node}, the node its driver ran on[/], and "
+                                      f"Slurm ended it ({ended[job]})")
                         continue
+                    log_file = allocation_log(exp, job)  # (a driver that ended early, for one)
                     console.print(f"[red]allocation {job} ended {ended[job]}[/]: "
                                   + (f"its log is {log_file}" if log_file.exists() else
                                      f"it wrote no log ({log_file}): could its nodes not see or write the "
                                      "runs folder?"))
+                unfinished = [r for r in runs if run_status(r.run_dir)[0] not in ("done", "failed", "cancelled")]
+                if not (lost and all(lost.values()) and unfinished):
+                    break
+                if again == exp.resources.nodes:
+                    console.print("[red]the allocation lost its driver's node too often[/]: the same command "
+                                  "resumes its unfinished runs on a new allocation")
+                    break
+                job, nodes, why = submit_allocation(exp, runs)
+                following = {r.key: job for r in runs}
+                console.print(f"submitted allocation {job}: {nodes} node(s) x {exp.resources.slots_per_node} "
+                              f"slot(s) for the {len(unfinished)} unfinished run(s)" + (f" ({why})" if why else ""))
     except (LaunchError, ConfigError, DatasetError, FileNotFoundError) as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
