@@ -655,6 +655,36 @@ def test_the_node_of_the_allocations_driver_lost_the_launch_submits_the_next_all
 
 @needs_multinode
 @pytest.mark.timeout(600)
+def test_a_requeued_allocation_waiting_for_a_lost_node_asks_for_the_nodes_up_under_min_nodes(tiny_dir: Path,
+                                                                                              tmp_path: Path) -> None:
+    """A node fails for good, then the allocation is requeued (as at its time limit): the
+    job waits for the lost node. Under ``--min-nodes 1`` the launch following it has it
+    ask for the node up, where it starts again and every run resumes exactly."""
+    from fastbgm.bench.faults import _set_node
+
+    reference = _local_reference(tmp_path, tiny_dir, name="nr")
+    args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nr", "--min-nodes", "1")
+    lost = next(n for n in where if n != _batch_host(job))
+    log = root / ".submitit" / job / f"{job}_0_log.err"
+    try:
+        _lose_node(job, lost)
+        deadline = time.time() + 60
+        while time.time() < deadline and f"lost node(s) {lost}" not in log.read_text():
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        out, _ = follower.communicate(timeout=450)
+    finally:
+        _set_node(lost, "resume")
+    assert follower.returncode == 0, out[-3000:]
+    assert f"allocation {job} waited for 2 node(s), 1 are up: it now asks for 1 (--min-nodes 1)" in \
+        " ".join(out.split()), out[-3000:]
+    assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
+    assert "(restart 1): 3 runs, 1 node(s)" in log.read_text()
+    _assert_as_uninterrupted(root, reference())
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
 def test_a_run_wider_than_the_nodes_left_waits_for_the_allocation_at_full_size(tiny_dir: Path,
                                                                               tmp_path: Path) -> None:
     """A 2-node DDP run loses a node: it cannot train on the one left, so the driver

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             # A node can fail many times over a long grid: each time it is the driver's own,
             # Slurm ends the allocation and the launch submits the next (at most once a node).
             for again in range(exp.resources.nodes + 1):
-                ended = wait(runs, following, console, timeout_s=args.timeout)
+                ended = wait(runs, following, console, timeout_s=args.timeout, res=exp.resources)
                 jobs = sorted(set(following.values()) & ended.keys() if exp.resources.jobs == "allocation" else ())
                 lost = {job: lost_driver_node(job) for job in jobs if not ended[job].startswith("COMPLETED")}
                 for job, node in lost.items():

@@ -300,15 +300,47 @@ NEVER = ("DependencyNeverSatisfied", "PartitionNodeLimit", "PartitionTimeLimit",
          "InvalidAccount", "PartitionConfig")
 
 
+# Pending reasons that say a node the job needs is down or drained (not merely busy).
+NODES_OUT = ("ReqNodeNotAvail", "Nodes required for job are DOWN")
+
+
+def shrink_pending(job: str, res: Any) -> str:
+    """A pending allocation that waits for nodes which are down or drained (requeued
+    after one failed for good): ask for only the nodes up, down to ``min_nodes``. Says
+    what it did ("" when nothing)."""
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
+    fields = dict(x.split("=", 1) for x in info.split() if "=" in x)
+    # (a job that lost a node shows fewer NumNodes, but its tasks, one a slot, still
+    # need every node it first had)
+    asked = max(int(fields.get("NumNodes", "0").split("-")[0] or 0),
+                -(-int(fields.get("NumTasks", "0") or 0) // res.slots_per_node))
+    up = usable_nodes(res.partition)
+    n = max(res.least_nodes, min(res.nodes, up))
+    if fields.get("JobState") != "PENDING" or not n < asked:
+        return ""
+    tasks = n * res.slots_per_node  # tasks, and their CPUs: Slurm keeps the old counts otherwise, and a
+    r = subprocess.run(["scontrol", "update", f"JobId={job}", f"NumNodes={n}", f"NumTasks={tasks}",  # job with
+                        f"NumCPUs={tasks * res.cpus_per_task}"],  # GPUs per node is then never runnable
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        return f"could not shrink allocation {job} to the {n} node(s) up: {(r.stderr or r.stdout).strip()}"
+    return (f"allocation {job} waited for {asked} node(s), {up} are up: it now asks for {n} "
+            f"(--min-nodes {res.least_nodes})")
+
+
 def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float = 2.0,
-         timeout_s: float | None = None) -> dict[str, str]:
+         timeout_s: float | None = None, res: Any = None) -> dict[str, str]:
     """Live table until every job we follow has left the queue. ``jobs``: run key -> job
     id (one per run, or the same allocation job for every run). A job pending for a
-    reason that never resolves is cancelled and its runs marked with that reason.
-    Returns how each job that left the queue with a run unfinished ended (sacct's state)."""
+    reason that never resolves is cancelled and its runs marked with that reason; an
+    allocation pending for nodes that are down asks for fewer when ``res.min_nodes``
+    lets it (:func:`shrink_pending`). Returns how each job that left the queue with a
+    run unfinished ended (sacct's state)."""
     from rich.live import Live
 
     start = time.time()
+    shrinkable = res is not None and res.jobs == "allocation" and res.least_nodes < res.nodes
+    last_shrink = 0.0
     gone: dict[str, str] = {}
     by_key = {r.key: r for r in runs}
 
@@ -348,6 +380,13 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                         mark_cancelled(r.run_dir, r.key, parent_why(r.depends_on[0]))
                         st = "cancelled"
                 states[r.key] = st
+            if shrinkable and time.time() - last_shrink > 10 and any(
+                    state == "PENDING" and reason.startswith(NODES_OUT) for state, reason in q.values()):
+                last_shrink = time.time()
+                for job in {j for j, (state, _) in q.items() if state == "PENDING"}:
+                    said = shrink_pending(job, res)
+                    if said:
+                        view.console.print(said)
             waiting = queue_summary(q)
             view.update(table(runs, states, "fastbgm on Slurm" + (f": {waiting}" if waiting else "")))
             if not q:
