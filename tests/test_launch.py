@@ -586,6 +586,22 @@ def _lose_node(job: str, node: str) -> None:
         time.sleep(0.5)
 
 
+def _follow_losing(follower: subprocess.Popen, job: str, node: str, then: Callable[[], None] = lambda: None) -> str:
+    """Fail ``node`` of ``job`` for good (:func:`_lose_node`), do ``then``, and let the
+    launch following the job end, which must exit 0; the node is back in service after.
+    Returns the launch's output."""
+    from fastbgm.bench.faults import _set_node
+
+    try:
+        _lose_node(job, node)
+        then()
+        out, _ = follower.communicate(timeout=450)
+    finally:
+        _set_node(node, "resume")
+    assert follower.returncode == 0, out[-3000:]
+    return out
+
+
 def _assert_as_uninterrupted(root: Path, ref: Path) -> None:
     for key, r in results(root).items():
         assert r["status"] == "done", (key, r)
@@ -602,17 +618,10 @@ def test_a_node_lost_for_good_costs_only_its_run_which_resumes_on_the_nodes_left
     node left; the run that was on the lost node starts again there from its last.pt,
     and the launch following the job ends with every run done as if nothing had happened.
     The run on the other node never stopped."""
-    from fastbgm.bench.faults import _set_node
-
     reference = _local_reference(tmp_path, tiny_dir, name="nl")
     args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nl")
     lost = next(n for n in where if n != _batch_host(job))
-    try:
-        _lose_node(job, lost)
-        out, _ = follower.communicate(timeout=450)
-    finally:
-        _set_node(lost, "resume")
-    assert follower.returncode == 0, out[-3000:]
+    _follow_losing(follower, job, lost)
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
     history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job], capture_output=True,
                              text=True, timeout=60).stdout.split()
@@ -633,18 +642,10 @@ def test_the_node_of_the_allocations_driver_lost_the_launch_submits_the_next_all
     batch script). The launch following it says so and submits a new allocation, on the
     node left (``--min-nodes 1``; the failed node stays down), which resumes every
     unfinished run exactly; the launch ends with every run done."""
-    from fastbgm.bench.faults import _set_node
-
     reference = _local_reference(tmp_path, tiny_dir, name="nb")
     args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nb", "--min-nodes", "1")
     lost = _batch_host(job)
-    try:
-        _lose_node(job, lost)
-        out, _ = follower.communicate(timeout=450)
-    finally:
-        _set_node(lost, "resume")
-    assert follower.returncode == 0, out[-3000:]
-    text = " ".join(out.split())
+    text = " ".join(_follow_losing(follower, job, lost).split())
     assert f"allocation {job} lost {lost}, the node its driver ran on" in text, text[-3000:]
     assert "node(s) x 1 slot(s) for the 3 unfinished run(s) (only 1 of the partition's nodes are up; --min-nodes " \
            "1 lets it start on 1)" in text, text[-3000:]
@@ -660,22 +661,18 @@ def test_a_requeued_allocation_waiting_for_a_lost_node_asks_for_the_nodes_up_und
     """A node fails for good, then the allocation is requeued (as at its time limit): the
     job waits for the lost node. Under ``--min-nodes 1`` the launch following it has it
     ask for the node up, where it starts again and every run resumes exactly."""
-    from fastbgm.bench.faults import _set_node
-
     reference = _local_reference(tmp_path, tiny_dir, name="nr")
     args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nr", "--min-nodes", "1")
     lost = next(n for n in where if n != _batch_host(job))
     log = root / ".submitit" / job / f"{job}_0_log.err"
-    try:
-        _lose_node(job, lost)
+
+    def requeue_once_it_went_on() -> None:  # (as at its time limit)
         deadline = time.time() + 60
         while time.time() < deadline and f"lost node(s) {lost}" not in log.read_text():
             time.sleep(0.2)
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-        out, _ = follower.communicate(timeout=450)
-    finally:
-        _set_node(lost, "resume")
-    assert follower.returncode == 0, out[-3000:]
+
+    out = _follow_losing(follower, job, lost, requeue_once_it_went_on)
     assert f"allocation {job} waited for 2 node(s), 1 are up: it now asks for 1 (--min-nodes 1)" in \
         " ".join(out.split()), out[-3000:]
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
