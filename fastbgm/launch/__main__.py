@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     from .common import LaunchError, closing_report, decide, stage_runs
 
     overrides = list(rest)
-    for flag, key in (("nodes", "nodes"), ("min_nodes", "min_nodes"), ("gpus_per_node", "gpus"), ("ranks_per_run", "ranks_per_run"),
-                      ("runs_per_gpu", "runs_per_gpu"), ("pack_mode", "pack_mode"), ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
-                      ("time", "time")):
+    for flag, key in (("nodes", "nodes"), ("min_nodes", "min_nodes"), ("gpus_per_node", "gpus"),
+                      ("ranks_per_run", "ranks_per_run"), ("runs_per_gpu", "runs_per_gpu"), ("pack_mode", "pack_mode"),
+                      ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"), ("time", "time")):
         v = getattr(args, flag)
         if v is not None:
             overrides.append(f"--resources.{key}={v}")
