@@ -653,8 +653,10 @@ def test_packed_group_resumes_after_sigkill(tiny_dir: Path, tmp_path: Path, mode
         for k in ("epochs", "train_acc", "train_loss", "test_acc"):
             want = ref[t.run_dir.name][k]
             # fused: which kernels a run's step takes depends on its packmates at that epoch
-            # (a kill between two runs' checkpoints shifts them): float tolerance, not bitwise
-            assert res[k] == (pytest.approx(want, rel=1e-6) if mode == "fused" else want), (t.run_dir.name, k)
+            # (a kill between two runs' checkpoints shifts them): float tolerance, not bitwise.
+            # The drift seen: up to 1.03e-6 relative in a train loss (a CI run, session 15;
+            # rel 1e-6 failed it), so 10x that; the epochs are checked exactly below
+            assert res[k] == (pytest.approx(want, rel=1e-5) if mode == "fused" else want), (t.run_dir.name, k)
         assert [r["epoch"] for r in read_jsonl(t.run_dir / C.METRICS)] == list(range(1, res["epochs"] + 1))
 
 
