@@ -45,20 +45,27 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device(pref)
 
 
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """A Slurm node list (``node[1-2]``) as names; none when Slurm cannot say."""
+    import subprocess
+
+    if not nodelist:
+        return []
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return out.stdout.split() if out.returncode == 0 else []
+
+
 def _export_from_slurm_step() -> None:
     """Inside a multi-task ``srun`` step (as the allocation driver starts a DDP run) with
     no torchrun/submitit variables: derive them from the step's own Slurm variables.
     The rendezvous is the step's first node, on a port fixed by (job, step)."""
     if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
         return
-    import subprocess
-
     nodes = os.environ.get("SLURM_STEP_NODELIST", os.environ.get("SLURM_JOB_NODELIST", "localhost"))
-    try:
-        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                               timeout=30).stdout.split()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        first = nodes.split(",")[0]
+    first = (slurm_hostnames(nodes) or [nodes.split(",")[0]])[0]
     job, step = int(os.environ.get("SLURM_JOB_ID", "0")), int(os.environ.get("SLURM_STEP_ID", "0"))
     os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_STEP_NUM_TASKS"],
                       LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"), MASTER_ADDR=first,

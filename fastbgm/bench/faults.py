@@ -16,8 +16,8 @@ executor (and, with ``--slurm``, by a Slurm allocation):
 - ``node-fail`` (Slurm): a node of the allocation set DOWN mid-run, then back to service.
   Slurm takes it from the job, whose driver restarts the runs that were on it on the
   nodes left; if it was the driver's own node, Slurm ends the job, and the launch
-  following it submits the next allocation, which resumes every unfinished run. With ``--slurm-jobs per-run``, Slurm requeues
-  the job of the run on it.
+  following it submits the next allocation, which resumes every unfinished run. With
+  ``--slurm-jobs per-run``, Slurm requeues the job of the run on it.
 
 With ``--runs-per-gpu K`` every launch (the references' too) packs K runs a slot, so a
 killed trainer takes a pack with it and runs join running packs.

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..distributed import slurm_hostnames
 from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
 from ..trainer import checkpoint as C
 from .common import read_json
@@ -63,7 +64,7 @@ class AllocationDriver:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         job = os.environ.get("SLURM_JOB_ID", "?")
         self._job = job
-        self._nodes = allocation_nodes(job) or hostnames(os.environ.get("SLURM_JOB_NODELIST", ""))
+        self._nodes = allocation_nodes(job) or slurm_hostnames(os.environ.get("SLURM_JOB_NODELIST", ""))
         self._first_nodes = list(self._nodes)
         # (a new allocation may be smaller than the first: resources.min_nodes)
         self.slots = self.slots_per_node * max(1, len(self._nodes) or int(os.environ.get("SLURM_JOB_NUM_NODES", 1)))
@@ -167,14 +168,6 @@ class AllocationDriver:
             raise SystemExit(143) from None
 
 
-def hostnames(nodelist: str) -> list[str]:
-    """A Slurm node list (``node[1-2]``) as names."""
-    if not nodelist:
-        return []
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
-    return out.stdout.split() if out.returncode == 0 else []
-
-
 def allocation_nodes(job: str) -> list[str]:
     """The nodes a running job holds now (none while it is pending, gone, or unknown)."""
     try:
@@ -182,7 +175,7 @@ def allocation_nodes(job: str) -> list[str]:
                            timeout=60)
     except (OSError, subprocess.SubprocessError):
         return []
-    return hostnames(q.stdout.strip()) if q.returncode == 0 else []
+    return slurm_hostnames(q.stdout.strip()) if q.returncode == 0 else []
 
 
 class _Ended(BaseException):

@@ -233,6 +233,7 @@ class Scheduler(Generic[S]):
             box = I.inbox_for(pack[0].run_dir)
             never = set(I.unclaimed(box))
             I.remove(box)
+            interrupted: bool | None = None  # (asked once for the pack, if a run of it is unsettled)
             for r in pack:
                 if r.key in never:  # offered, but the pack ended first: it waits for a slot again
                     self._wait_again(r)
@@ -252,7 +253,10 @@ class Scheduler(Generic[S]):
                     log.info("%s: %s; it resumes later", r.key, "no space left to write its run folder"
                              if no_space else "stopped on request")
                     continue
-                if run_status(Path(r.run_dir))[0] not in ("done", "failed") and self.interrupted(pack):
+                unsettled = run_status(Path(r.run_dir))[0] not in ("done", "failed")
+                if unsettled and interrupted is None:
+                    interrupted = self.interrupted(pack)
+                if unsettled and interrupted:
                     self._wait_again(r)  # it resumes from its last.pt on the nodes left
                     log.info("%s: its node was lost (exit %s); it starts again from its last checkpoint",
                              r.key, proc.returncode)

@@ -71,11 +71,17 @@ def usable_nodes(partition: str = "") -> int:
     return len(up)
 
 
-def allocation_size(res: Any) -> tuple[int, str]:
-    """How many nodes a new allocation asks for: ``nodes``, or as few as ``min_nodes``
-    when fewer of the partition's nodes are up; and why, when fewer."""
+def nodes_to_ask(res: Any) -> tuple[int, int]:
+    """(nodes an allocation asks for, nodes of the partition up): ``nodes``, or as few as
+    ``min_nodes`` when fewer are up."""
     up = usable_nodes(res.partition)
-    n = max(res.least_nodes, min(res.nodes, up))
+    return max(res.least_nodes, min(res.nodes, up)), up
+
+
+def allocation_size(res: Any) -> tuple[int, str]:
+    """How many nodes a new allocation asks for (:func:`nodes_to_ask`), and why, when
+    fewer than ``nodes`` are up."""
+    n, up = nodes_to_ask(res)
     if up >= res.nodes:
         return n, ""
     if n < res.nodes:
@@ -260,7 +266,7 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, 
 def lost_driver_node(job: str) -> str:
     """The node a finished allocation lost its batch script with (the driver's node, which
     Slurm took from the job when it failed), or "" when it did not."""
-    from .allocation import hostnames
+    from ..distributed import slurm_hostnames
 
     out = subprocess.run(["sacct", "-n", "-D", "-P", "-o", "JobID,NodeList", "-j", job], capture_output=True,
                          text=True, timeout=60).stdout.splitlines()
@@ -269,7 +275,7 @@ def lost_driver_node(job: str) -> str:
     last = [nodes for jid, nodes in rows if jid == job]
     if not batch or not last or batch[-1] in ("", "None assigned"):
         return ""
-    return batch[-1] if batch[-1] not in hostnames(last[-1]) else ""
+    return batch[-1] if batch[-1] not in slurm_hostnames(last[-1]) else ""
 
 
 def allocation_log(exp: ExperimentConfig, job: str) -> Path:
@@ -314,14 +320,14 @@ def shrink_pending(job: str, res: Any) -> str:
     # need every node it first had)
     asked = max(int(fields.get("NumNodes", "0").split("-")[0] or 0),
                 -(-int(fields.get("NumTasks", "0") or 0) // res.slots_per_node))
-    up = usable_nodes(res.partition)
-    n = max(res.least_nodes, min(res.nodes, up))
+    n, up = nodes_to_ask(res)
     if fields.get("JobState") != "PENDING" or not n < asked:
         return ""
-    tasks = n * res.slots_per_node  # tasks, and their CPUs: Slurm keeps the old counts otherwise, and a
-    r = subprocess.run(["scontrol", "update", f"JobId={job}", f"NumNodes={n}", f"NumTasks={tasks}",  # job with
-                        f"NumCPUs={tasks * res.cpus_per_task}"],  # GPUs per node is then never runnable
-                       capture_output=True, text=True, timeout=60)
+    # its tasks and their CPUs too: Slurm keeps the old counts otherwise, and a job with
+    # GPUs per node is then never runnable (BadConstraints)
+    tasks = n * res.slots_per_node
+    r = subprocess.run(["scontrol", "update", f"JobId={job}", f"NumNodes={n}", f"NumTasks={tasks}",
+                        f"NumCPUs={tasks * res.cpus_per_task}"], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
         return f"could not shrink allocation {job} to the {n} node(s) up: {(r.stderr or r.stdout).strip()}"
     return (f"allocation {job} waited for {asked} node(s), {up} are up: it now asks for {n} "
@@ -380,10 +386,11 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                         mark_cancelled(r.run_dir, r.key, parent_why(r.depends_on[0]))
                         st = "cancelled"
                 states[r.key] = st
-            if shrinkable and time.time() - last_shrink > 10 and any(
-                    state == "PENDING" and reason.startswith(NODES_OUT) for state, reason in q.values()):
+            waits_for_nodes = [j for j, (state, reason) in q.items()
+                               if state == "PENDING" and reason.startswith(NODES_OUT)]
+            if shrinkable and waits_for_nodes and time.time() - last_shrink > 10:
                 last_shrink = time.time()
-                for job in {j for j, (state, _) in q.items() if state == "PENDING"}:
+                for job in waits_for_nodes:
                     said = shrink_pending(job, res)
                     if said:
                         view.console.print(said)
