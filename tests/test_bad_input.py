@@ -122,6 +122,8 @@ CASES = [
     ("launch: --min-nodes below a run's nodes", lambda w: ["fastbgm.launch", "--config", str(w["exp"]),
      "--executor", "local", "--nodes", "2", "--gpus-per-node", "1", "--ranks-per-run", "2", "--min-nodes", "1",
      "--dry-run"], ["resources.min_nodes", "raise --min-nodes to 2"]),
+    ("launch: --stall-timeout -5", lambda w: ["fastbgm.launch", "--config", str(w["exp"]), "--executor", "local",
+     "--stall-timeout", "-5", "--dry-run"], ["resources.stall_timeout_s", ">= 0", "0: never"]),
     ("launch: --config is a folder", lambda w: ["fastbgm.launch", "--config", str(w["w"]), "--executor", "local"],
      ["is a folder"]),
     ("launch: --max-parallel -1", lambda w: ["fastbgm.launch", "--config", str(w["exp"]), "--executor", "local",

@@ -392,6 +392,48 @@ def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Pat
             assert res[key][m] == _LOCAL_ALLOC[key][m], (key, m)
 
 
+def _stop_a_trainer(run: Path, epochs: int = 3) -> int:
+    """SIGSTOP ``run``'s trainer once it has ``epochs`` epochs (a hang: it holds its
+    folder and slot, and makes no progress); its pid."""
+    import signal
+
+    from fastbgm.fileio import lock_holder
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not (len(read_jsonl(run / "metrics.jsonl")) >= epochs and lock_holder(run)):
+        time.sleep(0.1)
+    holder = lock_holder(run)
+    assert holder, "the trainer did not start"
+    pid = int(holder.split()[1])
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] in "ZX"
+
+
+@pytest.mark.timeout(600)
+def test_a_hung_local_trainer_is_killed_and_its_run_resumes_within_the_same_launch(tiny_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    """A trainer that stops making progress (stopped, as a deadlock or a lost collective
+    would leave it) holds its slot for ever, and its dependents wait on it. The launch
+    sees its heartbeat stand still for --stall-timeout, kills it, and starts its run again
+    from its last checkpoint: the same launch ends with every run as if uninterrupted."""
+    reference = _local_reference(tmp_path, tiny_dir, name="hang")
+    cfg = write_experiment(tmp_path, tiny_dir, name="hang", modes='["vanilla"]', epochs=14)
+    p = launch_in_background("--config", str(cfg), "--executor", "local", "--no-report", "--stall-timeout", "15")
+    root = tmp_path / "runs/hang"
+    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
+    pid = _stop_a_trainer(run)
+    out, _ = p.communicate(timeout=400)
+    assert p.returncode == 0, out[-3000:]
+    assert "stage2-random-vanilla: no progress for" in out and "taken as hung" in out, out[-3000:]
+    assert _gone(pid)
+    assert "resuming" in (run / "train.log").read_text()
+    _assert_as_uninterrupted(root, reference())
+
+
 def _allocation_args(cfg: Path) -> list[str]:
     """The launch of ``cfg`` as one allocation on the 2-node cluster."""
     return ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "2", "--no-report"]
@@ -447,6 +489,32 @@ def test_requeued_allocation_resumes_every_run_exactly(tiny_dir: Path, tmp_path:
         assert "already done" not in (root / key / "train.log").read_text()
         ref_rows = read_jsonl(ref / key / "metrics.jsonl")
         assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in ref_rows], key
+
+
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_a_hung_step_of_an_allocation_is_killed_and_its_run_resumes_in_the_same_job(tiny_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    """The same on Slurm: the allocation's driver finds the hung run's job step by name,
+    SIGKILLs its tasks (scancel of the step; a stopped task too) and starts the run
+    again, in the same job, which is never requeued."""
+    reference = _local_reference(tmp_path, tiny_dir, name="hs")
+    cfg = write_experiment(tmp_path, tiny_dir, name="hs", modes='["vanilla"]', epochs=14)
+    follower = launch_in_background(*_allocation_args(cfg), "--stall-timeout", "15", "--timeout", "400")
+    root = tmp_path / "runs/hs"
+    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
+    pid = _stop_a_trainer(run)
+    out, _ = follower.communicate(timeout=450)
+    assert follower.returncode == 0, out[-3000:]
+    job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
+    log = (root / ".submitit" / job / f"{job}_0_log.err").read_text()
+    assert "stage2-random-vanilla: no progress for" in log and "taken as hung" in log, log[-3000:]
+    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job], capture_output=True,
+                             text=True, timeout=60).stdout.split()
+    assert history == ["COMPLETED"], history  # never requeued
+    assert _gone(pid)
+    assert "resuming" in (run / "train.log").read_text()
+    _assert_as_uninterrupted(root, reference())
 
 
 @needs_slurm
@@ -883,6 +951,50 @@ def test_a_lost_node_restarts_its_runs_on_the_slots_left_and_starts_nothing_on_i
     assert sorted(started[2:]) == [("r1", 0), ("r2", 0), ("r3", 0)]  # one slot left: one step at a time
     assert sched.outgrown and sched.slots == 1 and sched.slot_debt == 0
     assert not (tmp_path / "wide").exists()  # not started, not cancelled: it waits for a larger allocation
+
+
+def test_a_process_whose_heartbeat_stops_is_killed_with_its_children_and_its_run_fails_at_the_last_stall(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stall watchdog: a pack whose heartbeat has not moved for the stall timeout is
+    killed (its whole process tree, as torchrun's ranks would be), its run waits for a
+    slot again, and at the MAX_STALLS-th hang it fails with the reason; a run that beats
+    goes on for longer than the timeout untouched."""
+    import subprocess as sp
+
+    from fastbgm.launch import schedule as S
+    from fastbgm.trainer import checkpoint as C
+
+    monkeypatch.setattr(S, "STALL_CHECK_S", 0.1)
+    runs = [S.StepRun("hang", str(tmp_path / "hang")), S.StepRun("beats", str(tmp_path / "beats"))]
+    children: list[int] = []
+    beating = ("import time, pathlib, json, sys; d = pathlib.Path(sys.argv[1])\n"
+               "for _ in range(25):\n (d / 'heartbeat').touch(); time.sleep(0.1)\n"
+               "(d / 'result.json').write_text(json.dumps({'status': 'done'}))")
+    hanging = ("import subprocess, sys, time; c = subprocess.Popen(['sleep', '600'])\n"
+               "open(sys.argv[1] + '/child', 'w').write(str(c.pid)); time.sleep(600)")
+
+    def start(pack: list[S.StepRun], slots: list[str]) -> sp.Popen:
+        r = pack[0]
+        Path(r.run_dir).mkdir(exist_ok=True)
+        if r.key == "hang" and (Path(r.run_dir) / "child").exists():
+            children.append(int((Path(r.run_dir) / "child").read_text()))
+        return sp.Popen([sys.executable, "-c", beating if r.key == "beats" else hanging, r.run_dir])
+
+    sched = S.Scheduler(runs, ["slot0", "slot1"], start, stall_s=1.0)
+    deadline = time.time() + 60
+    while not sched.finished and time.time() < deadline:
+        sched.poll()
+        time.sleep(0.02)
+    assert sched.states == {"hang": "failed", "beats": "done"}, sched.states
+    assert sched.stalls == {"hang": S.MAX_STALLS}
+    reason = json.loads((tmp_path / "hang" / "result.json").read_text())["reason"]
+    assert f"no progress for 1 s, {S.MAX_STALLS} times" in reason and "stall_timeout_s" in reason, reason
+    children.append(int((tmp_path / "hang" / "child").read_text()))
+    assert len(children) == S.MAX_STALLS
+    time.sleep(0.2)
+    for pid in children:  # the hung process's own children went with it
+        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] in "ZX", pid
+    assert C.last_beat(tmp_path / "beats") > 0 and C.last_beat(tmp_path / "hang") == 0
 
 
 def test_ready_runs_spread_over_free_slots_before_sharing_one(tmp_path: Path) -> None:

@@ -6,6 +6,9 @@ experiment (stage 1, then stage 2 from random and adversarial init) run by the l
 executor (and, with ``--slurm``, by a Slurm allocation):
 
 - ``kill-run``: SIGKILL of one trainer mid-run;
+- ``hang``: SIGSTOP of one trainer mid-run (a deadlock, a collective that never returns):
+  the launch, run with a stall timeout of :data:`HANG_STALL_S`, must kill it and finish
+  every run itself, before any re-run;
 - ``kill-launcher`` / ``term-launcher``: SIGKILL / SIGTERM of the launcher itself;
 - ``corrupt-last`` / ``truncate-last``: a run's last.pt overwritten or cut short while stopped;
 - ``truncate-result``: a finished run's result.json cut short;
@@ -30,6 +33,7 @@ no file may be half-written (every .json parses, every .pt loads, no temporary f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -53,7 +57,7 @@ from fastbgm.trainer import checkpoint as C
 from . import mini
 from .common import print_table, write_json
 
-LOCAL_KINDS = ("kill-run", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
+LOCAL_KINDS = ("kill-run", "hang", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
                "corrupt-cache", "corrupt-beton", "nan-stage1", "disk-full")
 SLURM_KINDS = ("preempt", "node-fail")
 # kinds that need root (they mount a small tmpfs), and the local executor (the local
@@ -62,6 +66,7 @@ ROOT_KINDS = ("disk-full",)
 # stage 1's learning rate for nan-stage1: the mini's BatchNorm keeps a loss finite at lr 1e12
 # (huge, not diverged); at 1e30 its first step overflows and its loss is NaN
 DIVERGING_LR = 1e30
+HANG_STALL_S = 15  # the launch's --stall-timeout for the hang fault
 NUMBERS = ("epochs", "train_acc", "train_loss", "test_acc", "test_loss", "epochs_to_100_train")
 
 def _runs(root: Path) -> list[Path]:
@@ -169,7 +174,22 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
                 return run
         return None
 
+    frozen: int | None = None  # the pid of the trainer stopped by the hang fault
     try:
+        if kind == "hang":
+            _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
+            run = some_run_at(target_rows)
+            holder = (lock_holder(run) or "") if run is not None else ""
+            if holder.startswith("pid "):
+                frozen = int(holder.split()[1])
+                os.kill(frozen, signal.SIGSTOP)
+            try:
+                rc: int | str = proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                rc = "none: it did not end within 600 s"  # (not recovered: the runs are checked as left)
+            if frozen is None:
+                return "no moment found: ran to the end"
+            return f"SIGSTOP of the trainer of {run.name} after {target_rows} epoch(s) (launch exit {rc})"
         if kind == "truncate-result":
             ok = _wait_for(lambda: any((r / C.RESULT).exists() and json.loads((r / C.RESULT).read_text() or "{}")
                                        .get("status") == "done" for r in _runs(root)), 300, proc)
@@ -240,6 +260,9 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if frozen is not None:  # (never left stopped, holding its run folder, whatever happened)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGKILL)
 
 
 def _slurm_jobs(root: Path) -> list[str]:
@@ -326,9 +349,14 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         shutil.copytree(clean_data, data)
         cfg = mini.experiment(work, data, stage1_lr=DIVERGING_LR if kind == "nan-stage1" else 0.05)
         log = work / "launch.log"
-        cmd = mini.launch_cmd(cfg, executor, *extras[executor])
+        cmd = mini.launch_cmd(cfg, executor, *extras[executor],
+                              *(("--stall-timeout", str(HANG_STALL_S)) if kind == "hang" else ()))
         try:
             what = _inject(kind, rng, cfg, data, executor, cmd, log, full_size)
+            # a hang must be undone by the launch it hit, not by a re-run
+            in_launch = kind != "hang" or all(
+                v["status"] == "done" for k, v in _outcome(work / "runs" / mini.NAME).items()
+                if reference[executor].get(k, {}).get("status") == "done")
             if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
                 reruns = 1
             else:
@@ -346,7 +374,7 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         ref = reference["nan" if kind == "nan-stage1" else executor]
         finishable = [k for k, v in ref.items() if v["status"] == "done"] if kind != "corrupt-beton" else []
         identical = all(got.get(k, {}).get(m) == ref[k].get(m) for k in finishable for m in (*NUMBERS, "weights"))
-        recovered = all(got.get(k, {}).get("status") == "done" for k in finishable)
+        recovered = in_launch and all(got.get(k, {}).get("status") == "done" for k in finishable)
         others = [k for k in got if k not in finishable]
         explained = all(got[k]["status"] in ("failed", "cancelled") and got[k]["reason"] for k in others)
         rows.append({"fault": i, "kind": kind, "executor": executor, "what": what, "reruns": reruns,

@@ -177,6 +177,10 @@ class Resources:
     time: str = "12:00:00"  # per job, as sbatch reads --time
     partition: str = ""
     jobs: str = "allocation"  # allocation | per-run
+    # seconds a training process may go without progress (a step, a set-up, an epoch's
+    # end) before the launch takes it as hung, kills it and starts its runs again from
+    # their last checkpoint (0: never); locally and in an allocation, not per-run jobs
+    stall_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         check(self.nodes >= 1, "resources.nodes", f"must be >= 1, got {self.nodes}")
@@ -191,6 +195,8 @@ class Resources:
               f"must be one of {', '.join(PACK_MODES)}, got {self.pack_mode!r}")
         check(self.runs_per_gpu == 1 or self.jobs == "allocation", "resources.runs_per_gpu",
               "packs runs inside an allocation (or locally); with jobs = per-run each run is its own job")
+        check(self.stall_timeout_s >= 0, "resources.stall_timeout_s",
+              f"must be >= 0 seconds (0: never take a run as hung), got {self.stall_timeout_s}")
         parse_time(self.time)
         per_node = self.run_ranks_per_node
         check(self.ranks_per_run % per_node == 0, "resources.ranks_per_run",

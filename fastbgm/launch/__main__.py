@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one-rank runs packed onto one GPU (or CPU slot) in one process (default 1)")
     p.add_argument("--pack-mode", help="how runs packed on one GPU share it: auto (default), serial, streams, "
                    "threads, fused (runs of one architecture as one network; fastbgm.trainer.loop)")
+    p.add_argument("--stall-timeout", type=float,
+                   help="seconds a trainer may make no progress before it is taken as hung, killed and its runs "
+                   "started again from their last checkpoint (default 1800; 0: never)")
     p.add_argument("--jobs", choices=["allocation", "per-run"],
                    help="slurm: one allocation for the experiment (default) or one job per run")
     p.add_argument("--cpus-per-task", type=int)
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(rest)
     for flag, key in (("nodes", "nodes"), ("min_nodes", "min_nodes"), ("gpus_per_node", "gpus"),
                       ("ranks_per_run", "ranks_per_run"), ("runs_per_gpu", "runs_per_gpu"), ("pack_mode", "pack_mode"),
-                      ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"), ("time", "time")):
+                      ("jobs", "jobs"), ("cpus_per_task", "cpus_per_task"), ("partition", "partition"),
+                      ("time", "time"), ("stall_timeout", "stall_timeout_s")):
         v = getattr(args, flag)
         if v is not None:
             overrides.append(f"--resources.{key}={v}")

@@ -20,6 +20,11 @@ more on the lost slots; it waits for no node to come back. A run that needs more
 than are left waits for the end, when the driver requeues the allocation at its first
 size. The node the driver itself runs on failing ends the job (Slurm fails it): the same
 launch command then submits a new allocation, which resumes every unfinished run.
+
+A step whose runs make no progress for the stall timeout (``resources.stall_timeout_s``:
+their heartbeats stand still) is taken as hung: the driver SIGKILLs its tasks (``scancel``
+of the step, found by its name) and starts its runs again from their last.pt, in the
+same job (:class:`~fastbgm.launch.schedule.Scheduler`).
 """
 
 from __future__ import annotations
@@ -50,8 +55,9 @@ class AllocationDriver:
     """Callable that submitit runs in the allocation's batch script (picklable: plain data)."""
 
     def __init__(self, runs: list[StepRun], slots_per_node: int, cpus_per_task: int, gpus: bool,
-                 runs_per_slot: int = 1, mem_mb_per_rank: int = 0, poll_s: float = 0.5):
+                 runs_per_slot: int = 1, mem_mb_per_rank: int = 0, poll_s: float = 0.5, stall_s: float = 0.0):
         self.runs = runs
+        self.stall_s = stall_s
         self.mem_mb_per_rank = mem_mb_per_rank  # on clusters that count memory: each step its share
         self.runs_per_slot = runs_per_slot
         self.slots_per_node = slots_per_node
@@ -76,7 +82,8 @@ class AllocationDriver:
         self._losses: list[tuple[float, str]] = []  # (when seen, node) for each node the allocation lost
         self._started: dict[str, float] = {}  # a step's start, by its first run's key
         self._sched = sched = Scheduler(self.runs, list(range(self.slots)), lambda p, _: self._start(p),
-                                        runs_per_slot=self.runs_per_slot, interrupted=self._interrupted)
+                                        runs_per_slot=self.runs_per_slot, interrupted=self._interrupted,
+                                        stall_s=self.stall_s, kill=self._kill_step)
 
         def on_term(signum: int, frame: Any) -> None:  # Slurm ends or requeues the job
             raise _Ended(signal.Signals(signum).name)
@@ -153,6 +160,17 @@ class AllocationDriver:
         self._started[r.key] = time.time()
         with pack_log(pack) as out:  # the step keeps its own copy of the file descriptor
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def _kill_step(self, proc: subprocess.Popen, pack: list[StepRun]) -> None:
+        """SIGKILL a hung step's tasks, wherever they run (its srun then ends). A step
+        Slurm has not started yet (srun waits for it) goes with its srun."""
+        r = subprocess.run(["squeue", "-h", "--steps", f"--jobs={self._job}", "--format=%i %j"],
+                           capture_output=True, text=True, timeout=60)
+        steps = [line.split()[0] for line in r.stdout.splitlines() if line.split()[1:] == [pack[0].key]]
+        if steps:
+            subprocess.run(["scancel", "--signal=KILL", *steps], capture_output=True, timeout=60)
+        else:
+            proc.kill()
 
     @staticmethod
     def _requeue(job: str) -> None:

@@ -36,7 +36,7 @@ def run_local(runs: list[RunSpec], res: Resources, console: Any, poll_s: float =
     steps = [step_run(r, res) for r in runs]
     try:
         sched: Scheduler[str | None] = Scheduler(steps, slots, lambda p, s: _start(p, s, res.cpus_per_task),
-                                                 runs_per_slot=res.runs_per_gpu)
+                                                 runs_per_slot=res.runs_per_gpu, stall_s=res.stall_timeout_s)
     except ValueError as e:
         raise LaunchError(f"{e} on this machine; lower resources.ranks_per_run or run on Slurm") from None
     from rich.live import Live

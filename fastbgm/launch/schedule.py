@@ -11,8 +11,12 @@ Slurm job step) is the caller's ``start`` function.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Generic, Sequence, TypeVar
@@ -26,6 +30,9 @@ from ..trainer import inbox as I
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
+
+STALL_CHECK_S = 5.0  # how often the scheduler looks at its packs' heartbeats (with a stall timeout)
+MAX_STALLS = 3  # a run whose process hangs this many times in one launch fails, and says so
 
 
 @dataclass
@@ -101,6 +108,24 @@ def last_error(run_dir: str | Path) -> str:
     return ""
 
 
+def kill_tree(proc: subprocess.Popen, pack: list[StepRun] | None = None) -> None:
+    """SIGKILL ``proc`` and every process under it (torchrun's ranks), stopped ones too:
+    a rank left alive would keep its run folder locked."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # (ended meanwhile)
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    pids = [proc.pid]
+    for pid in pids:  # (grows as it goes: the whole tree, found before any of it dies)
+        pids += children.get(pid, [])
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def mark_cancelled(run_dir: str | Path, key: str, reason: str) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(run_dir) / C.RESULT, {"name": key, "status": "cancelled", "reason": reason})
@@ -155,12 +180,27 @@ class Scheduler(Generic[S]):
     as one process (``fastbgm.train --pack``), spread over the free slots first
     (:func:`new_packs`); and when a pack trains fewer than K runs
     (some ended, or too few were ready when it started) while ready runs wait for a slot,
-    they are offered to it (``fastbgm.trainer.inbox``): it takes them between epochs."""
+    they are offered to it (``fastbgm.trainer.inbox``): it takes them between epochs.
+
+    With ``stall_s`` > 0, a process whose runs' heartbeats (checkpoint.beat: every step,
+    set-up and epoch end) have not moved for ``stall_s`` seconds is taken as hung (a
+    deadlock, a stopped process, a collective that never returns) and ``kill``-ed; its
+    unfinished runs then start again from their last checkpoint, and a run that hangs
+    :data:`MAX_STALLS` times in this launch fails with the reason."""
 
     def __init__(self, runs: Sequence[StepRun], slots: Sequence[S],
                  start: Callable[[list[StepRun], list[S]], subprocess.Popen], runs_per_slot: int = 1,
-                 interrupted: Callable[[list[StepRun]], bool] | None = None):
+                 interrupted: Callable[[list[StepRun]], bool] | None = None, stall_s: float = 0.0,
+                 kill: Callable[[subprocess.Popen, list[StepRun]], None] = kill_tree):
         self.runs = list(runs)
+        self.stall_s = stall_s
+        self.kill = kill
+        # a running pack's newest heartbeat, and when this scheduler first saw it (its own
+        # clock only: a shared file system's clock may be skewed from it)
+        self.beats: dict[str, tuple[float, float]] = {}
+        self.stalled: set[str] = set()  # packs killed as hung (by their first run's key)
+        self.stalls: dict[str, int] = {}  # times each run's process hung, in this launch
+        self.watched = 0.0
         # whether a process that ended with its runs unsettled was stopped from outside
         # (its node was lost): its runs then start again here, from their last.pt
         self.interrupted = interrupted or (lambda pack: False)
@@ -215,8 +255,13 @@ class Scheduler(Generic[S]):
             I.answer(box)
 
     def _poll(self) -> None:
+        watch = self.stall_s > 0 and time.monotonic() - self.watched >= STALL_CHECK_S
+        if watch:
+            self.watched = time.monotonic()
         for key, (proc, pack, slots) in list(self.running.items()):
             if proc.poll() is None:
+                if watch:
+                    self._watch(key, proc, pack)
                 # a packed run that ended: its dependents need not wait for its pack, and its
                 # place in the pack can be offered (_refill)
                 for r in pack:
@@ -227,6 +272,9 @@ class Scheduler(Generic[S]):
                             log.info("%s: %s (seen before its pack's process ends)", r.key, status)
                 continue
             del self.running[key]
+            self.beats.pop(key, None)
+            stalled = key in self.stalled
+            self.stalled.discard(key)
             repaid = min(self.slot_debt, len(slots))
             self.slot_debt -= repaid
             self.free.extend(slots[repaid:])
@@ -254,6 +302,9 @@ class Scheduler(Generic[S]):
                              if no_space else "stopped on request")
                     continue
                 unsettled = run_status(Path(r.run_dir))[0] not in ("done", "failed")
+                if unsettled and stalled:
+                    self._hung(r)
+                    continue
                 if unsettled and interrupted is None:
                     interrupted = self.interrupted(pack)
                 if unsettled and interrupted:
@@ -282,6 +333,7 @@ class Scheduler(Generic[S]):
             else:  # an earlier launch's
                 I.remove(I.inbox_for(r.run_dir))
             self.running[r.key] = (self.start(pack, slots), pack, slots)
+            self.beats[r.key] = (max(C.last_beat(x.run_dir) for x in pack), time.monotonic())
         self._refill([x for x in ready if x.ranks == 1], alone)
         if not self.running and self.todo and not any(self._ready(r) for r in self.todo):
             for r in self.todo:  # waiting on something that will never finish
@@ -329,6 +381,40 @@ class Scheduler(Generic[S]):
                 self.todo.remove(x)
                 self.states[x.key] = "running"
                 log.info("%s: offered to the pack of %s", x.key, pack[0].key)
+
+    def _watch(self, key: str, proc: subprocess.Popen, pack: list[StepRun]) -> None:
+        """Kill the pack's process if its heartbeats have not moved for the stall timeout."""
+        if key in self.stalled:
+            return
+        newest = max(C.last_beat(r.run_dir) for r in pack)
+        seen, since = self.beats[key]
+        now = time.monotonic()
+        if newest != seen:
+            self.beats[key] = (newest, now)
+            return
+        if now - since < self.stall_s:
+            return
+        self.stalled.add(key)
+        log.warning("%s: no progress for %.0f s (stall timeout %g s): its process is taken as hung and killed; "
+                    "its unfinished run(s) start again from their last checkpoint",
+                    ", ".join(r.key for r in pack), now - since, self.stall_s)
+        self.kill(proc, pack)
+
+    def _hung(self, r: StepRun) -> None:
+        """``r``'s process was killed as hung: it starts again, or fails at the last stall."""
+        n = self.stalls[r.key] = self.stalls.get(r.key, 0) + 1
+        if n < MAX_STALLS:
+            self._wait_again(r)
+            log.info("%s: starts again from its last checkpoint (hung %d time(s); it fails at %d)", r.key, n,
+                     MAX_STALLS)
+            return
+        atomic_write_json(Path(r.run_dir) / C.RESULT, {
+            "name": r.key, "status": "failed",
+            "reason": f"its process made no progress for {self.stall_s:g} s, {n} times (hung; the end of "
+                      f"{Path(r.run_dir) / C.TRAIN_LOG} says where it was); if its steps, set-up or evaluation "
+                      "really take that long, raise resources.stall_timeout_s (--stall-timeout)"})
+        self.states[r.key] = "failed"
+        log.info("%s: failed (hung %d times)", r.key, n)
 
     def _wait_again(self, r: StepRun) -> None:
         """``r`` waits for a slot again, in its place in the plan."""

@@ -251,7 +251,7 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, 
                          slurm_additional_parameters={"requeue": True, "no-kill": True})
     driver = AllocationDriver([step_run(r, res) for r in runs], res.slots_per_node, res.cpus_per_task,
                               gpus=res.gpus > 0,
-                              runs_per_slot=res.runs_per_gpu,
+                              runs_per_slot=res.runs_per_gpu, stall_s=res.stall_timeout_s,
                               mem_mb_per_rank=res.mem_gb * 1024 // res.slots_per_node if res.mem_gb else 0)
     try:
         job = executor.submit(driver)

@@ -10,16 +10,19 @@ run_dir/final.pt        the final model
 run_dir/result.json     status (running / done / failed + reason) and final numbers
 run_dir/planned-config.json   the config a launcher planned for it (what it starts from)
 run_dir/train.log       what the trainer process printed (launchers)
+run_dir/heartbeat       touched while the run trains (its mtime: a scheduler's sign of progress)
 run_dir/.lock           held by the run's trainer for its whole life
 Every file is written to a temp file and renamed (see fastbgm.fileio).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ FINAL = "final.pt"
 RESULT = "result.json"
 PLANNED = "planned-config.json"
 TRAIN_LOG = "train.log"  # what a launcher's trainer process prints
+HEARTBEAT = "heartbeat"
 
 
 def rank_failure_path(run_dir: str | Path, rank: int) -> Path:
@@ -67,6 +71,28 @@ def remove_stale_temp(run_dir: str | Path) -> list[str]:
         p.unlink(missing_ok=True)
         gone.append(p.name)
     return gone
+
+
+def beat(run_dirs: Iterable[str | Path]) -> None:
+    """Say that these runs' process still makes progress: their heartbeat's mtime is now.
+    Never an error (a full disk may refuse to create the file; the run must go on)."""
+    for d in run_dirs:
+        p = Path(d) / HEARTBEAT
+        try:
+            os.utime(p)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                p.touch()
+        except OSError:
+            pass
+
+
+def last_beat(run_dir: str | Path) -> float:
+    """When the run's process last said it made progress (0: never)."""
+    try:
+        return (Path(run_dir) / HEARTBEAT).stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def checkpointed_epochs(run_dir: str | Path) -> int:

@@ -77,6 +77,27 @@ log = logging.getLogger("fastbgm.trainer")
 THREADED_COMPILE_FROM = (2, 5)
 
 
+HEARTBEAT_S = 2.0  # how often a training process touches its runs' heartbeat (at most)
+
+
+class Heartbeat:
+    """This process's sign to its scheduler that it makes progress (checkpoint.beat): the
+    steps, set-ups and epoch ends of its runs touch their heartbeat, at most every
+    :data:`HEARTBEAT_S` seconds. A scheduler that sees none for its stall timeout takes
+    the process as hung (a deadlock, a stopped process, a collective that never returns)
+    and starts its runs again. Rank 0 only: a hung peer stops rank 0's steps too."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+        self.last = 0.0
+
+    def __call__(self, run_dirs: list[str], force: bool = False) -> None:
+        now = time.monotonic()
+        if self.on and (force or now - self.last >= HEARTBEAT_S):
+            self.last = now
+            C.beat(run_dirs)
+
+
 def threaded_compile_ok() -> bool:
     """Whether runs may compile from several threads at once here (always, when torch.compile
     is switched off: TORCHDYNAMO_DISABLE=1 or TORCH_COMPILE_DISABLE=1)."""
@@ -270,6 +291,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
             active: dict[int, RunState] = {}
             fusions: dict[tuple[int, ...], FusedRuns] | None = {} if mode == "fused" and not alone else None
             held.callback(lambda: [s.close() for s in active.values()])  # their threads, however this ends
+            heartbeat = Heartbeat(env.is_main)
 
             def open_run(i: int, t: Trainer) -> None:
                 """Set one run up: identity check, finished?, folder lock, build + resume."""
@@ -308,6 +330,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                     results[i] = t._finish(s.module, env, speed)
                 else:
                     active[i] = s
+                    heartbeat([str(t.run_dir)], force=True)  # (a pack's set-ups may take long together)
 
             def leave(i: int) -> None:
                 active.pop(i).close()
@@ -350,13 +373,18 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
             # ---- epoch after epoch, every active run through its own batches, in turn
             while active:
                 t0 = time.perf_counter()
+                dirs = [str(trainers[i].run_dir) for i in active]
                 with trainers[next(iter(active))]._progress(
                         f"epoch {min(s.epoch for s in active.values()) + 1}",
-                        sum(len(s.train) for s in active.values()), env) as advance:
+                        sum(len(s.train) for s in active.values()), env) as show:
+                    def advance(n: int) -> None:
+                        show(n)
+                        heartbeat(dirs)
                     failed = train_epoch_together(active, advance, threads=mode == "threads" and not alone,
                                                   fusions=fusions)
                 seconds = time.perf_counter() - t0
                 for i in list(active):
+                    heartbeat([str(trainers[i].run_dir)], force=True)  # (evaluations and checkpoints take long)
                     end_epoch(i, failed.get(i), seconds)
                 del failed
                 join(not active)
