@@ -206,6 +206,15 @@ else
 10.77.0.254 slurmctl"
   for k in $(seq 1 "$NODES"); do hosts="$hosts
 10.77.0.$k node$k"; done
+  # A mount made on the host after the nodes started (a test's small tmpfs, a file system
+  # mounted late) must reach them, as shared storage reaches a real cluster's nodes: the
+  # host's mounts shared (as systemd has them; slurm-stop.sh undoes it if this did it),
+  # each node's mount namespace their slave.
+  if ! grep -q "^[0-9]* [0-9]* [^ ]* / / .*shared:" /proc/self/mountinfo; then
+    if mount --make-rshared /; then touch "$S/made-root-shared"
+    else echo "slurm-start.sh: cannot share the host's mounts with the nodes: a mount made later will not reach them" >&2
+    fi
+  fi
   for k in $(seq 1 "$NODES"); do
     n=node$k
     if ! ip netns list | grep -qw "$n"; then
@@ -219,7 +228,7 @@ else
     # no DNS server is reachable: fail look-ups at once (torch's reverse look-ups)
     printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > /etc/netns/$n/resolv.conf
     # nsenter joins only the network namespace (ip netns exec would hide the cgroup fs)
-    start slurmd-$n slurmd nsenter --net=/run/netns/$n -- unshare --uts --mount -- sh -c \
+    start slurmd-$n slurmd nsenter --net=/run/netns/$n -- unshare --uts --mount --propagation slave -- sh -c \
       "mount --bind /etc/netns/$n/hosts /etc/hosts && mount --bind /etc/netns/$n/resolv.conf /etc/resolv.conf \
        && hostname $n && exec /usr/sbin/slurmd -D -N $n"
   done

@@ -33,6 +33,9 @@ for f in "$S"/pid/slurmd-node*.pid; do
   rm -rf "/etc/netns/$n"
 done
 ip link show slmn0 >/dev/null 2>&1 && ip link del slmn0
+if [ -f "$S/made-root-shared" ]; then  # (slurm-start.sh shared the host's mounts with the nodes)
+  mount --make-rprivate / && rm -f "$S/made-root-shared"
+fi
 stop slurmctld slurmctld
 stop slurmdbd slurmdbd
 stop mariadbd mariadbd

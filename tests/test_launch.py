@@ -1113,6 +1113,50 @@ def test_a_full_disk_fails_no_run_and_the_relaunch_resumes_every_run_exactly(tin
                 assert got[key][m] == r[m], (key, m)
 
 
+@needs_multinode
+@pytest.mark.timeout(600)
+def test_a_full_disk_under_an_allocation_fails_no_run_and_the_relaunch_resumes_every_run_exactly(
+        tiny_dir: Path, tmp_path: Path) -> None:
+    """The same on Slurm, the small tmpfs mounted after the cluster started (its nodes see
+    it, as they would shared storage): the allocation's driver starts nothing more and
+    ends (exit 74) instead of requeueing onto the full disk; the launch following it
+    says so as the local one does, with the same exit code; once space is freed the same
+    command finishes every run as an uninterrupted launch does."""
+    import math
+
+    from fastbgm.bench.faults import nodes_see_new_mounts
+    from fastbgm.train import NO_SPACE_EXIT
+
+    if not nodes_see_new_mounts():
+        pytest.skip("the cluster's nodes do not see mounts made after they started: restart it with "
+                    "launch/slurm-start.sh")
+    (tmp_path / "ref").mkdir()
+    ref = launch("--config", str(write_experiment(tmp_path / "ref", tiny_dir, name="fs", modes='["vanilla"]')),
+                 "--executor", "local", "--no-report", "--runs-per-gpu", "2")
+    assert ref.returncode == 0, ref.stdout[-3000:]
+    need = sum(4096 * math.ceil(f.stat().st_size / 4096) for f in (tmp_path / "ref/runs").rglob("*") if f.is_file())
+    disk = tmp_path / "disk"
+    with small_disk(disk / "runs", int(0.6 * need) // 4096 * 4):
+        args = _allocation_args(write_experiment(disk, tiny_dir, name="fs", modes='["vanilla"]'))
+        full = launch(*args, "--timeout", "400", timeout=500)
+        out = " ".join((full.stdout + full.stderr).split())
+        assert full.returncode == NO_SPACE_EXIT and "Traceback" not in out, out[-3000:]
+        assert "no space left to write the run folders" in out and "no run failed" in out, out[-3000:]
+        job = json.loads((disk / "runs/fs/slurm-allocation.json").read_text())["job_id"]
+        history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State,ExitCode", "-j", job],
+                                 capture_output=True, text=True, timeout=60).stdout.split()
+        assert history == [f"FAILED|{NO_SPACE_EXIT}:0"], history  # ended, not requeued onto the full disk
+        states = {key: r["status"] for key, r in results(disk / "runs").items()}
+        assert "running" in states.values() and not {"failed", "cancelled"} & set(states.values()), states
+        for key in (k.split("/", 1)[1] for k, v in states.items() if v == "running"):
+            assert f"running {key}: error:" in out, out[-3000:]  # each with its trainer's error
+        assert not list((disk / "runs").rglob(".*.tmp"))  # no half-written file left behind
+        resize_disk(disk / "runs", 4 * need // 1024)
+        again = launch(*args, "--timeout", "400", timeout=500)
+        assert again.returncode == 0, again.stdout[-3000:]
+        _assert_as_uninterrupted(disk / "runs/fs", tmp_path / "ref/runs/fs")
+
+
 def test_local_runs_per_gpu_packs_runs_and_changes_no_result(tmp_path: Path) -> None:
     # Through the schedule benchmark (so that it is tested too): on a CPU machine a "GPU" is
     # a slot of cpus_per_task cores: 2 cores / 2 = one slot, which takes up to 2 runs in

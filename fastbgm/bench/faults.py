@@ -60,8 +60,8 @@ from .common import print_table, write_json
 LOCAL_KINDS = ("kill-run", "hang", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
                "corrupt-cache", "corrupt-beton", "nan-stage1", "disk-full")
 SLURM_KINDS = ("preempt", "node-fail")
-# kinds that need root (they mount a small tmpfs), and the local executor (the local
-# cluster's nodes live in mount namespaces of their own, which a later mount never reaches)
+# kinds that need root (they mount a small tmpfs); on Slurm only where the cluster's nodes
+# see a mount made after they started (nodes_see_new_mounts)
 ROOT_KINDS = ("disk-full",)
 # stage 1's learning rate for nan-stage1: the mini's BatchNorm keeps a loss finite at lr 1e12
 # (huge, not diverged); at 1e30 its first step overflows and its loss is NaN
@@ -289,6 +289,26 @@ def _set_node(node: str, state: str, reason: str = "") -> None:
         raise RuntimeError(f"{' '.join(cmd)}: {(r.stderr or r.stdout).strip()}")
 
 
+def nodes_see_new_mounts() -> bool:
+    """Whether a file system mounted here now reaches the local cluster's nodes, as shared
+    storage reaches a real cluster's: each slurmd in this mount namespace, or in one that
+    is its slave (launch/slurm-start.sh makes them so)."""
+    own = os.readlink("/proc/self/ns/mnt")
+    found = False
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() != "slurmd":
+                continue
+            pid = comm.parent
+            root = [x for x in (pid / "mountinfo").read_text().splitlines() if x.split()[4] == "/"]
+            if os.readlink(pid / "ns/mnt") != own and not any("master:" in x for x in root):
+                return False
+            found = True
+        except OSError:
+            continue  # (ended meanwhile, or not ours to read)
+    return found
+
+
 def check_args(slurm: bool, kinds: list[str], runs_per_gpu: int, slurm_jobs: str) -> None:
     """ValueError, naming the flag and the fix, for a sweep that cannot run as asked."""
     bad = [k for k in kinds if k not in LOCAL_KINDS + SLURM_KINDS]
@@ -338,11 +358,13 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
     if not kinds and os.geteuid() != 0:
         print(f"not root: the sweep leaves out {', '.join(ROOT_KINDS)} (it mounts a small tmpfs)", flush=True)
         pool = [k for k in pool if k not in ROOT_KINDS]
-    full_size = _tmpfs_bytes(out / "reference-local" / "runs")
+    full_size = {e: _tmpfs_bytes(out / f"reference-{e}" / "runs") for e in executors}  # (Slurm's: its logs too)
+    shared_mounts = slurm and nodes_see_new_mounts()
     rows: list[dict[str, Any]] = []
     for i in range(faults):
         kind = pool[i % len(pool)] if i < len(pool) else rng.choice(pool)
-        executor = "slurm" if kind in SLURM_KINDS else "local" if kind in ROOT_KINDS else rng.choice(executors)
+        executor = "slurm" if kind in SLURM_KINDS else "local" if kind in ROOT_KINDS and not shared_mounts \
+            else rng.choice(executors)
         work = out / f"fault-{i:03d}"
         shutil.rmtree(work, ignore_errors=True)
         data = work / "data"
@@ -352,11 +374,13 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
         cmd = mini.launch_cmd(cfg, executor, *extras[executor],
                               *(("--stall-timeout", str(HANG_STALL_S)) if kind == "hang" else ()))
         try:
-            what = _inject(kind, rng, cfg, data, executor, cmd, log, full_size)
-            # a hang must be undone by the launch it hit, not by a re-run
-            in_launch = kind != "hang" or all(
-                v["status"] == "done" for k, v in _outcome(work / "runs" / mini.NAME).items()
-                if reference[executor].get(k, {}).get("status") == "done")
+            what = _inject(kind, rng, cfg, data, executor, cmd, log, full_size[executor])
+            # a hang must be undone by the launch it hit, not by a re-run; a full disk must
+            # fail no run (the launch stops, and says so)
+            first = _outcome(work / "runs" / mini.NAME) if kind in ("hang", "disk-full") else {}
+            in_launch = all(v["status"] == "done" for k, v in first.items()
+                            if reference[executor].get(k, {}).get("status") == "done") if kind == "hang" \
+                else not any(v["status"] in ("failed", "cancelled") for v in first.values())
             if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
                 reruns = 1
             else:

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 closing_report(runs, console, retry_cmd)
                 return NO_SPACE_EXIT
         else:
-            from .slurm import allocation_log, lost_driver_node, submit_allocation, submit_per_run, wait
+            from .slurm import allocation_log, exit_code, lost_driver_node, submit_allocation, submit_per_run, wait
 
             todo = [d for d in decisions if d.action in ("submit", "resume", "retry")]
             if exp.resources.jobs == "allocation":
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             # A node can fail many times over a long grid: each time it is the driver's own,
             # Slurm ends the allocation and the launch submits the next (at most once a node).
+            full = False  # an allocation's driver found no space to write the run folders
             for again in range(exp.resources.nodes + 1):
                 ended = wait(runs, following, console, timeout_s=args.timeout, res=exp.resources)
                 jobs = sorted(set(following.values()) & ended.keys() if exp.resources.jobs == "allocation" else ())
@@ -167,12 +168,20 @@ def main(argv: list[str] | None = None) -> int:
                         console.print(f"[red]allocation {job} lost {node}, the node its driver ran on[/], and "
                                       f"Slurm ended it ({ended[job]})")
                         continue
+                    if exit_code(job) == NO_SPACE_EXIT:  # its driver stopped, as the local executor does
+                        console.print(f"[red]error:[/] allocation {job}: no space left to write the run folders "
+                                      f"under {exp.runs_dir}; {NO_SPACE_ADVICE}")
+                        full = True
+                        continue
                     log_file = allocation_log(exp, job)  # (a driver that ended early, for one)
                     console.print(f"[red]allocation {job} ended {ended[job]}[/]: "
                                   + (f"its log is {log_file}" if log_file.exists() else
                                      f"it wrote no log ({log_file}): could its nodes not see or write the "
                                      "runs folder?"))
                 unfinished = [r for r in runs if run_status(r.run_dir)[0] not in ("done", "failed", "cancelled")]
+                if full:
+                    closing_report(runs, console, retry_cmd)
+                    return NO_SPACE_EXIT
                 if not (lost and all(lost.values()) and unfinished):
                     break
                 if again == exp.resources.nodes:

@@ -162,6 +162,17 @@ def ended_state(job_id: str) -> str:
     return "UNKNOWN"
 
 
+def exit_code(job_id: str) -> int | None:
+    """The exit code of a job that left the queue (sacct's ExitCode, "74:0" -> 74); None
+    when Slurm does not say, or a signal ended it."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "ExitCode", "-j", job_id], capture_output=True, text=True,
+                         timeout=60)
+    codes = [x.strip().split(":") for x in out.stdout.splitlines() if x.strip()]
+    if not codes or len(codes[-1]) != 2 or codes[-1][1] != "0" or not codes[-1][0].isdigit():
+        return None
+    return int(codes[-1][0])
+
+
 def queued_jobs(runs: list[RunSpec]) -> dict[str, str]:
     """Runs whose recorded per-run job is still in the queue (key -> job id)."""
     ids = {r.key: read_json(r.run_dir / JOB_FILE).get("job_id") for r in runs}
