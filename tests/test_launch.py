@@ -518,6 +518,33 @@ def test_a_hung_step_of_an_allocation_is_killed_and_its_run_resumes_in_the_same_
 
 
 @needs_slurm
+@pytest.mark.timeout(600)
+def test_a_hung_per_run_job_is_requeued_by_the_launch_following_it(tiny_dir: Path, tmp_path: Path) -> None:
+    """With one Slurm job a run no driver runs beside the trainers: the launch following
+    the jobs watches their runs' heartbeats, and requeues the job of a run that stands
+    still (Slurm kills it, a stopped process too); the run resumes from its last
+    checkpoint and ends as if uninterrupted."""
+    reference = _local_reference(tmp_path, tiny_dir, name="hp")
+    cfg = write_experiment(tmp_path, tiny_dir, name="hp", modes='["vanilla"]', epochs=14)
+    follower = launch_in_background("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run",
+                                    "--no-report", "--stall-timeout", "15", "--timeout", "400")
+    root = tmp_path / "runs/hp"
+    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
+    pid = _stop_a_trainer(run)
+    out, _ = follower.communicate(timeout=450)
+    assert follower.returncode == 0, out[-3000:]
+    job = json.loads((run / "slurm-job.json").read_text())["job_id"]
+    text = " ".join(out.split())
+    assert "stage2-random-vanilla: no progress for" in text and f"requeued its job {job}" in text, text[-3000:]
+    assert _gone(pid)
+    log = "".join(p.read_text() for p in (root / ".submitit").rglob(f"{job}_*_log.*"))
+    # the same job, requeued (Slurm sends SIGCONT, SIGTERM, then SIGKILL: a stopped
+    # process may go on until the SIGKILL, as a deadlocked one would not)
+    assert "DUE TO JOB REQUEUE" in log, log[-3000:]
+    _assert_as_uninterrupted(root, reference())
+
+
+@needs_slurm
 @pytest.mark.timeout(120)
 def test_a_job_cancelled_a_moment_ago_is_waited_out_not_counted_as_live(tmp_path: Path) -> None:
     """A cancelled job stays in the queue as COMPLETING while its processes end (up to the

@@ -108,6 +108,43 @@ def last_error(run_dir: str | Path) -> str:
     return ""
 
 
+class StallWatch:
+    """When the heartbeats (checkpoint.beat) of what is watched last moved, by this
+    process's own clock (a shared file system's clock may be skewed from it): what has
+    stood still for ``stall_s`` seconds is hung. A key is one process, or one job, with
+    the run folders whose heartbeats it touches."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.seen: dict[str, tuple[float, float]] = {}  # key -> (newest heartbeat, when it was first seen)
+
+    def start(self, key: str, run_dirs: Sequence[str | Path]) -> None:
+        """Watch ``key`` from now (it just started, or was just found running)."""
+        self.seen[key] = (max((C.last_beat(d) for d in run_dirs), default=0.0), time.monotonic())
+
+    def stop(self, key: str) -> None:
+        self.seen.pop(key, None)
+
+    def quiet(self, key: str, run_dirs: Sequence[str | Path]) -> float:
+        """Seconds ``key``'s heartbeats have stood still; 0 while under ``stall_s``."""
+        if self.stall_s <= 0 or key not in self.seen:
+            return 0.0
+        newest = max((C.last_beat(d) for d in run_dirs), default=0.0)
+        seen, since = self.seen[key]
+        now = time.monotonic()
+        if newest != seen:
+            self.seen[key] = (newest, now)
+            return 0.0
+        return now - since if now - since >= self.stall_s else 0.0
+
+
+def hung_reason(stall_s: float, times: int, run_dir: str | Path) -> str:
+    """Why a run that hung :data:`MAX_STALLS` times failed, and the fix."""
+    return (f"its process made no progress for {stall_s:g} s, {times} times (hung; the end of "
+            f"{Path(run_dir) / C.TRAIN_LOG} says where it was); if its steps, set-up or evaluation really take "
+            "that long, raise resources.stall_timeout_s (--stall-timeout)")
+
+
 def kill_tree(proc: subprocess.Popen, pack: list[StepRun] | None = None) -> None:
     """SIGKILL ``proc`` and every process under it (torchrun's ranks), stopped ones too:
     a rank left alive would keep its run folder locked."""
@@ -126,9 +163,10 @@ def kill_tree(proc: subprocess.Popen, pack: list[StepRun] | None = None) -> None
             os.kill(pid, signal.SIGKILL)
 
 
-def mark_cancelled(run_dir: str | Path, key: str, reason: str) -> None:
+def mark_cancelled(run_dir: str | Path, key: str, reason: str, status: str = "cancelled") -> None:
+    """Record from outside a run that it will not finish (``status`` cancelled, or failed), and why."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(run_dir) / C.RESULT, {"name": key, "status": "cancelled", "reason": reason})
+    atomic_write_json(Path(run_dir) / C.RESULT, {"name": key, "status": status, "reason": reason})
 
 
 def runs_alone(waited_on: Collection[str], slots: int) -> frozenset[str]:
@@ -195,9 +233,7 @@ class Scheduler(Generic[S]):
         self.runs = list(runs)
         self.stall_s = stall_s
         self.kill = kill
-        # a running pack's newest heartbeat, and when this scheduler first saw it (its own
-        # clock only: a shared file system's clock may be skewed from it)
-        self.beats: dict[str, tuple[float, float]] = {}
+        self.watch = StallWatch(stall_s)  # the running packs' heartbeats, by their first run's key
         self.stalled: set[str] = set()  # packs killed as hung (by their first run's key)
         self.stalls: dict[str, int] = {}  # times each run's process hung, in this launch
         self.watched = 0.0
@@ -272,7 +308,7 @@ class Scheduler(Generic[S]):
                             log.info("%s: %s (seen before its pack's process ends)", r.key, status)
                 continue
             del self.running[key]
-            self.beats.pop(key, None)
+            self.watch.stop(key)
             stalled = key in self.stalled
             self.stalled.discard(key)
             repaid = min(self.slot_debt, len(slots))
@@ -333,7 +369,7 @@ class Scheduler(Generic[S]):
             else:  # an earlier launch's
                 I.remove(I.inbox_for(r.run_dir))
             self.running[r.key] = (self.start(pack, slots), pack, slots)
-            self.beats[r.key] = (max(C.last_beat(x.run_dir) for x in pack), time.monotonic())
+            self.watch.start(r.key, [x.run_dir for x in pack])
         self._refill([x for x in ready if x.ranks == 1], alone)
         if not self.running and self.todo and not any(self._ready(r) for r in self.todo):
             for r in self.todo:  # waiting on something that will never finish
@@ -384,20 +420,13 @@ class Scheduler(Generic[S]):
 
     def _watch(self, key: str, proc: subprocess.Popen, pack: list[StepRun]) -> None:
         """Kill the pack's process if its heartbeats have not moved for the stall timeout."""
-        if key in self.stalled:
-            return
-        newest = max(C.last_beat(r.run_dir) for r in pack)
-        seen, since = self.beats[key]
-        now = time.monotonic()
-        if newest != seen:
-            self.beats[key] = (newest, now)
-            return
-        if now - since < self.stall_s:
+        quiet = self.watch.quiet(key, [r.run_dir for r in pack]) if key not in self.stalled else 0.0
+        if not quiet:
             return
         self.stalled.add(key)
         log.warning("%s: no progress for %.0f s (stall timeout %g s): its process is taken as hung and killed; "
                     "its unfinished run(s) start again from their last checkpoint",
-                    ", ".join(r.key for r in pack), now - since, self.stall_s)
+                    ", ".join(r.key for r in pack), quiet, self.stall_s)
         self.kill(proc, pack)
 
     def _hung(self, r: StepRun) -> None:
@@ -408,11 +437,7 @@ class Scheduler(Generic[S]):
             log.info("%s: starts again from its last checkpoint (hung %d time(s); it fails at %d)", r.key, n,
                      MAX_STALLS)
             return
-        atomic_write_json(Path(r.run_dir) / C.RESULT, {
-            "name": r.key, "status": "failed",
-            "reason": f"its process made no progress for {self.stall_s:g} s, {n} times (hung; the end of "
-                      f"{Path(r.run_dir) / C.TRAIN_LOG} says where it was); if its steps, set-up or evaluation "
-                      "really take that long, raise resources.stall_timeout_s (--stall-timeout)"})
+        mark_cancelled(r.run_dir, r.key, hung_reason(self.stall_s, n, r.run_dir), status="failed")
         self.states[r.key] = "failed"
         log.info("%s: failed (hung %d times)", r.key, n)
 
