@@ -1024,6 +1024,51 @@ def test_a_process_whose_heartbeat_stops_is_killed_with_its_children_and_its_run
     assert C.last_beat(tmp_path / "beats") > 0 and C.last_beat(tmp_path / "hang") == 0
 
 
+def test_a_run_whose_folder_another_process_holds_waits_for_it_and_is_never_recorded_failed(tmp_path: Path) -> None:
+    """A restarted run whose folder a live process still holds (its old trainer, frozen
+    on a lost node; another launch's trainer) used to fail on the lock (exit 2), and the
+    scheduler then wrote "failed" into that process's folder and cancelled its
+    dependents. Now it is not started while the folder is held, its dependents wait with
+    it, and it starts once the folder is free; one that failed on the lock waits too."""
+    import contextlib
+    import subprocess as sp
+
+    from fastbgm.fileio import exclusive_folder
+    from fastbgm.launch.schedule import Scheduler, StepRun
+
+    runs = [StepRun("a", str(tmp_path / "a")), StepRun("b", str(tmp_path / "b"), depends_on=["a"]),
+            StepRun("c", str(tmp_path / "c")), StepRun("d", str(tmp_path / "d"))]
+    held = {k: contextlib.ExitStack() for k in ("a", "d")}
+    held["a"].enter_context(exclusive_folder(tmp_path / "a"))  # (flock: per open file, so held here too)
+    started: list[str] = []
+
+    def start(pack: list[StepRun], slots: list[str]) -> sp.Popen:
+        r = pack[0]
+        Path(r.run_dir).mkdir(exist_ok=True)
+        started.append(r.key)
+        if r.key == "d" and started.count("d") == 1:  # the lock is taken between the check and the trainer
+            held["d"].enter_context(exclusive_folder(tmp_path / "d"))
+            return sp.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+        (Path(r.run_dir) / "result.json").write_text(json.dumps({"status": "done"}))
+        return sp.Popen([sys.executable, "-c", "pass"])
+
+    sched = Scheduler(runs, ["s0", "s1"], start)
+    deadline = time.time() + 30
+    while not sched.finished and time.time() < deadline:
+        sched.poll()
+        time.sleep(0.02)
+    assert sched.finished and sorted(started) == ["c", "d"], started
+    assert sched.states == {"a": "pending", "b": "pending", "c": "done", "d": "pending"}, sched.states
+    assert not (tmp_path / "d" / "result.json").exists()  # never written into a folder another process holds
+    assert "error: its folder is in use by pid" in (tmp_path / "a" / "train.log").read_text()
+    for h in held.values():
+        h.close()
+    while not all(v == "done" for v in sched.states.values()) and time.time() < deadline:
+        sched.poll()
+        time.sleep(0.02)
+    assert sched.states == {k: "done" for k in "abcd"} and sorted(started) == ["a", "b", "c", "d", "d"], started
+
+
 def test_ready_runs_spread_over_free_slots_before_sharing_one(tmp_path: Path) -> None:
     # K = 4 on 3 free slots: 5 ready runs go 2 + 2 + 1, not 4 + 1 beside an idle slot;
     # 2 ready runs on 3 slots, one each

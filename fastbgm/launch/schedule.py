@@ -236,6 +236,9 @@ class Scheduler(Generic[S]):
         self.watch = StallWatch(stall_s)  # the running packs' heartbeats, by their first run's key
         self.stalled: set[str] = set()  # packs killed as hung (by their first run's key)
         self.stalls: dict[str, int] = {}  # times each run's process hung, in this launch
+        # runs whose folder another live process holds (a trainer left on a lost node,
+        # another launch's): never started nor recorded failed while it does
+        self.held: dict[str, StepRun] = {}
         self.watched = 0.0
         # whether a process that ended with its runs unsettled was stopped from outside
         # (its node was lost): its runs then start again here, from their last.pt
@@ -262,7 +265,10 @@ class Scheduler(Generic[S]):
 
     @property
     def finished(self) -> bool:
-        return not self.running and (not self.todo or self.stop_requested or self.no_space or self.outgrown)
+        """Nothing runs, and nothing more can start here: the runs left (if any) wait for
+        a folder another process holds, or for what only a later launch can give them."""
+        waiting = [r for r in self.todo if not any(d in self.held for d in r.depends_on)]
+        return not self.running and (not waiting or self.stop_requested or self.no_space or self.outgrown)
 
     @property
     def outgrown(self) -> bool:
@@ -291,6 +297,7 @@ class Scheduler(Generic[S]):
             I.answer(box)
 
     def _poll(self) -> None:
+        self._check_held()
         watch = self.stall_s > 0 and time.monotonic() - self.watched >= STALL_CHECK_S
         if watch:
             self.watched = time.monotonic()
@@ -357,6 +364,9 @@ class Scheduler(Generic[S]):
         alone = runs_alone({r.key for r in ready if r.key in self.waited_on}
                            | {k for k in self.waited_on if self.states.get(k) == "running"}, self.slots)
         for pack in new_packs(ready, len(self.free), self.runs_per_slot, alone):
+            pack = [x for x in pack if not self._held_elsewhere(x)]
+            if not pack:
+                continue
             r = pack[0]
             slots, self.free = self.free[:r.ranks], self.free[r.ranks:]
             for x in pack:
@@ -370,12 +380,14 @@ class Scheduler(Generic[S]):
                 I.remove(I.inbox_for(r.run_dir))
             self.running[r.key] = (self.start(pack, slots), pack, slots)
             self.watch.start(r.key, [x.run_dir for x in pack])
-        self._refill([x for x in ready if x.ranks == 1], alone)
+        self._refill([x for x in ready if x.ranks == 1 and x.key not in self.held], alone)
         if not self.running and self.todo and not any(self._ready(r) for r in self.todo):
-            for r in self.todo:  # waiting on something that will never finish
+            # waiting on something that will never finish (but for a held run: a later launch runs it)
+            never = [r for r in self.todo if not any(d in self.held for d in r.depends_on)]
+            for r in never:
                 mark_cancelled(r.run_dir, r.key, "a dependency did not finish")
                 self.states[r.key] = "cancelled"
-            self.todo = []
+            self.todo = [r for r in self.todo if r not in never]
 
     def stop_all(self, grace_s: float = 20.0) -> None:
         """SIGTERM every running run (each keeps its last.pt), SIGKILL what outlives ``grace_s``."""
@@ -441,6 +453,39 @@ class Scheduler(Generic[S]):
         self.states[r.key] = "failed"
         log.info("%s: failed (hung %d times)", r.key, n)
 
+    def _held_elsewhere(self, r: StepRun) -> bool:
+        """Whether another live process holds ``r``'s folder; if so ``r`` waits, apart,
+        until it is free (:meth:`_check_held`): a second trainer would fail on the lock,
+        and a result written from here would be written into that process's folder."""
+        holder = lock_holder(r.run_dir)
+        if holder is None:
+            return False
+        if r in self.todo:
+            self.todo.remove(r)
+        self.held[r.key] = r
+        self.states[r.key] = "pending"
+        import datetime
+
+        with contextlib.suppress(OSError), open(Path(r.run_dir) / C.TRAIN_LOG, "a") as f:  # (what last_error says)
+            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: not started\n"
+                    f"error: its folder is in use by {holder}; it starts once that process ends (a trainer "
+                    "left on a lost node ends with it; another launch's, with that launch)\n")
+        log.warning("%s: its folder is in use by %s; it waits until that process ends", r.key, holder)
+        return True
+
+    def _check_held(self) -> None:
+        """Held runs whose holder ended: settled if it finished them, else ready to start."""
+        for key, r in list(self.held.items()):
+            status = run_status(Path(r.run_dir))[0]
+            if status in ("done", "failed", "cancelled"):
+                self.states[key] = status
+            elif lock_holder(r.run_dir) is None:
+                self._wait_again(r)
+                log.info("%s: its folder is free again; it waits for a slot", key)
+            else:
+                continue
+            del self.held[key]
+
     def _wait_again(self, r: StepRun) -> None:
         """``r`` waits for a slot again, in its place in the plan."""
         self.states[r.key] = "pending"
@@ -465,6 +510,8 @@ class Scheduler(Generic[S]):
                 "name": r.key, "status": "failed", "failed_rank": first["rank"],
                 "reason": C.rank_failure_reason(first)})
             return "failed"
+        if self._held_elsewhere(r):  # (it failed on the lock: not its failure, nor ours to record)
+            return "pending"
         if returncode < 0 or returncode > 128:  # killed by a signal (SIGKILL, the OOM killer; srun says
             # 128 + the signal): interrupted, not failed
             log.info("%s: killed (exit %d); it resumes from its last checkpoint on the next launch",
