@@ -413,6 +413,24 @@ def _gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] in "ZX"
 
 
+def _hang_a_run(tmp_path: Path, tiny_dir: Path, name: str, *launch_args: str) -> tuple[str, Path, Path]:
+    """Launch a 14-epoch vanilla experiment with ``launch_args`` and --stall-timeout 15,
+    SIGSTOP its random-init run's trainer 3 epochs in, and let the launch end, which must
+    exit 0 with every run as uninterrupted, the stopped trainer gone: (the launch's
+    output, the experiment folder, that run's folder)."""
+    reference = _local_reference(tmp_path, tiny_dir, name=name)
+    cfg = write_experiment(tmp_path, tiny_dir, name=name, modes='["vanilla"]', epochs=14)
+    p = launch_in_background("--config", str(cfg), *launch_args, "--no-report", "--stall-timeout", "15")
+    root = tmp_path / "runs" / name
+    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
+    pid = _stop_a_trainer(run)
+    out, _ = p.communicate(timeout=450)
+    assert p.returncode == 0, out[-3000:]
+    assert _gone(pid)
+    _assert_as_uninterrupted(root, reference())
+    return out, root, run
+
+
 @pytest.mark.timeout(600)
 def test_a_hung_local_trainer_is_killed_and_its_run_resumes_within_the_same_launch(tiny_dir: Path,
                                                                                  tmp_path: Path) -> None:
@@ -420,18 +438,9 @@ def test_a_hung_local_trainer_is_killed_and_its_run_resumes_within_the_same_laun
     would leave it) holds its slot for ever, and its dependents wait on it. The launch
     sees its heartbeat stand still for --stall-timeout, kills it, and starts its run again
     from its last checkpoint: the same launch ends with every run as if uninterrupted."""
-    reference = _local_reference(tmp_path, tiny_dir, name="hang")
-    cfg = write_experiment(tmp_path, tiny_dir, name="hang", modes='["vanilla"]', epochs=14)
-    p = launch_in_background("--config", str(cfg), "--executor", "local", "--no-report", "--stall-timeout", "15")
-    root = tmp_path / "runs/hang"
-    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
-    pid = _stop_a_trainer(run)
-    out, _ = p.communicate(timeout=400)
-    assert p.returncode == 0, out[-3000:]
+    out, _, run = _hang_a_run(tmp_path, tiny_dir, "hang", "--executor", "local")
     assert "stage2-random-vanilla: no progress for" in out and "taken as hung" in out, out[-3000:]
-    assert _gone(pid)
     assert "resuming" in (run / "train.log").read_text()
-    _assert_as_uninterrupted(root, reference())
 
 
 def _allocation_args(cfg: Path) -> list[str]:
@@ -498,23 +507,15 @@ def test_a_hung_step_of_an_allocation_is_killed_and_its_run_resumes_in_the_same_
     """The same on Slurm: the allocation's driver finds the hung run's job step by name,
     SIGKILLs its tasks (scancel of the step; a stopped task too) and starts the run
     again, in the same job, which is never requeued."""
-    reference = _local_reference(tmp_path, tiny_dir, name="hs")
-    cfg = write_experiment(tmp_path, tiny_dir, name="hs", modes='["vanilla"]', epochs=14)
-    follower = launch_in_background(*_allocation_args(cfg), "--stall-timeout", "15", "--timeout", "400")
-    root = tmp_path / "runs/hs"
-    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
-    pid = _stop_a_trainer(run)
-    out, _ = follower.communicate(timeout=450)
-    assert follower.returncode == 0, out[-3000:]
+    _, root, run = _hang_a_run(tmp_path, tiny_dir, "hs", "--executor", "slurm", "--nodes", "2", "--gpus-per-node",
+                               "2", "--timeout", "400")
     job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
     log = (root / ".submitit" / job / f"{job}_0_log.err").read_text()
     assert "stage2-random-vanilla: no progress for" in log and "taken as hung" in log, log[-3000:]
     history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job], capture_output=True,
                              text=True, timeout=60).stdout.split()
     assert history == ["COMPLETED"], history  # never requeued
-    assert _gone(pid)
     assert "resuming" in (run / "train.log").read_text()
-    _assert_as_uninterrupted(root, reference())
 
 
 @needs_slurm
@@ -524,24 +525,15 @@ def test_a_hung_per_run_job_is_requeued_by_the_launch_following_it(tiny_dir: Pat
     the jobs watches their runs' heartbeats, and requeues the job of a run that stands
     still (Slurm kills it, a stopped process too); the run resumes from its last
     checkpoint and ends as if uninterrupted."""
-    reference = _local_reference(tmp_path, tiny_dir, name="hp")
-    cfg = write_experiment(tmp_path, tiny_dir, name="hp", modes='["vanilla"]', epochs=14)
-    follower = launch_in_background("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run",
-                                    "--no-report", "--stall-timeout", "15", "--timeout", "400")
-    root = tmp_path / "runs/hp"
-    run = root / "synthetic/small_cnn/seed0/stage2-random-vanilla"
-    pid = _stop_a_trainer(run)
-    out, _ = follower.communicate(timeout=450)
-    assert follower.returncode == 0, out[-3000:]
+    out, root, run = _hang_a_run(tmp_path, tiny_dir, "hp", "--executor", "slurm", "--jobs", "per-run",
+                                 "--timeout", "400")
     job = json.loads((run / "slurm-job.json").read_text())["job_id"]
     text = " ".join(out.split())
     assert "stage2-random-vanilla: no progress for" in text and f"requeued its job {job}" in text, text[-3000:]
-    assert _gone(pid)
     log = "".join(p.read_text() for p in (root / ".submitit").rglob(f"{job}_*_log.*"))
     # the same job, requeued (Slurm sends SIGCONT, SIGTERM, then SIGKILL: a stopped
     # process may go on until the SIGKILL, as a deadlocked one would not)
     assert "DUE TO JOB REQUEUE" in log, log[-3000:]
-    _assert_as_uninterrupted(root, reference())
 
 
 @needs_slurm
