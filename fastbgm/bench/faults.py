@@ -176,20 +176,6 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
 
     frozen: int | None = None  # the pid of the trainer stopped by the hang fault
     try:
-        if kind == "hang":
-            _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
-            run = some_run_at(target_rows)
-            holder = (lock_holder(run) or "") if run is not None else ""
-            if holder.startswith("pid "):
-                frozen = int(holder.split()[1])
-                os.kill(frozen, signal.SIGSTOP)
-            try:
-                rc: int | str = proc.wait(timeout=600)
-            except subprocess.TimeoutExpired:
-                rc = "none: it did not end within 600 s"  # (not recovered: the runs are checked as left)
-            if frozen is None:
-                return "no moment found: ran to the end"
-            return f"SIGSTOP of the trainer of {run.name} after {target_rows} epoch(s) (launch exit {rc})"
         if kind == "truncate-result":
             ok = _wait_for(lambda: any((r / C.RESULT).exists() and json.loads((r / C.RESULT).read_text() or "{}")
                                        .get("status") == "done" for r in _runs(root)), 300, proc)
@@ -228,13 +214,21 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             return f"stage 1 at learning rate {DIVERGING_LR:g}, which diverges"
         _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
         run = some_run_at(target_rows)
+        holder = (lock_holder(run) or "") if run is not None else ""
+        pid = int(holder.split()[1]) if holder.startswith("pid ") else None  # (the run's trainer)
         if kind == "kill-run" and run is not None:
-            holder = lock_holder(run) or ""
-            pid = int(holder.split()[1]) if holder.startswith("pid ") else None
             if pid:
                 os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=600)
             return f"SIGKILL of the trainer of {run.name} after {target_rows} epoch(s)"
+        if kind == "hang" and pid:
+            frozen = pid
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                rc: int | str = proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                rc = "none: it did not end within 600 s"  # (not recovered: the runs are checked as left)
+            return f"SIGSTOP of the trainer of {run.name} after {target_rows} epoch(s) (launch exit {rc})"
         if kind in ("kill-launcher", "term-launcher", "corrupt-last", "truncate-last"):
             proc.send_signal(signal.SIGTERM if kind == "term-launcher" else signal.SIGKILL)
             proc.wait(timeout=60)
@@ -377,10 +371,13 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
             what = _inject(kind, rng, cfg, data, executor, cmd, log, full_size[executor])
             # a hang must be undone by the launch it hit, not by a re-run; a full disk must
             # fail no run (the launch stops, and says so)
-            first = _outcome(work / "runs" / mini.NAME) if kind in ("hang", "disk-full") else {}
-            in_launch = all(v["status"] == "done" for k, v in first.items()
-                            if reference[executor].get(k, {}).get("status") == "done") if kind == "hang" \
-                else not any(v["status"] in ("failed", "cancelled") for v in first.values())
+            in_launch = True
+            if kind == "hang":
+                in_launch = all(v["status"] == "done" for k, v in _outcome(work / "runs" / mini.NAME).items()
+                                if reference[executor].get(k, {}).get("status") == "done")
+            elif kind == "disk-full":
+                in_launch = not any(v["status"] in ("failed", "cancelled")
+                                    for v in _outcome(work / "runs" / mini.NAME).values())
             if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
                 reruns = 1
             else:
