@@ -1,6 +1,6 @@
 """K runs of one architecture trained as one network (HFTA, MLSys'21): pack mode
 ``fused`` of loop.py, one of the candidate ways to share a GPU that ``bench pack
---pack-modes fused`` measures against the others (opt-in until a GPU shows it faster).
+--pack-modes fused`` measures against the others (opt-in, and refused on a GPU, where it measured slower than one run: loop.py).
 
 Why: at the paper's batch 128 one run's kernels are too small to fill a GPU. K runs
 in threads or on streams still launch K times as many small kernels; fused, their
@@ -75,7 +75,7 @@ def _forward(base: nn.Module, low: tuple[str, ...], dtype: torch.dtype | None, p
     Mixed precision by hand: autocast does not reach inside ``vmap`` (its batching rules
     run below it), so the parameters of the layers autocast would run in ``dtype``
     (``low``: convolutions and linear layers) are cast here, as autocast casts them; the
-    rest stays in float32, BatchNorm computes in float32 (``_NormInFloat32``), and the
+    rest stays in float32, BatchNorm computes in float32 (``_FusedNorm``), and the
     loss is taken in float32."""
     if dtype is not None:
         params = {n: p.to(dtype) if n in low else p for n, p in params.items()}
@@ -87,22 +87,39 @@ def _forward(base: nn.Module, low: tuple[str, ...], dtype: torch.dtype | None, p
     return torch.func.vmap(one)(params, buffers, x, y)
 
 
-class _NormInFloat32:
-    """A BatchNorm that takes a low-precision input in float32 (as autocast's does inside):
-    under ``vmap`` a bfloat16 input with float32 statistics is refused."""
+class _FusedNorm:
+    """BatchNorm as the fused step runs it: ``torch.native_batch_norm`` itself, not the
+    composite ``batch_norm`` of ``nn.BatchNorm2d``, whose cuDNN eligibility check asks a
+    vmapped (BatchedTensor) input whether it is channels-last contiguous, which vmap
+    refuses ("NYI: querying is_contiguous inside of vmap"): every fused step on a GPU
+    failed so (H200, torch 2.11, 2026-11-30). ``native_batch_norm`` has a batching rule
+    (a BatchNorm of K runs is one over K x the channels) and is the kernel the composite
+    picks on a CPU anyway. A low-precision input is taken in float32, as autocast's
+    BatchNorm does (under ``vmap`` a bfloat16 input with float32 statistics is refused)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)  # type: ignore[misc]
+        m: Any = self
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        if m.momentum is None:  # a cumulative average needs 1 / num_batches_tracked on the host
+            return super().forward(xf).to(x.dtype)  # type: ignore[misc]
+        m._check_input_dim(x)
+        stats = m.track_running_stats and m.running_mean is not None
+        if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+        out = torch.native_batch_norm(xf, m.weight, m.bias, m.running_mean if stats else None,
+                                      m.running_var if stats else None, m.training or not stats, m.momentum,
+                                      m.eps)[0]
+        return out.to(x.dtype)
 
 
-_NORMS_IN_FLOAT32: dict[type, type] = {}
+_FUSED_NORMS: dict[type, type] = {}
 
 
-def _norms_in_float32(module: nn.Module) -> nn.Module:
+def _fused_norms(module: nn.Module) -> nn.Module:
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _NormInFloat32):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FusedNorm):
             cls = type(m)
-            m.__class__ = _NORMS_IN_FLOAT32.setdefault(cls, type(f"{cls.__name__}InFloat32", (_NormInFloat32, cls), {}))
+            m.__class__ = _FUSED_NORMS.setdefault(cls, type(f"{cls.__name__}Fused", (_FusedNorm, cls), {}))
     return module
 
 
@@ -193,7 +210,7 @@ class FusedRuns:
         key = (sig, self.speed.amp_dtype)
         if key not in _BASES:  # the architecture without storage: functional_call fills it per run
             base = copy.deepcopy(first.module).to("meta").train()
-            _BASES[key] = _norms_in_float32(base) if self.speed.amp_dtype is not None else base
+            _BASES[key] = _fused_norms(base)
         self.base = _BASES[key]
         self.forward = _forward_for(self.speed, (*key, len(states)))
         self.low = low_precision_params(first.module)
