@@ -575,14 +575,46 @@ def test_pack_mode_never_replays_cuda_graphs_of_two_runs_on_two_streams(monkeypa
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     graphs = Speed("cuda", True, "reduce-overhead", True, "bf16", True, 1)
     plain = Speed("cuda", True, "default", True, "bf16", True, 1)
-    assert resolve_pack_mode("auto", gpu, [graphs, graphs]) == "threads"
+    stepped = Speed("cuda", True, "default", True, "bf16", True, 1, step_graph=True)
+    assert resolve_pack_mode("auto", gpu, [graphs, graphs]) == "serial"
+    assert resolve_pack_mode("auto", gpu, [stepped, stepped]) == "streams"  # a graph pool per run
+    assert resolve_pack_mode("auto", gpu, [plain, plain]) == "threads"  # no graphs: threads overlap
     assert resolve_pack_mode("auto", cpu, [plain]) == "serial"
     assert resolve_pack_mode("streams", gpu, [plain, plain]) == "streams"
-    with pytest.raises(ConfigError, match="share one memory pool.*'threads'"):
+    with pytest.raises(ConfigError, match="share one memory pool.*step_graph=true"):
         resolve_pack_mode("streams", gpu, [plain, graphs])
-    assert resolve_pack_mode("fused", gpu, [graphs, plain]) == "fused"  # the runs' own graphs are not used
+    # recorded from two threads, their captures met in one pool and failed (H200, torch 2.11)
+    with pytest.raises(ConfigError, match="several threads.*step_graph=true"):
+        resolve_pack_mode("threads", gpu, [graphs, plain])
+    assert resolve_pack_mode("threads", cpu, [graphs, graphs]) == "threads"  # no CUDA graphs on a CPU
+    assert resolve_pack_mode("fused", cpu, [plain, plain]) == "fused"
+    with pytest.raises(ConfigError, match="'fused' is refused on a GPU.*pack mode auto"):
+        resolve_pack_mode("fused", gpu, [plain, plain])  # (far from alone on an H200: BENCHMARKS.md)
     with pytest.raises(ConfigError, match="not one of"):
         resolve_pack_mode("hfta", gpu, [plain])
+
+
+def test_step_graphs_are_the_gpu_default_where_they_can_be_captured() -> None:
+    """speed.step_graph = auto: the whole step one CUDA graph for a one-rank GPU run (exact,
+    and faster than torch.compile's graphs on an H200), else off: a CPU, several ranks
+    (DDP's hooks), fp16 (its GradScaler syncs), or a compile mode that records graphs itself."""
+    from fastbgm.trainer import RunConfig, resolve_speed
+    from fastbgm.trainer.config import DataConfig, SpeedConfig
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def speed(device: torch.device, world: int = 1, **kw: str) -> tuple[bool, str]:
+        cfg = RunConfig(data=DataConfig(train="train.beton"), speed=SpeedConfig(**kw))
+        s = resolve_speed(cfg, device, world)
+        return s.step_graph, s.compile_mode
+
+    assert speed(gpu) == (True, "default")
+    assert speed(cpu) == (False, "default")
+    assert speed(gpu, world=2) == (False, "reduce-overhead")
+    assert speed(gpu, precision="fp16") == (False, "reduce-overhead")
+    assert speed(gpu, compile_mode="reduce-overhead") == (False, "reduce-overhead")
+    assert speed(gpu, step_graph="false") == (False, "reduce-overhead")
+    assert speed(cpu, step_graph="true") == (True, "default")  # (called, not captured, on a CPU)
 
 
 def test_an_old_torch_never_compiles_packed_runs_from_threads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -610,7 +642,7 @@ def test_an_old_torch_never_compiles_packed_runs_from_threads(monkeypatch: pytes
     monkeypatch.delenv("TORCHDYNAMO_DISABLE")
     for seen in ("2.5.1+cu124", "2.10.0+cu128", "2.11.0+cu130"):  # seen compiling from threads
         monkeypatch.setattr(torch, "__version__", seen)
-        assert resolve_pack_mode("auto", gpu, [graphs, graphs]) == "threads"
+        assert resolve_pack_mode("auto", gpu, [plain, plain]) == "threads"
 
 
 @pytest.mark.parametrize("mode", ["threads", "fused"])

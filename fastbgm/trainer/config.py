@@ -123,8 +123,10 @@ class SpeedConfig:
     cudnn_benchmark: str = "auto"
     threads: int = 0  # CPU threads (0 = torch's default)
     # the whole step (forward, loss, backward, SGD, metrics) as one CUDA graph; one-rank
-    # runs, not fp16; compile_mode auto then means default (see trainer/stepgraph.py)
-    step_graph: str = "false"  # true | false
+    # runs, not fp16; compile_mode auto then means default (see trainer/stepgraph.py).
+    # auto: on for a one-rank GPU run that is not fp16 and names no graph-recording
+    # compile_mode (exact, faster than torch.compile's graphs: BENCHMARKS.md), else off
+    step_graph: str = "auto"  # auto | true | false
     # seconds between two checkpoints (last.pt; at most one an epoch, and always at the run's
     # last epoch and when its stop rule fires); 0: every epoch. A kill loses at most this
     # much training (a resumed run recomputes it exactly); a GPU epoch of CIFAR-10 takes
@@ -132,7 +134,8 @@ class SpeedConfig:
     checkpoint_every_s: float = 60.0
 
     def __post_init__(self) -> None:
-        check(self.step_graph in ("true", "false"), "speed.step_graph", f"must be true or false, got {self.step_graph!r}")
+        check(self.step_graph in ("auto", "true", "false"), "speed.step_graph",
+              f"must be auto, true or false, got {self.step_graph!r}")
         check(self.checkpoint_every_s >= 0, "speed.checkpoint_every_s",
               f"must be >= 0 (0: a checkpoint every epoch), got {self.checkpoint_every_s}")
         for k in ("compile", "channels_last", "cudnn_benchmark"):

@@ -8,22 +8,28 @@ order (bitwise on CPU; tested). One run is a pack of one.
 
 How the runs of a pack share the device (:data:`PACK_MODES`):
 
-- ``serial``: their steps in turn, on one stream. Always safe; no overlap on a GPU.
+- ``serial``: their steps in turn, on one stream. Always safe; no overlap on a GPU. The
+  default on a GPU for runs with ``torch.compile``'s CUDA graphs.
 - ``streams``: their steps in turn from one thread, each run on its own CUDA stream,
   so that their kernels overlap. Unsafe with CUDA graphs from ``torch.compile``
   (``compile_mode = "reduce-overhead"``): every graph one thread records shares one
   memory pool and may only be replayed one after another, so two runs' graphs
   replayed on two streams would overwrite each other's memory. Refused then. Safe
-  with step graphs (``speed.step_graph``: stepgraph.py), each run's in a pool of its
-  own; the default for a pack whose runs all use them.
+  with step graphs (``speed.step_graph``: stepgraph.py, the GPU default), each run's
+  in a pool of its own; the default for a pack whose runs all use them (and the
+  fastest exact mode measured on an H200: BENCHMARKS.md).
 - ``threads``: each run's epochs in a thread of its own (the same one for the run's
-  whole life) on its own stream. CUDA-graph trees belong to a thread, so each run
-  replays graphs from its own pool: safe with ``reduce-overhead``, and the runs still
-  overlap. The default on a GPU otherwise. Compiled runs need torch >= 2.5 for it
-  (:data:`THREADED_COMPILE_FROM`); on 2.4 the default is ``streams`` (``serial`` with
-  torch's CUDA graphs) and ``threads`` is refused.
+  whole life) on its own stream. Not with CUDA graphs from ``torch.compile`` on a GPU:
+  on an H200 with torch 2.11 (2026-11-30) two runs recording theirs from two threads
+  met in one memory pool ("beginAllocateToPool: already recording to mempool_id"), the
+  runs failed and every later capture in the process failed the same way; refused then.
+  Safe with step graphs (each capture takes a process-wide lock) and with uncompiled or
+  ``compile_mode = default`` runs: the default on a GPU for those. Compiled runs need
+  torch >= 2.5 for it (:data:`THREADED_COMPILE_FROM`); on 2.4 the default is ``streams``
+  and ``threads`` is refused.
 
-- ``fused``: runs of one architecture, batch shape and speed switches trained as one
+- ``fused`` (CPU only for now: refused on a GPU, where the first measurement found it
+  slower than one run, its runs not shown to end where they end alone): runs of one architecture, batch shape and speed switches trained as one
   network (HFTA; fused.py): their parameters stacked, the step ``torch.func.vmap``-ed
   over the runs, so each kernel does K runs' work (and on a GPU the whole fused step is
   one CUDA graph). Other kernels than alone (a grouped convolution's): equal to the
@@ -111,24 +117,36 @@ def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> s
     if mode not in PACK_MODES:
         raise ConfigError(f"pack mode {mode!r} is not one of {', '.join(PACK_MODES)}")
     compiled_in_threads_fails = any(s.compile for s in speeds) and not threaded_compile_ok()
+    torch_graphs_on_gpu = device.type == "cuda" and any(s.torch_graphs for s in speeds)
     if mode == "auto":
         if device.type != "cuda":
             return "serial"
         # a run's step graphs replay from one call each: no thread needed to overlap them
         if all(s.step_graph for s in speeds):
             return "streams"
-        if compiled_in_threads_fails:
-            return "serial" if any(s.torch_graphs for s in speeds) else "streams"
-        return "threads"
+        if torch_graphs_on_gpu:
+            return "serial"
+        return "streams" if compiled_in_threads_fails else "threads"
     if mode == "threads" and compiled_in_threads_fails:
         raise ConfigError(f"pack mode 'threads' compiles runs from several threads at once, which torch "
                           f"{torch.__version__} cannot (torch >= {'.'.join(map(str, THREADED_COMPILE_FROM))} "
                           "can); use pack mode serial or streams, or speed.compile=false")
+    if mode == "threads" and torch_graphs_on_gpu:
+        raise ConfigError("pack mode 'threads' cannot record torch.compile's CUDA graphs (speed.compile_mode = "
+                          "reduce-overhead) from several threads: their captures meet in one memory pool and "
+                          "fail; use speed.step_graph=true (each run's whole step one graph; packs in streams), "
+                          "pack mode serial, or speed.compile_mode=default")
+    if mode == "fused" and device.type == "cuda":
+        raise ConfigError("pack mode 'fused' is refused on a GPU: there it trained slower than one run alone "
+                          "(H200, torch 2.11, 2026-11-30: 0.56-0.65x) and its runs were not shown to end where "
+                          "they end alone (weights and BatchNorm statistics 28 to 1,400 apart after 120 steps of "
+                          "`bench pack`); use pack mode auto (streams with step graphs: exact, 1.4-1.6x at K = 4)")
     graphs = [s for s in speeds if s.torch_graphs]
     if mode == "streams" and device.type == "cuda" and graphs:
         raise ConfigError("pack mode 'streams' cannot replay CUDA graphs (speed.compile_mode = "
                           f"{graphs[0].compile_mode!r}): the runs' graphs share one memory pool and would "
-                          "overwrite each other; use pack mode 'threads', or speed.compile_mode=default")
+                          "overwrite each other; use speed.step_graph=true (a graph pool per run), pack mode serial, "
+                          "or speed.compile_mode=default")
     return mode
 
 
@@ -278,7 +296,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
     _STOP_REQUESTED.clear()
     env = D.setup(trainers[0].cfg.speed.device)
     try:
-        mode = resolve_pack_mode(pack_mode, env.device, [resolve_speed(t.cfg, env.device) for t in trainers])
+        mode = resolve_pack_mode(pack_mode, env.device, [resolve_speed(t.cfg, env.device, env.world) for t in trainers])
     except ConfigError:
         D.teardown(abort=False)
         raise

@@ -106,7 +106,8 @@ class Speed:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
 
-def resolve_speed(cfg: RunConfig, device: torch.device) -> Speed:
+def resolve_speed(cfg: RunConfig, device: torch.device, world: int = 1) -> Speed:
+    """The speed switches of ``cfg`` resolved for ``device`` and a run of ``world`` ranks."""
     gpu = device.type == "cuda"
 
     def flag(v: str) -> bool:
@@ -114,7 +115,13 @@ def resolve_speed(cfg: RunConfig, device: torch.device) -> Speed:
 
     precision = cfg.speed.precision if cfg.speed.precision != "auto" else ("bf16" if gpu else "fp32")
     mode = cfg.speed.compile_mode
-    step_graph = cfg.speed.step_graph == "true"
+    if cfg.speed.step_graph == "auto":
+        # the whole step one graph: exact, and faster than torch.compile's graphs around
+        # forward and backward (H200, BENCHMARKS.md); where it can be captured
+        step_graph = gpu and world == 1 and precision != "fp16" and mode in ("auto", "default",
+                                                                             "max-autotune-no-cudagraphs")
+    else:
+        step_graph = cfg.speed.step_graph == "true"
     if mode == "auto":
         # CUDA graphs remove the per-kernel launch cost that bounds CIFAR-size steps on a
         # GPU: torch.compile's around forward and backward, unless the whole step is one
@@ -214,7 +221,7 @@ class Trainer:
     def check(self, env: D.DistEnv) -> Speed:
         """The resolved speed switches, once this config may run in this folder (identity
         first: a finished run must not stand for a config it was not trained with)."""
-        speed = resolve_speed(self.cfg, env.device)
+        speed = resolve_speed(self.cfg, env.device, env.world)
         problem = self._config_problem(speed, env) if env.is_main else None
         problem = D.broadcast_object(problem)
         if problem:
