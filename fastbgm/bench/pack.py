@@ -136,6 +136,10 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                     log.warning("%s K=%d threads skipped: torch %s cannot compile from several threads at once "
                                 "(the trainer packs such runs on streams or serially)", name, k, torch.__version__)
                     continue
+                if pm == "threads" and k > 1 and gpu and speed.torch_graphs:
+                    log.warning("%s K=%d threads skipped: torch.compile's CUDA graphs cannot be recorded from "
+                                "several threads (the trainer refuses it: trainer/loop.py)", name, k)
+                    continue
                 key = (name, mode, batch, steps)
                 if k == 1 and baselines is not None and key in baselines:
                     r, w = dict(baselines[key][0]), baselines[key][1]
@@ -147,17 +151,21 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                     base, ref = r["images_per_s"], w
                 r["x_k1"] = r["images_per_s"] / base
                 r["max_abs_diff"] = max(float((w[n] - ref[n]).abs().max()) for n in ref)
+                # the same, as a share of each tensor's largest value (BatchNorm statistics grow large)
+                r["max_rel_diff"] = max(float((w[n] - ref[n]).abs().max() / ref[n].abs().max().clamp_min(1e-12))
+                                        for n in ref)
                 r["unsafe"] = pm == "streams" and gpu and speed.torch_graphs
                 rows.append(r)
-                log.info("%s K=%d %s: %.0f img/s (x%.2f), max |dw| %.3g", name, k, r["pack_mode"],
-                         r["images_per_s"], r["x_k1"], r["max_abs_diff"])
+                log.info("%s K=%d %s: %.0f img/s (x%.2f), max |dw| %.3g (%.2g relative)", name, k, r["pack_mode"],
+                         r["images_per_s"], r["x_k1"], r["max_abs_diff"], r["max_rel_diff"])
     info = device_info(device)
     print_table(f"packed runs, batch {batch}, {speed.precision}, "
                 f"{mode} on {info['device']}",
-                ["model", "K", "pack mode", "images/s", "x K=1", "max |dw| vs alone", "MFU", "warm-up s"],
+                ["model", "K", "pack mode", "images/s", "x K=1", "max |dw| vs alone", "relative", "MFU", "warm-up s"],
                 [[r["model"], r["K"], r["pack_mode"] + (" (unsafe: graphs race)" if r["unsafe"] else ""),
                   f"{r['images_per_s']:,.0f}", f"{r['x_k1']:.2f}", f"{r['max_abs_diff']:.2g}",
-                  f"{100 * r['mfu']:.1f}%" if r["mfu"] else "", f"{r['warmup_s']:.1f}"] for r in rows])
+                  f"{r['max_rel_diff']:.2g}", f"{100 * r['mfu']:.1f}%" if r["mfu"] else "",
+                  f"{r['warmup_s']:.1f}"] for r in rows])
     if out:
         write_json(out, "pack", {"device": info, "compile": mode, "rows": rows})
     return rows
