@@ -43,9 +43,10 @@ def _train_size(r: RunSpec, exp: ExperimentConfig) -> int | None:
         return KNOWN_TRAIN_SIZES.get(r.dataset.lower())
 
 
-# what pack mode ``auto`` is on a GPU (trainer/loop.py resolve_pack_mode): threads, or
-# streams when every run uses step graphs
-AUTO_ON_GPU = ("threads", "streams")
+# what pack mode ``auto`` is on a GPU (trainer/loop.py resolve_pack_mode): streams when
+# every run uses step graphs (the default), serial with torch.compile's graphs, threads
+# for runs without graphs
+AUTO_ON_GPU = ("streams", "serial", "threads")
 
 
 def _row(table: list[dict[str, Any]], model: str, batch: int, packed: int = 1,
