@@ -703,6 +703,8 @@ def test_bench_pack_measures_k_runs_through_the_packed_loop(tmp_path: Path) -> N
     assert rows[0]["x_k1"] == 1.0 and all(r["images_per_s"] > 0 for r in rows) and "x K=1" in out.stdout
     assert all(r["max_abs_diff"] == 0.0 for r in rows[:3])  # run 0 of a pack is run 0 alone, bitwise on a CPU
     assert 0 < rows[3]["max_abs_diff"] < 1e-3  # fused: other kernels, float noise
+    assert 0 < rows[3]["early_rel_diff"] < 1e-4 and "relative after 3 steps" in out.stdout
+    assert rows[1]["max_rel_diff"] == 0.0 and "early_rel_diff" not in rows[1]
 
 
 def test_bench_overhead_counts_what_the_loop_adds_to_a_step(tmp_path: Path) -> None:

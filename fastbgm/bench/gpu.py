@@ -436,7 +436,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         return [["pack", f"{r['model']} batch {scale.batch} {mode}, K={r['K']} {r['pack_mode']}"
                  + (" (unsafe)" if r["unsafe"] else ""), r["images_per_s"],
                  f"x{r['x_k1']:.2f} of K=1, max |dw| vs alone {r['max_abs_diff']:.2g} "
-                 f"({r['max_rel_diff']:.2g} relative)"] for r in res]
+                 f"({r['max_rel_diff']:.2g} relative" + (f"; {r['early_rel_diff']:.2g} after 3 steps"
+                                                         if "early_rel_diff" in r else "") + ")"] for r in res]
 
     baselines: dict = {}  # K = 1 of a model and mode, measured once for every section
     work = Path(tempfile.mkdtemp(prefix="fastbgm-gpu-"))  # the two-stage runs' folders

@@ -137,10 +137,10 @@ def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> s
                           "fail; use speed.step_graph=true (each run's whole step one graph; packs in streams), "
                           "pack mode serial, or speed.compile_mode=default")
     if mode == "fused" and device.type == "cuda":
-        raise ConfigError("pack mode 'fused' is refused on a GPU: there it trained slower than one run alone "
-                          "(H200, torch 2.11, 2026-11-30: 0.56-0.65x) and its runs were not shown to end where "
-                          "they end alone (weights and BatchNorm statistics 28 to 1,400 apart after 120 steps of "
-                          "`bench pack`); use pack mode auto (streams with step graphs: exact, 1.4-1.6x at K = 4)")
+        raise ConfigError("pack mode 'fused' is refused on a GPU: there K fused runs trained slower than one "
+                          "run alone (H200, torch 2.11, 2026-11-30: 0.56-0.65x), and were not shown to end "
+                          "where they end alone; use pack mode auto (streams with step graphs: each run exactly "
+                          "as alone, 1.4-1.6x one run's images/s at K = 4)")
     graphs = [s for s in speeds if s.torch_graphs]
     if mode == "streams" and device.type == "cuda" and graphs:
         raise ConfigError("pack mode 'streams' cannot replay CUDA graphs (speed.compile_mode = "
