@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="a pack's inbox: runs a scheduler offers join the pack between epochs; with nothing "
                         "left, the pack asks for more and waits for an answer (fastbgm.trainer.inbox)")
     p.add_argument("--pack-mode", default="auto", choices=PACK_MODES,
-                   help="how packed runs share the device (fastbgm.trainer.loop; default: threads on a GPU, "
-                        "streams when every run uses step graphs, serial on a CPU; fused: runs of one "
-                        "architecture as one vmapped network, equal to alone to float tolerance)")
+                   help="how packed runs share the device (fastbgm.trainer.loop; default: streams on a GPU "
+                        "when every run uses step graphs (the GPU default), serial with torch.compile's CUDA "
+                        "graphs, threads without graphs, serial on a CPU; fused: runs of one architecture as "
+                        "one vmapped network, equal to alone to float tolerance, CPU only for now)")
     p.add_argument("--quiet", action="store_true")
     args, rest = p.parse_known_args(argv)
     from rich.logging import RichHandler

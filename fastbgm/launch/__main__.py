@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks-per-run", type=int, help="GPUs (processes) one run spans; > 1 is one DDP run")
     p.add_argument("--runs-per-gpu", type=int,
                    help="one-rank runs packed onto one GPU (or CPU slot) in one process (default 1)")
-    p.add_argument("--pack-mode", help="how runs packed on one GPU share it: auto (default), serial, streams, "
-                   "threads, fused (runs of one architecture as one network; fastbgm.trainer.loop)")
+    p.add_argument("--pack-mode", help="how runs packed on one GPU share it: auto (default: streams for runs "
+                   "with step graphs, the GPU default), serial, streams, threads, fused (runs of one architecture "
+                   "as one network; CPU only for now; fastbgm.trainer.loop)")
     p.add_argument("--stall-timeout", type=float,
                    help="seconds a trainer may make no progress before it is taken as hung, killed and its runs "
                    "started again from their last checkpoint (default 1800; 0: never)")
