@@ -112,14 +112,32 @@ class _FusedNorm:
         return out.to(x.dtype)
 
 
-_FUSED_NORMS: dict[type, type] = {}
+class _FusedGlobalPool:
+    """``AdaptiveAvgPool2d(1)`` as the mean over height and width that it computes: on a
+    channels-last input the composite op also restrides its output with ``as_strided_``,
+    which has no batching rule, so under ``vmap`` torch ran it run by run (with a warning
+    per trace). The values are the same; only the strides of a 1 x 1 map differ."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((-2, -1), keepdim=True)
 
 
-def _fused_norms(module: nn.Module) -> nn.Module:
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _as(m: nn.Module, mixin: type) -> None:
+    cls = type(m)
+    m.__class__ = _FUSED_CLASSES.setdefault(cls, type(f"{cls.__name__}Fused", (mixin, cls), {}))
+
+
+def _fused_layers(module: nn.Module) -> nn.Module:
+    """``module`` with the layers the fused step runs its own way (in place)."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FusedNorm):
-            cls = type(m)
-            m.__class__ = _FUSED_NORMS.setdefault(cls, type(f"{cls.__name__}Fused", (_FusedNorm, cls), {}))
+            _as(m, _FusedNorm)
+        elif (isinstance(m, nn.AdaptiveAvgPool2d) and not isinstance(m, _FusedGlobalPool)
+              and m.output_size in (1, (1, 1))):
+            _as(m, _FusedGlobalPool)
     return module
 
 
@@ -210,7 +228,7 @@ class FusedRuns:
         key = (sig, self.speed.amp_dtype)
         if key not in _BASES:  # the architecture without storage: functional_call fills it per run
             base = copy.deepcopy(first.module).to("meta").train()
-            _BASES[key] = _fused_norms(base)
+            _BASES[key] = _fused_layers(base)
         self.base = _BASES[key]
         self.forward = _forward_for(self.speed, (*key, len(states)))
         self.low = low_precision_params(first.module)
