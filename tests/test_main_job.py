@@ -221,9 +221,11 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     cannot = ["loader"] * (find_spec("ffcv") is None) + ["ddp"]  # what this machine cannot do
     assert [r[0] for r in skipped] == cannot, skipped
     # every pack measured, each run exactly as alone on a CPU but the fused (other kernels)
-    packs = {k: out[k] for k in ("pack", "pack_stepgraph", "pack_unsafe", "pack_fused")}
+    packs = {k: out[k] for k in ("pack", "pack_stepgraph", "pack_unsafe", "pack_fused", "pack_processes")}
     assert [(r["K"], r["pack_mode"]) for r in packs["pack"]] == [(1, "alone"), (2, "serial")]
-    assert all(r["max_abs_diff"] == 0 for k in ("pack", "pack_stepgraph", "pack_unsafe") for r in packs[k])
+    assert all(r["max_abs_diff"] == 0 for k in ("pack", "pack_stepgraph", "pack_unsafe", "pack_processes")
+               for r in packs[k])
+    assert [(r["K"], r["pack_mode"]) for r in packs["pack_processes"]] == [(1, "alone"), (2, "processes")]
     assert 0 < max(r["max_abs_diff"] for r in packs["pack_fused"]) < 1e-2
     # a fused run's exactness judged a few steps in, before float differences grow
     assert all(0 < r["early_rel_diff"] < 1e-3 for r in packs["pack_fused"] if r["K"] > 1)

@@ -707,6 +707,24 @@ def test_bench_pack_measures_k_runs_through_the_packed_loop(tmp_path: Path) -> N
     assert rows[1]["max_rel_diff"] == 0.0 and "early_rel_diff" not in rows[1]
 
 
+def test_bench_pack_measures_k_runs_as_k_processes(tmp_path: Path) -> None:
+    """The issue's third design, measured: K runs as K processes on the device (under CUDA
+    MPS on a GPU). Each process trains its run as alone, so run 0 is run 0 alone, bitwise;
+    a process that fails names its run; MPS on a CPU is skipped, saying why."""
+    from fastbgm.bench.processes import measure
+
+    out = subprocess.run([sys.executable, "-m", "fastbgm.bench", "pack", "--device", "cpu", "--models", "small_cnn",
+                          "--runs", "1,2", "--batch-size", "16", "--steps", "2", "--out", str(tmp_path),
+                          "--pack-modes", "processes,mps"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "pack.json").read_text())["rows"]
+    assert [(r["K"], r["pack_mode"]) for r in rows] == [(1, "alone"), (2, "processes")]
+    assert rows[1]["max_abs_diff"] == 0.0 and rows[1]["images_per_s"] > 0
+    assert "K=2 mps skipped: CUDA MPS needs a GPU" in out.stdout + out.stderr
+    with pytest.raises(RuntimeError, match="K=2 processes: run 0: ValueError: unknown model"):
+        measure("no_such_model", 2, 16, 2, "eager", torch.device("cpu"))
+
+
 def test_bench_overhead_counts_what_the_loop_adds_to_a_step(tmp_path: Path) -> None:
     """The loop's own ops per step (its record of loss and correct count, the non-finite
     check every 20 steps) stay few: each is a launch in a host-bound batch-128 GPU step.

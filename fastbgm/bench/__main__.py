@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
             s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
-                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, pack-fused, loader, train, ddp, "
-                           "overhead)")
+                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, pack-fused, "
+                           "pack-processes, loader, train, ddp, overhead)")
             s.add_argument("--smoke", action="store_true", help="every section at toy size (small_cnn, K = 1, 2, a few "
                            "steps, 12 CIFAR-10 images a class): runs the whole check on a CPU in minutes, before a "
                            "GPU session spends its time on it")
@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--runs", default="1,2,4,8", help="K values: runs packed on the device")
             s.add_argument("--batch-size", type=int, default=128)
             s.add_argument("--steps", type=int, default=20, help="steps per run per timed epoch")
-            s.add_argument("--pack-modes", default="serial,threads",
-                           help="how K > 1 runs share the device: serial, threads, streams (see fastbgm.trainer.loop), "
-                           "fused (one vmapped network: fastbgm.trainer.fused)")
+            s.add_argument("--pack-modes", default="serial,streams,threads",
+                           help="how K > 1 runs share the device: serial, streams, threads (see fastbgm.trainer.loop), "
+                           "fused (one vmapped network: fastbgm.trainer.fused), processes (K processes), mps (K "
+                           "processes under CUDA MPS: fastbgm.bench.processes)")
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
                            default="auto", help="auto: cudagraphs (torch.compile's) on a GPU, eager on a CPU; "
                            "stepgraph: each run's whole step one CUDA graph")

@@ -7,11 +7,12 @@ said so) once the time budget is spent:
 - ``train128``: the bare compiled step of ResNet18 and VGG16 at batch 128 (the
   baseline the Trainer is held to);
 - ``pack``: K = 1, 2, 4, 8 batch-128 runs on the GPU with torch.compile's CUDA graphs,
-  pack modes threads and serial, and how far run 0 ends from run 0 alone;
+  pack mode serial (from threads their captures fail: trainer/loop.py), and how far run 0
+  ends from run 0 alone;
 - ``pack-stepgraph``: the same with each run's whole step one CUDA graph
   (``speed.step_graph``), pack modes streams and threads;
 - ``two-stage``: stage 1 and both stage-2 runs of ResNet18 on real CIFAR-10 through the
-  Trainer, alone and packed, with and without step graphs, and fused (when ``--data`` holds a
+  Trainer, alone and packed, with and without step graphs (when ``--data`` holds a
   prepared CIFAR-10, ``<data>/cifar10/train.beton`` or its resident cache, or the JPEG
   archive ``<data>/cifar10-jpeg.tar.xz``, decoded here without ffcv);
 - ``trainer/bare``: the Trainer's images/s over the bare step's (goal: >= 90%);
@@ -19,7 +20,10 @@ said so) once the time budget is spent:
   the trainer refuses (their graphs share one memory pool): its difference column;
 - ``pack-fused``: K = 4, 8 runs fused into one vmapped network (HFTA; trainer/fused.py:
   compiled, the whole fused step one CUDA graph), against the same K = 1 as
-  ``pack-stepgraph``; last of #11's sections, as each K compiles anew;
+  ``pack-stepgraph``, with each pack's relative difference after 3 steps (drift or a
+  wrong kernel?); each K compiles anew;
+- ``pack-processes``: K = 4 runs as 4 processes on the GPU, each run as alone, taking
+  turns (``processes``) or side by side under CUDA MPS (``mps``; bench/processes.py);
 - ``loader``, ``train`` (batch 512, eager / compiled / CUDA graphs, loader in the loop
   or not), ``ddp`` (2 processes, when there are 2+ GPUs);
 - ``overhead``: what the training loop adds to a step on the host, ops (eager) and
@@ -61,6 +65,7 @@ class Scale:
     big_batch: int = 512  # the ``train`` section
     pack_ks: tuple[int, ...] = (1, 2, 4, 8)
     graph_ks: tuple[int, ...] = (1, 4, 8)  # pack-stepgraph and pack-fused
+    process_ks: tuple[int, ...] = (1, 4)  # pack-processes
     unsafe_ks: tuple[int, ...] = (1, 4)
     pack_steps: int = 40  # per run per timed epoch
     train_steps: int = 60  # timed steps of the bare step at ``batch``
@@ -76,7 +81,7 @@ class Scale:
 
 FULL = Scale()
 SMOKE = Scale(models=("small_cnn",), model_kw=(("width", 8), ("depth", 2)), batch=32, big_batch=64,
-              pack_ks=(1, 2), graph_ks=(1, 2), unsafe_ks=(1, 2), pack_steps=2, train_steps=2, big_steps=2,
+              pack_ks=(1, 2), graph_ks=(1, 2), process_ks=(1, 2), unsafe_ks=(1, 2), pack_steps=2, train_steps=2, big_steps=2,
               trainer_model="small_cnn", epochs=2, per_class=(12, 4), loader_images=512, overhead_steps=4,
               loader_seconds=0.2, reserve_s=0.0)
 
@@ -357,8 +362,8 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     return rows
 
 
-SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-fused", "loader",
-            "train", "ddp", "overhead")
+SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-fused",
+            "pack-processes", "loader", "train", "ddp", "overhead")
 
 
 def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0,
@@ -456,6 +461,9 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         # K runs as one vmapped network (HFTA), its whole step one CUDA graph
         section("pack-fused", pack_rows, "pack_fused", scale.models, scale.graph_ks, "stepgraph", ("fused",),
                 lambda r: True, 0.0)
+        # K runs as K processes (each run as alone), taking turns on the GPU or side by side under CUDA MPS
+        section("pack-processes", pack_rows, "pack_processes", scale.models, scale.process_ks, "stepgraph",
+                ("processes", "mps"), lambda r: True, 0.0)
         section("loader", _loader_section, device, scale.loader_seconds or seconds, scale)
         section("train", train_rows, scale.big_batch, ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"],
                 ("without", "with"), scale.big_steps)

@@ -27,7 +27,9 @@ from .train import synthetic_arrays
 
 log = logging.getLogger(__name__)
 
-PACK_MODES = tuple(m for m in LOOP_PACK_MODES if m != "auto")
+# the trainer's pack modes, and K runs as K processes (bench/processes.py; ``mps``: under CUDA MPS)
+PROCESS_MODES = ("processes", "mps")
+PACK_MODES = tuple(m for m in LOOP_PACK_MODES if m != "auto") + PROCESS_MODES
 
 
 def _state(name: str, seed: int, images: Any, labels: Any, batch: int, speed: Speed, device: torch.device,
@@ -50,12 +52,12 @@ def _state(name: str, seed: int, images: Any, labels: Any, batch: int, speed: Sp
 
 
 def bench_speed(mode: str, device: torch.device) -> tuple[str, Speed]:
-    """A bench's step mode (auto: cudagraphs on a GPU, eager on a CPU) and its speed switches:
+    """A bench's step mode (auto: as the trainer's default, step graphs on a GPU; eager on a CPU) and its speed switches:
     eager, compiled, cudagraphs (torch.compile's reduce-overhead) or stepgraph (compiled,
     the whole step one CUDA graph: trainer/stepgraph.py); bf16 on a GPU."""
     gpu = device.type == "cuda"
     if mode == "auto":
-        mode = "cudagraphs" if gpu else "eager"
+        mode = "stepgraph" if gpu else "eager"
     compile_mode = "reduce-overhead" if mode == "cudagraphs" else "default"
     return mode, Speed(device.type, mode != "eager", compile_mode, True, "bf16" if gpu else "fp32", gpu,
                        torch.get_num_threads(), step_graph=mode == "stepgraph")
@@ -150,11 +152,26 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                     log.warning("%s K=%d threads skipped: torch.compile's CUDA graphs cannot be recorded from "
                                 "several threads (the trainer refuses it: trainer/loop.py)", name, k)
                     continue
+                if pm == "mps" and k > 1 and not gpu:
+                    log.warning("%s K=%d mps skipped: CUDA MPS needs a GPU", name, k)
+                    continue
                 key = (name, mode, batch, steps)
                 if k == 1 and baselines is not None and key in baselines:
                     r, w = dict(baselines[key][0]), baselines[key][1]
+                elif pm in PROCESS_MODES and k > 1:
+                    from .processes import measure as measure_processes
+
+                    try:
+                        r, w = measure_processes(name, k, batch, steps, mode, device, model_kw, mps=pm == "mps")
+                    except RuntimeError as e:
+                        if pm != "mps":
+                            raise
+                        # whether MPS starts depends on the machine: say why, measure the rest
+                        log.warning("%s K=%d mps failed: %s", name, k, e)
+                        continue
                 else:
-                    r, w = measure(name, k, batch, steps, speed, device, arrays, pm, model_kw)
+                    r, w = measure(name, k, batch, steps, speed, device, arrays, pm if pm not in PROCESS_MODES
+                                   else "serial", model_kw)
                     if k == 1 and baselines is not None:
                         baselines[key] = (r, w)
                 if base is None:
