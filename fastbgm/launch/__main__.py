@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.sources import DatasetError
     from ..fileio import no_space
     from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
-    from .common import LaunchError, closing_report, decide, stage_runs
+    from .common import LaunchError, check_pack_mode, closing_report, decide, stage_runs
 
     overrides = list(rest)
     for flag, key in (("nodes", "nodes"), ("min_nodes", "min_nodes"), ("gpus_per_node", "gpus"),
@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         executor = "slurm" if slurm_available() else "local"
     following: dict[str, str] = {}
     try:
+        import torch
+
+        # (the nodes' GPUs on Slurm; this machine's locally), before data is prepared or anything submitted
+        check_pack_mode(runs, exp.resources,
+                        on_gpu=exp.resources.gpus > 0 if executor == "slurm" else torch.cuda.is_available())
         if not args.dry_run:
             _prepare_missing_data(exp, console)
         if executor == "slurm":

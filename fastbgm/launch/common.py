@@ -53,6 +53,26 @@ def check_configs(runs: list[RunSpec]) -> None:
         )
 
 
+def check_pack_mode(runs: list[RunSpec], res: Resources, on_gpu: bool) -> None:
+    """Refuse, before anything is submitted, a pack mode the trainer would refuse on the
+    GPUs the runs will train on (fused; threads or streams with torch.compile's CUDA
+    graphs): every pack would fail at its start otherwise. One-rank runs only (those are
+    what ``runs_per_gpu`` packs); the trainer decides the rest (trainer/loop.py)."""
+    if not on_gpu or res.runs_per_gpu == 1 or res.ranks_per_run > 1:
+        return
+    import torch
+
+    from ..config import ConfigError
+    from ..trainer.loop import resolve_pack_mode
+    from ..trainer.trainer import resolve_speed
+
+    gpu = torch.device("cuda")
+    try:
+        resolve_pack_mode(res.pack_mode, gpu, [resolve_speed(r.config, gpu, 1) for r in runs])
+    except ConfigError as e:
+        raise LaunchError(f"--pack-mode {res.pack_mode} (resources.pack_mode): {e}") from None
+
+
 def decide(runs: list[RunSpec], retry_failed: bool, queued: set[str] = frozenset()) -> list[Decision]:
     """What to do with each run, in dependency order (stage 1 first)."""
     check_configs(runs)
