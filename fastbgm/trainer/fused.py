@@ -1,6 +1,7 @@
 """K runs of one architecture trained as one network (HFTA, MLSys'21): pack mode
 ``fused`` of loop.py, one of the candidate ways to share a GPU that ``bench pack
---pack-modes fused`` measures against the others (opt-in, and refused on a GPU, where it measured slower than one run: loop.py).
+--pack-modes fused`` measures against the others (opt-in, and refused on a GPU, where it
+measured slower than one run: loop.py).
 
 Why: at the paper's batch 128 one run's kernels are too small to fill a GPU. K runs
 in threads or on streams still launch K times as many small kernels; fused, their

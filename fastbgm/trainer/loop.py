@@ -29,11 +29,12 @@ How the runs of a pack share the device (:data:`PACK_MODES`):
   and ``threads`` is refused.
 
 - ``fused`` (CPU only for now: refused on a GPU, where the first measurement found it
-  slower than one run, its runs not shown to end where they end alone): runs of one architecture, batch shape and speed switches trained as one
-  network (HFTA; fused.py): their parameters stacked, the step ``torch.func.vmap``-ed
-  over the runs, so each kernel does K runs' work (and on a GPU the whole fused step is
-  one CUDA graph). Other kernels than alone (a grouped convolution's): equal to the
-  run alone to float tolerance, not bitwise. A run that fits no group steps in turn.
+  slower than one run, its runs not shown to end where they end alone): runs of one
+  architecture, batch shape and speed switches trained as one network (HFTA; fused.py):
+  their parameters stacked, the step ``torch.func.vmap``-ed over the runs, so each
+  kernel does K runs' work (and on a GPU the whole fused step is one CUDA graph). Other
+  kernels than alone (a grouped convolution's): equal to the run alone to float
+  tolerance, not bitwise. A run that fits no group steps in turn.
 
 On a CPU the default is ``serial`` (its cores are already shared by every op).
 
