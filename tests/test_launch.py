@@ -47,7 +47,7 @@ lr = {stage1_lr}
 momentum = 0.9
 batch_size = 64
 milestones = []
-max_epochs = 10
+max_epochs = {stage1_epochs}
 target_train_acc = 1.0
 check_every = 5
 
@@ -71,10 +71,11 @@ time = "00:20:00"
 
 def write_experiment(tmp: Path, data: Path, name: str = "mini", modes: str = '["vanilla", "da+l2+m"]',
                      inits: str = '["random", "adversarial"]', epochs: int = 6, stage1_lr: float = 0.05,
-                     batchnorm: str = "true", seeds: str = "[0]") -> Path:
+                     batchnorm: str = "true", seeds: str = "[0]", stage1_epochs: int = 10) -> Path:
     p = tmp / f"{name}.toml"
     p.write_text(EXPERIMENT.format(name=name, runs=tmp / "runs", data=data, modes=modes, inits=inits,
-                                   epochs=epochs, stage1_lr=stage1_lr, batchnorm=batchnorm)
+                                   epochs=epochs, stage1_lr=stage1_lr, batchnorm=batchnorm,
+                                   stage1_epochs=stage1_epochs)
                  .replace("seeds = [0]", f"seeds = {seeds}"))
     return p
 
@@ -629,6 +630,11 @@ def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exact
         assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in read_jsonl(ref / key / "metrics.jsonl")]
 
 
+# stage 1 of the lost-node tests: long enough to be training still when its node goes down
+# (at 10 epochs it once finished in the seconds the loss took, and never had to resume)
+LOST_NODE_STAGE1_EPOCHS = 30
+
+
 def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str,
                     *extra: str) -> tuple[list[str], subprocess.Popen, Path, str, dict[str, Path]]:
     """Launch a 14-epoch vanilla experiment as one allocation of 2 nodes x 1 GPU, and wait
@@ -637,7 +643,8 @@ def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str,
     job id, {node: its run's folder})."""
     from fastbgm.launch.allocation import allocation_nodes
 
-    cfg = write_experiment(tmp_path, tiny_dir, name=name, modes='["vanilla"]', epochs=14)
+    cfg = write_experiment(tmp_path, tiny_dir, name=name, modes='["vanilla"]', epochs=14,
+                           stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
     args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--no-report", *extra]
     follower = launch_in_background(*args, "--timeout", "400")
     root = tmp_path / "runs" / name
@@ -705,7 +712,7 @@ def test_a_node_lost_for_good_costs_only_its_run_which_resumes_on_the_nodes_left
     node left; the run that was on the lost node starts again there from its last.pt,
     and the launch following the job ends with every run done as if nothing had happened.
     The run on the other node never stopped."""
-    reference = _local_reference(tmp_path, tiny_dir, name="nl")
+    reference = _local_reference(tmp_path, tiny_dir, name="nl", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
     args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nl")
     lost = next(n for n in where if n != _batch_host(job))
     _follow_losing(follower, job, lost)
@@ -729,7 +736,7 @@ def test_the_node_of_the_allocations_driver_lost_the_launch_submits_the_next_all
     batch script). The launch following it says so and submits a new allocation, on the
     node left (``--min-nodes 1``; the failed node stays down), which resumes every
     unfinished run exactly; the launch ends with every run done."""
-    reference = _local_reference(tmp_path, tiny_dir, name="nb")
+    reference = _local_reference(tmp_path, tiny_dir, name="nb", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
     args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nb", "--min-nodes", "1")
     lost = _batch_host(job)
     text = " ".join(_follow_losing(follower, job, lost).split())
@@ -748,7 +755,7 @@ def test_a_requeued_allocation_waiting_for_a_lost_node_asks_for_the_nodes_up_und
     """A node fails for good, then the allocation is requeued (as at its time limit): the
     job waits for the lost node. Under ``--min-nodes 1`` the launch following it has it
     ask for the node up, where it starts again and every run resumes exactly."""
-    reference = _local_reference(tmp_path, tiny_dir, name="nr")
+    reference = _local_reference(tmp_path, tiny_dir, name="nr", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
     args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nr", "--min-nodes", "1")
     lost = next(n for n in where if n != _batch_host(job))
     log = root / ".submitit" / job / f"{job}_0_log.err"
