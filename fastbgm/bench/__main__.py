@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                            "fused (one vmapped network: fastbgm.trainer.fused), processes (K processes), mps (K "
                            "processes under CUDA MPS: fastbgm.bench.processes)")
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
-                           default="auto", help="auto: cudagraphs (torch.compile's) on a GPU, eager on a CPU; "
+                           default="auto", help="auto: stepgraph on a GPU (the trainer's default), eager on a CPU; "
                            "stepgraph: each run's whole step one CUDA graph")
         if name == "overhead":
             s.add_argument("--steps", type=int, default=100, help="steps per timed epoch")
