@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "overhead":
             s.add_argument("--steps", type=int, default=100, help="steps per timed epoch")
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
-                           default="auto", help="auto: cudagraphs on a GPU, eager (ops counted) on a CPU")
+                           default="auto", help="auto: stepgraph on a GPU, eager (ops counted) on a CPU")
         if name == "schedule":
             s.add_argument("--runs", default="1,2", help="K values: runs per slot (the first is the baseline)")
             s.add_argument("--seeds", type=int, default=3, help="the mini experiment's seeds (5 runs each)")
