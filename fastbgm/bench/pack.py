@@ -63,6 +63,15 @@ def bench_speed(mode: str, device: torch.device) -> tuple[str, Speed]:
                        torch.get_num_threads(), step_graph=mode == "stepgraph")
 
 
+def model_flops_utilization(module: torch.nn.Module, images_per_s: float, device: torch.device,
+                            precision: str) -> float | None:
+    """The share of the device's peak FLOP/s that training ``module`` on CIFAR-size images
+    at ``images_per_s`` uses (None where either is unknown: a CPU, an unlisted card)."""
+    flops = train_flops_per_image(module, (3, 32, 32), device)
+    peak = peak_flops(device, precision)
+    return flops * images_per_s / peak if flops and peak else None
+
+
 def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: torch.device,
             arrays: tuple[Any, Any], pack_mode: str = "serial",
             model_kw: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -94,8 +103,7 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
     synchronize(device)
     dt = time.perf_counter() - t0
     ips = k * epochs * len(images) / dt
-    flops = train_flops_per_image(states[0].module, (3, 32, 32), device)
-    peak = peak_flops(device, speed.precision)
+    mfu = model_flops_utilization(states[0].module, ips, device, speed.precision)
     weights = {n: p.detach().float().cpu() for n, p in states[0].module.state_dict().items() if p.is_floating_point()}
     for s in states.values():
         s.close()
@@ -103,7 +111,7 @@ def measure(name: str, k: int, batch: int, steps: int, speed: Speed, device: tor
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"model": name, "K": k, "pack_mode": pack_mode if k > 1 else "alone", "batch": batch,
-            "images_per_s": ips, "warmup_s": warm, "mfu": flops * ips / peak if peak else None}, weights
+            "images_per_s": ips, "warmup_s": warm, "mfu": mfu}, weights
 
 
 EARLY_STEPS = 3  # a measurement's three epochs of one step each: where a fused run's exactness is judged
@@ -170,8 +178,7 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                         log.warning("%s K=%d mps failed: %s", name, k, e)
                         continue
                 else:
-                    r, w = measure(name, k, batch, steps, speed, device, arrays, pm if pm not in PROCESS_MODES
-                                   else "serial", model_kw)
+                    r, w = measure(name, k, batch, steps, speed, device, arrays, pm, model_kw)
                     if k == 1 and baselines is not None:
                         baselines[key] = (r, w)
                 if base is None:

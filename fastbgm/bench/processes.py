@@ -150,12 +150,10 @@ def measure(name: str, k: int, batch: int, steps: int, mode: str, device: torch.
     t0, t1 = min(g[1] for g in got), max(g[2] for g in got)
     ips = sum(g[3] for g in got) / (t1 - t0)
     from fastbgm.models import build_model
-    from fastbgm.trainer.measures import peak_flops, train_flops_per_image
 
-    from .pack import bench_speed
+    from .pack import bench_speed, model_flops_utilization
 
     _, speed = bench_speed(mode, device)
-    flops = train_flops_per_image(build_model(name, 10, **(model_kw or {})).to(device), (3, 32, 32), device)
-    peak = peak_flops(device, speed.precision)
+    mfu = model_flops_utilization(build_model(name, 10, **(model_kw or {})).to(device), ips, device, speed.precision)
     return {"model": name, "K": k, "pack_mode": "mps" if mps else "processes", "batch": batch,
-            "images_per_s": ips, "warmup_s": t0 - t_start, "mfu": flops * ips / peak if flops and peak else None}, weights
+            "images_per_s": ips, "warmup_s": t0 - t_start, "mfu": mfu}, weights
