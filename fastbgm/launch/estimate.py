@@ -10,7 +10,8 @@ rules (schedule.py), as the driver and the local executor place runs.
 
 Packing (``resources.runs_per_gpu`` K > 1): j <= K one-rank runs on one GPU each train
 at ``images/s of j packed runs / j``, from the table's ``runs_per_gpu = j`` rows in the
-experiment's pack mode (the GPU check writes them: ``throughput-rows.json``), linear
+experiment's pack mode as the trainer resolves it for the run's speed switches
+(:func:`gpu_packing`; the GPU check writes them: ``throughput-rows.json``), linear
 between measured counts. Without such a row for the model, packing is counted as gaining
 nothing (the runs share one run's images/s) and the estimate says so.
 """
@@ -21,6 +22,7 @@ import json
 from importlib import resources as ir
 from typing import Any, Mapping, Sequence
 
+from ..trainer.config import RunConfig
 from ..experiment import ExperimentConfig, Resources, RunSpec
 from .schedule import new_packs, partners_for, runs_alone
 
@@ -43,20 +45,33 @@ def _train_size(r: RunSpec, exp: ExperimentConfig) -> int | None:
         return KNOWN_TRAIN_SIZES.get(r.dataset.lower())
 
 
-# what pack mode ``auto`` is on a GPU (trainer/loop.py resolve_pack_mode): streams when
-# every run uses step graphs (the default), serial with torch.compile's graphs, threads
-# for runs without graphs
-AUTO_ON_GPU = ("streams", "serial", "threads")
+def gpu_packing(config: RunConfig, pack_mode: str) -> tuple[str, str]:
+    """How the trainer packs one-rank runs of ``config`` on a GPU in ``pack_mode``: (the
+    pack mode ``auto`` resolves to, and the step kind of the table's pack rows:
+    ``stepgraph`` or ``cudagraphs``), by the trainer's own rules (trainer/loop.py)."""
+    import torch
+
+    from ..config import ConfigError
+    from ..trainer.loop import resolve_pack_mode
+    from ..trainer.trainer import resolve_speed
+
+    gpu = torch.device("cuda")
+    speed = resolve_speed(config, gpu, 1)
+    try:
+        mode = resolve_pack_mode(pack_mode, gpu, [speed])
+    except ConfigError:  # (the launcher refuses it before it estimates: common.check_pack_mode)
+        mode = pack_mode
+    return mode, "stepgraph" if speed.step_graph else "cudagraphs"
 
 
 def _row(table: list[dict[str, Any]], model: str, batch: int, packed: int = 1,
-         pack_mode: str = "auto") -> dict[str, Any] | None:
+         packing: tuple[str, str] = ("streams", "stepgraph")) -> dict[str, Any] | None:
     """The row nearest ``batch`` for ``model`` with ``packed`` runs per GPU (1: one run,
-    preferring a measurement through the Trainer over the bare step; K > 1: in
-    ``pack_mode``, for ``auto`` the slower of what it may be)."""
-    modes = AUTO_ON_GPU if pack_mode == "auto" else (pack_mode,)
+    preferring a measurement through the Trainer over the bare step; K > 1: in the pack
+    mode of ``packing``, of its step kind where a row names one)."""
+    mode, step = packing
     rows = [x for x in table if x["model"] == model and x.get("runs_per_gpu", 1) == packed
-            and (packed == 1 or x.get("pack_mode") in modes)]
+            and (packed == 1 or (x.get("pack_mode") == mode and x.get("step", step) == step))]
     return min(rows, key=lambda x: (abs(x["batch"] - batch), x.get("kind") != "trainer", x["images_per_s"]),
                default=None)
 
@@ -134,14 +149,15 @@ def _work(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, 
         together = [alone]  # the GPU's images/s with j = 1..K runs on it
         if k > 1 and c.dist.world == 1:
             measured = {1: alone}
+            packing = gpu_packing(c, res.pack_mode)
             for j in range(2, k + 1):
-                pack = _row(table, c.model.name, c.optim.batch_size, packed=j, pack_mode=res.pack_mode)
+                pack = _row(table, c.model.name, c.optim.batch_size, packed=j, packing=packing)
                 if pack is not None:  # its ratio to one run measured beside it, when it has one
                     cards.add(pack["card"])
                     measured[j] = alone * pack["x_alone"] if "x_alone" in pack else pack["images_per_s"]
             if len(measured) == 1:
                 note(f"runs_per_gpu {k}: no measured images/s of packed {c.model.name} runs (pack mode "
-                     f"{res.pack_mode}); counted as sharing one run's images/s (no gain: an upper bound)")
+                     f"{packing[0]}, {packing[1]}); counted as sharing one run's images/s (no gain: an upper bound)")
             speedup[c.model.name] = measured[max(measured)] / alone
             together = [_between(measured, j) for j in range(1, k + 1)]
         work[r.key] = (images, together)
