@@ -2,13 +2,13 @@
 # The one command to run on a GPU machine (no install, no network, no ffcv needed):
 #   bash launch/gpu-check.sh --out DIR [--data DIR] [--budget SECONDS]
 # It runs `python -m fastbgm.bench gpu` from this checkout, sections in the order the
-# open work needs them (see fastbgm/bench/gpu.py; --sections A,B picks some):
-# the bare batch-128 step; K = 1, 2, 4, 8 packed batch-128 runs (torch.compile's CUDA
-# graphs in threads, step graphs on streams, and fused into one vmapped network) with
-# each pack's largest difference from alone; the two-stage Trainer runs on real
-# CIFAR-10, alone, packed and fused, with and without step graphs (when the --data
-# folder holds a prepared cifar10/, or
-# cifar10-jpeg.tar.xz); the Trainer over the bare step; then the loader,
+# open work needs them (each described in fastbgm/bench/gpu.py; --sections A,B picks some):
+# the bare batch-128 step; K packed batch-128 runs (torch.compile's CUDA graphs in turn,
+# step graphs on streams and threads, fused into one vmapped network, K processes with
+# and without CUDA MPS) with each pack's largest difference from alone; the two-stage
+# Trainer runs on real CIFAR-10, alone and packed (when the --data folder holds a
+# prepared cifar10/, or cifar10-jpeg.tar.xz); the Trainer over the bare step; every
+# paper model's default packing beside one run at K x the batch; then the loader,
 # batch-512 training, 2-GPU DDP rows and the loop's host cost per step. Writes
 # OUT/gpu.json after every section, and the table last: printed, and as OUT/gpu.md.
 # --smoke --device cpu: every section at toy size on a CPU (2.5 to 8 min with compilation

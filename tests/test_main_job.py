@@ -221,11 +221,16 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     cannot = ["loader"] * (find_spec("ffcv") is None) + ["ddp"]  # what this machine cannot do
     assert [r[0] for r in skipped] == cannot, skipped
     # every pack measured, each run exactly as alone on a CPU but the fused (other kernels)
-    packs = {k: out[k] for k in ("pack", "pack_stepgraph", "pack_unsafe", "pack_fused", "pack_processes")}
+    packs = {k: out[k] for k in ("pack", "pack_stepgraph", "pack_unsafe", "pack_fused", "pack_processes",
+                                 "pack_ceiling")}
     assert [(r["K"], r["pack_mode"]) for r in packs["pack"]] == [(1, "alone"), (2, "serial")]
     assert all(r["max_abs_diff"] == 0 for k in ("pack", "pack_stepgraph", "pack_unsafe", "pack_processes")
                for r in packs[k])
     assert [(r["K"], r["pack_mode"]) for r in packs["pack_processes"]] == [(1, "alone"), (2, "processes")]
+    # the default packing beside one run at K x the batch
+    assert [(r["K"], r["pack_mode"], r["batch"]) for r in packs["pack_ceiling"]] == [
+        (1, "alone", SMOKE.batch), (2, "streams", SMOKE.batch), (2, f"one run, batch {2 * SMOKE.batch}", 2 * SMOKE.batch)]
+    assert packs["pack_ceiling"][1]["max_abs_diff"] == 0 and packs["pack_ceiling"][1]["of_ceiling"] > 0
     assert 0 < max(r["max_abs_diff"] for r in packs["pack_fused"]) < 1e-2
     # a fused run's exactness judged a few steps in, before float differences grow
     assert all(0 < r["early_rel_diff"] < 1e-3 for r in packs["pack_fused"] if r["K"] > 1)
@@ -247,9 +252,13 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     rates = json.loads((tmp_path / "out" / "throughput-rows.json").read_text())["rows"]
     assert [(r["kind"], r["model"], r["batch"]) for r in rates[:2]] == [("step", "small_cnn", 32),
                                                                          ("trainer", "small_cnn", 32)]
-    assert sorted((r["step"], r["pack_mode"]) for r in rates[2:]) == [
-        ("cudagraphs", "serial"), ("stepgraph", "streams"), ("stepgraph", "threads")]
-    assert all(r["runs_per_gpu"] == 2 and r["x_alone"] > 0 and r["images_per_s"] > 0 for r in rates[2:])
+    packed = [r for r in rates[2:] if r["kind"] == "pack"]
+    assert sorted((r["step"], r["pack_mode"]) for r in packed) == [
+        ("cudagraphs", "serial"), ("stepgraph", "streams"), ("stepgraph", "streams"), ("stepgraph", "threads")]
+    assert all(r["runs_per_gpu"] == 2 and r["x_alone"] > 0 and r["images_per_s"] > 0 for r in packed)
+    # and pack-ceiling's one run at K x the batch, as a step row of that batch
+    assert [(r["kind"], r["batch"], r["step"]) for r in rates[2:] if r not in packed] == [
+        ("step", 2 * SMOKE.batch, "stepgraph")]
 
 
 def test_gpu_check_says_when_torch_compile_stops_compiling() -> None:

@@ -695,12 +695,18 @@ def test_packed_group_resumes_after_sigkill(tiny_dir: Path, tmp_path: Path, mode
 def test_bench_pack_measures_k_runs_through_the_packed_loop(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "fastbgm.bench", "pack", "--device", "cpu", "--models", "small_cnn",
                           "--runs", "1,2", "--batch-size", "16", "--steps", "2", "--out", str(tmp_path),
-                          "--pack-modes", "serial,threads,fused"],
+                          "--pack-modes", "serial,threads,fused", "--ceiling"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "pack.json").read_text())["rows"]
-    assert [(r["K"], r["pack_mode"]) for r in rows] == [(1, "alone"), (2, "serial"), (2, "threads"), (2, "fused")]
+    assert [(r["K"], r["pack_mode"]) for r in rows] == [(1, "alone"), (2, "serial"), (2, "threads"), (2, "fused"),
+                                                        (2, "one run, batch 32")]
     assert rows[0]["x_k1"] == 1.0 and all(r["images_per_s"] > 0 for r in rows) and "x K=1" in out.stdout
+    # --ceiling: one run at K x the batch, and each pack's share of its images/s
+    big = rows.pop()
+    assert big["ceiling"] and big["batch"] == 32 and "max_abs_diff" not in big
+    assert all(r["of_ceiling"] == pytest.approx(r["images_per_s"] / big["images_per_s"]) for r in rows[1:])
+    assert "of_ceiling" not in rows[0] and "of one run at K x batch" in out.stdout
     assert all(r["max_abs_diff"] == 0.0 for r in rows[:3])  # run 0 of a pack is run 0 alone, bitwise on a CPU
     assert 0 < rows[3]["max_abs_diff"] < 1e-3  # fused: other kernels, float noise
     assert 0 < rows[3]["early_rel_diff"] < 1e-4 and "relative after 3 steps" in out.stdout

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
             s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
-                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, pack-fused, "
-                           "pack-processes, loader, train, ddp, overhead)")
+                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-unsafe, pack-processes, "
+                           "pack-ceiling, pack-fused, loader, train, ddp, overhead)")
             s.add_argument("--smoke", action="store_true", help="every section at toy size (small_cnn, K = 1, 2, a few "
                            "steps, 12 CIFAR-10 images a class): runs the whole check on a CPU in minutes, before a "
                            "GPU session spends its time on it")
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
                            default="auto", help="auto: stepgraph on a GPU (the trainer's default), eager on a CPU; "
                            "stepgraph: each run's whole step one CUDA graph")
+            s.add_argument("--ceiling", action="store_true", help="also one run at batch K x --batch-size for each "
+                           "K > 1, and each pack's images/s as a share of it (what packing at no cost would give)")
         if name == "overhead":
             s.add_argument("--steps", type=int, default=100, help="steps per timed epoch")
             s.add_argument("--mode", choices=["auto", "eager", "compiled", "cudagraphs", "stepgraph"],
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         run_pack(device, args.models.split(","), [int(k) for k in args.runs.split(",")], args.batch_size, args.steps,
-                 args.out, args.mode, tuple(args.pack_modes.split(",")))
+                 args.out, args.mode, tuple(args.pack_modes.split(",")), ceiling=args.ceiling)
     elif args.what == "schedule":
         from .schedule import run as run_schedule
 

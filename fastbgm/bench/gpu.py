@@ -18,12 +18,15 @@ said so) once the time budget is spent:
 - ``trainer/bare``: the Trainer's images/s over the bare step's (goal: >= 90%);
 - ``pack-unsafe``: torch.compile's graphs of 4 runs replayed on 4 streams, the design
   the trainer refuses (their graphs share one memory pool): its difference column;
+- ``pack-processes``: K = 4 runs as 4 processes on the GPU, each run as alone, taking
+  turns (``processes``) or side by side under CUDA MPS (``mps``; bench/processes.py);
+- ``pack-ceiling``: for each of the paper's four models, K = 1, 4, 8 runs packed as the
+  trainer packs them by default (step graphs, streams), each K beside one run at batch
+  K x 128: what the packs reach of the rate that packing at no cost would give;
 - ``pack-fused``: K = 4, 8 runs fused into one vmapped network (HFTA; trainer/fused.py:
   compiled, the whole fused step one CUDA graph), against the same K = 1 as
   ``pack-stepgraph``, with each pack's relative difference after 3 steps (drift or a
   wrong kernel?); each K compiles anew;
-- ``pack-processes``: K = 4 runs as 4 processes on the GPU, each run as alone, taking
-  turns (``processes``) or side by side under CUDA MPS (``mps``; bench/processes.py);
 - ``loader``, ``train`` (batch 512, eager / compiled / CUDA graphs, loader in the loop
   or not), ``ddp`` (2 processes, when there are 2+ GPUs);
 - ``overhead``: what the training loop adds to a step on the host, ops (eager) and
@@ -60,6 +63,7 @@ class Scale:
     the whole script's code on a CPU in minutes, so a GPU session spends its minutes
     measuring, not finding a script's bugs."""
     models: tuple[str, ...] = ("resnet18", "vgg16_bn")  # the throughput and pack rows
+    paper_models: tuple[str, ...] = ("resnet18", "vgg16_bn", "resnet50", "densenet40_bc")  # pack-ceiling
     model_kw: tuple[tuple[str, int], ...] = ()  # their options (small_cnn's width and depth)
     batch: int = 128  # the paper's; the pack rows and the two-stage runs
     big_batch: int = 512  # the ``train`` section
@@ -80,7 +84,7 @@ class Scale:
 
 
 FULL = Scale()
-SMOKE = Scale(models=("small_cnn",), model_kw=(("width", 8), ("depth", 2)), batch=32, big_batch=64,
+SMOKE = Scale(models=("small_cnn",), paper_models=("small_cnn",), model_kw=(("width", 8), ("depth", 2)), batch=32, big_batch=64,
               pack_ks=(1, 2), graph_ks=(1, 2), process_ks=(1, 2), unsafe_ks=(1, 2), pack_steps=2, train_steps=2, big_steps=2,
               trainer_model="small_cnn", epochs=2, per_class=(12, 4), loader_images=512, overhead_steps=4,
               loader_seconds=0.2, reserve_s=0.0)
@@ -352,9 +356,13 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     if trainer is not None:
         rows.append({"model": scale.trainer_model, "batch": scale.batch, "kind": "trainer",
                      "images_per_s": round(trainer), **common})
-    for key, steps in (("pack", "cudagraphs"), ("pack_stepgraph", "stepgraph")):  # (fused: refused on a GPU)
+    for key, steps in (("pack", "cudagraphs"), ("pack_stepgraph", "stepgraph"), ("pack_ceiling", "stepgraph")):
+        # (fused: refused on a GPU)
         for r in results.get(key, []):
-            if r["K"] > 1 and not r["unsafe"] and r["max_abs_diff"] <= PACK_TOLERANCE:
+            if r.get("ceiling"):  # one run at K x batch: a step row of that batch
+                rows.append({"model": r["model"], "batch": r["batch"], "images_per_s": round(r["images_per_s"]),
+                             "kind": "step", "step": steps, **common})
+            elif r["K"] > 1 and not r["unsafe"] and r["max_abs_diff"] <= PACK_TOLERANCE:
                 rows.append({"model": r["model"], "batch": r["batch"], "runs_per_gpu": r["K"],
                              "pack_mode": r["pack_mode"], "step": steps, "kind": "pack",
                              "images_per_s": round(r["images_per_s"]), "x_alone": round(r["x_k1"], 3),
@@ -362,8 +370,8 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     return rows
 
 
-SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-fused",
-            "pack-processes", "loader", "train", "ddp", "overhead")
+SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-processes",
+            "pack-ceiling", "pack-fused", "loader", "train", "ddp", "overhead")
 
 
 def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0,
@@ -429,20 +437,28 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         return out_rows
 
     def pack_rows(key: str, models: tuple[str, ...], ks: tuple[int, ...], mode: str, pack_modes: tuple[str, ...],
-                  keep: Any = lambda r: True, reserve: float = scale.reserve_s) -> list[list[Any]]:
+                  keep: Any = lambda r: True, reserve: float = scale.reserve_s,
+                  ceiling: bool = False) -> list[list[Any]]:
         """A pack table; no measurement starts once only ``reserve`` seconds of the budget
         are left (for the sections after it)."""
         from .pack import run as run_pack
 
         res = [r for r in run_pack(device, list(models), list(ks), scale.batch, scale.pack_steps, None, mode,
                                    pack_modes, deadline=deadline - reserve, baselines=baselines,
-                                   model_kw=dict(scale.model_kw)) if keep(r)]
+                                   model_kw=dict(scale.model_kw), ceiling=ceiling) if keep(r)]
         results[key] = res
-        return [["pack", f"{r['model']} batch {scale.batch} {mode}, K={r['K']} {r['pack_mode']}"
-                 + (" (unsafe)" if r["unsafe"] else ""), r["images_per_s"],
-                 f"x{r['x_k1']:.2f} of K=1, max |dw| vs alone {r['max_abs_diff']:.2g} "
-                 f"({r['max_rel_diff']:.2g} relative" + (f"; {r['early_rel_diff']:.2g} after 3 steps"
-                                                         if "early_rel_diff" in r else "") + ")"] for r in res]
+
+        def notes(r: dict[str, Any]) -> str:
+            if r.get("ceiling"):
+                return f"x{r['x_k1']:.2f} of K=1: the rate {r['K']} packed runs would reach if packing cost nothing"
+            return (f"x{r['x_k1']:.2f} of K=1" + (f", {100 * r['of_ceiling']:.0f}% of one run at batch "
+                                                   f"{r['K'] * scale.batch}" if r.get("of_ceiling") else "")
+                    + f", max |dw| vs alone {r['max_abs_diff']:.2g} ({r['max_rel_diff']:.2g} relative"
+                    + (f"; {r['early_rel_diff']:.2g} after 3 steps" if "early_rel_diff" in r else "") + ")")
+
+        return [["pack", f"{r['model']} batch {r['batch']} {mode}, "
+                 + (f"K={r['K']} {r['pack_mode']}" if not r.get("ceiling") else "one run")
+                 + (" (unsafe)" if r["unsafe"] else ""), r["images_per_s"], notes(r)] for r in res]
 
     baselines: dict = {}  # K = 1 of a model and mode, measured once for every section
     work = Path(tempfile.mkdtemp(prefix="fastbgm-gpu-"))  # the two-stage runs' folders
@@ -458,12 +474,15 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams
         section("pack-unsafe", pack_rows, "pack_unsafe", scale.models[:1], scale.unsafe_ks, "cudagraphs", ("streams",),
                 lambda r: r["K"] > 1)
+        # K runs as K processes (each run as alone), taking turns on the GPU or side by side under CUDA MPS
+        section("pack-processes", pack_rows, "pack_processes", scale.models, scale.process_ks, "stepgraph",
+                ("processes", "mps"))
+        # the trainer's default packing of every paper model, beside one run at K x the batch
+        section("pack-ceiling", pack_rows, "pack_ceiling", scale.paper_models, scale.graph_ks, "stepgraph",
+                ("streams",), lambda r: True, 0.0, True)
         # K runs as one vmapped network (HFTA), its whole step one CUDA graph
         section("pack-fused", pack_rows, "pack_fused", scale.models, scale.graph_ks, "stepgraph", ("fused",),
                 lambda r: True, 0.0)
-        # K runs as K processes (each run as alone), taking turns on the GPU or side by side under CUDA MPS
-        section("pack-processes", pack_rows, "pack_processes", scale.models, scale.process_ks, "stepgraph",
-                ("processes", "mps"), lambda r: True, 0.0)
         section("loader", _loader_section, device, scale.loader_seconds or seconds, scale)
         section("train", train_rows, scale.big_batch, ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"],
                 ("without", "with"), scale.big_steps)

@@ -3,7 +3,9 @@ the ratio to K = 1, all measured in one run, through the trainer's own packed lo
 (:func:`fastbgm.trainer.loop.train_epoch_together`: each run its own model, optimizer,
 data order and, on a GPU in pack modes threads and streams, CUDA stream; or fused into
 one network), in each pack mode asked for; and how far run 0 of each pack ends from run
-0 trained alone."""
+0 trained alone. With ``ceiling``, also one run at batch K x 128 for each K: the rate K
+packed runs would reach if packing cost nothing over one run with K times the batch
+(each pack's share of it is the "of one run at K x batch" column)."""
 
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def _rel_diff(w: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float
 def run(device: torch.device, models: list[str], ks: list[int], batch: int, steps: int, out: Path | None,
         mode: str = "auto", pack_modes: tuple[str, ...] = ("serial", "threads"),
         deadline: float | None = None, baselines: dict | None = None,
-        model_kw: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        model_kw: dict[str, Any] | None = None, ceiling: bool = False) -> list[dict[str, Any]]:
     """The table: for each model, K = 1 alone, then each K > 1 in each pack mode, with the
     largest difference of run 0's weights from run 0 alone (0 on a CPU: bitwise, but for
     ``fused``: other kernels, float tolerance). ``mode``: eager, compiled, cudagraphs
@@ -139,7 +141,8 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
     ``streams`` with CUDA graphs (``mode`` cudagraphs) is measured when asked, and marked
     unsafe: the trainer refuses it, because the runs' graphs share one memory pool; its
     difference column shows what that race does. ``model_kw``: the models' options
-    (e.g. small_cnn's width)."""
+    (e.g. small_cnn's width). ``ceiling``: after each K's packs, one run at batch K x
+    ``batch`` (row ``ceiling`` True), and each pack's images/s as a share of it."""
     gpu = device.type == "cuda"
     mode, speed = bench_speed(mode, device)
     arrays = synthetic_arrays(batch * steps)
@@ -196,18 +199,36 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                                                           model_kw)[1]
                     r["early_rel_diff"] = _rel_diff(measure(name, k, batch, 1, speed, device, arrays, pm,
                                                             model_kw)[1], early)
+                if ceiling and k > 1:
+                    r["of_ceiling"] = None  # filled below, once the one run at batch K x batch is measured
                 rows.append(r)
                 log.info("%s K=%d %s: %.0f img/s (x%.2f), max |dw| %.3g (%.2g relative%s)", name, k, r["pack_mode"],
                          r["images_per_s"], r["x_k1"], r["max_abs_diff"], r["max_rel_diff"],
                          f"; {r['early_rel_diff']:.2g} after {EARLY_STEPS} steps" if "early_rel_diff" in r else "")
+            if ceiling and k > 1 and (deadline is None or time.time() <= deadline):
+                big = measure(name, 1, batch * k, steps, speed, device, synthetic_arrays(batch * k * steps),
+                              "serial", model_kw)[0]
+                big.update(K=k, pack_mode=f"one run, batch {batch * k}", ceiling=True, unsafe=False,
+                           x_k1=big["images_per_s"] / base if base else float("nan"))
+                for r in rows:
+                    if r["model"] == name and r["K"] == k and "of_ceiling" in r:
+                        r["of_ceiling"] = r["images_per_s"] / big["images_per_s"]
+                rows.append(big)
+                log.info("%s one run at batch %d: %.0f img/s (x%.2f of K=1)", name, batch * k, big["images_per_s"],
+                         big["x_k1"])
     info = device_info(device)
+
+    def num(r: dict[str, Any], key: str, fmt: str) -> str:
+        return format(r[key], fmt) if r.get(key) is not None else ""
+
     print_table(f"packed runs, batch {batch}, {speed.precision}, "
                 f"{mode} on {info['device']}",
-                ["model", "K", "pack mode", "images/s", "x K=1", "max |dw| vs alone", "relative",
-                 f"relative after {EARLY_STEPS} steps", "MFU", "warm-up s"],
+                ["model", "K", "pack mode", "images/s", "x K=1", "of one run at K x batch", "max |dw| vs alone",
+                 "relative", f"relative after {EARLY_STEPS} steps", "MFU", "warm-up s"],
                 [[r["model"], r["K"], r["pack_mode"] + (" (unsafe: graphs race)" if r["unsafe"] else ""),
-                  f"{r['images_per_s']:,.0f}", f"{r['x_k1']:.2f}", f"{r['max_abs_diff']:.2g}",
-                  f"{r['max_rel_diff']:.2g}", f"{r['early_rel_diff']:.2g}" if "early_rel_diff" in r else "",
+                  f"{r['images_per_s']:,.0f}", f"{r['x_k1']:.2f}",
+                  f"{100 * r['of_ceiling']:.0f}%" if r.get("of_ceiling") is not None else "",
+                  num(r, "max_abs_diff", ".2g"), num(r, "max_rel_diff", ".2g"), num(r, "early_rel_diff", ".2g"),
                   f"{100 * r['mfu']:.1f}%" if r["mfu"] else "",
                   f"{r['warmup_s']:.1f}"] for r in rows])
     if out:
