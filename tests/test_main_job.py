@@ -241,6 +241,19 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     assert [(p["pack_mode"], p["max_abs_diff"] == 0) for p in out["packed_vs_alone"]] == \
         [("auto", True), ("auto", True)]
     assert set(out["trainer_over_bare"]) == {"compiled (reduce-overhead)", "step graphs"}
+    # the paper through the launcher (configs/cifar10-gpu.toml at toy size): every run done,
+    # the report's claims beside the table, the report and the runs' records archived
+    paper = out["paper"]
+    assert paper["exit_code"] == 0 and "fastbgm.launch --config" in paper["command"]
+    assert sorted(r["key"].split("/")[-1] for r in paper["results"]) == [
+        "stage1-R2-z0.1", "stage2-adversarial-da_l2_m", "stage2-adversarial-vanilla", "stage2-random-da_l2_m",
+        "stage2-random-vanilla"]
+    assert all(r["status"] == "done" for r in paper["results"]) and paper["claims"]
+    assert sum(r[0] == "paper" and r[1] == "claim" for r in rows) == len(paper["claims"])
+    with tarfile.open(tmp_path / "out" / "paper-report.tar.gz") as tf:
+        names = tf.getnames()
+    assert {"report/report.md", "report/claims.json", "report/results.csv", "launch.log"} <= set(names)
+    assert sum(n.endswith("/metrics.jsonl") for n in names) == 5
     assert (data / "cifar10-jpeg-{}-{}-per-class".format(*SMOKE.per_class) / "train.resident.npz").exists()
     assert not (data / "cifar10").exists()  # where a full check reads a prepared CIFAR-10: untouched
     assert not list(tmp_path.glob("fastbgm-gpu-*"))  # the runs' folders are removed
@@ -259,6 +272,26 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     # and pack-ceiling's one run at K x the batch, as a step row of that batch
     assert [(r["kind"], r["batch"], r["step"]) for r in rates[2:] if r not in packed] == [
         ("step", 2 * SMOKE.batch, "stepgraph")]
+
+
+def test_the_paper_sections_launch_is_stopped_when_the_budget_ends(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``paper`` section's launch gets the budget left: then SIGTERM (the launcher stops
+    its trainers, which checkpoint), and a kill of its whole process group if it has not
+    ended a grace period later; the report is built from what the runs did."""
+    import sys
+    import time
+
+    from fastbgm.bench import paper
+
+    polite = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(130)); time.sleep(60)"
+    t0 = time.perf_counter()
+    code, wall = paper._launch([sys.executable, "-c", polite], tmp_path / "a.log", 1.0)
+    assert code == 130 and 1.0 <= wall < 30 and time.perf_counter() - t0 < 30
+    monkeypatch.setattr(paper, "STOP_GRACE_S", 1.0)
+    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    code, wall = paper._launch([sys.executable, "-c", deaf], tmp_path / "b.log", 1.0)
+    assert code is None and wall < 30 and (tmp_path / "b.log").read_text() == "up\n"
 
 
 def test_gpu_check_says_when_torch_compile_stops_compiling() -> None:

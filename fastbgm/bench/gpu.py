@@ -16,6 +16,10 @@ said so) once the time budget is spent:
   prepared CIFAR-10, ``<data>/cifar10/train.beton`` or its resident cache, or the JPEG
   archive ``<data>/cifar10-jpeg.tar.xz``, decoded here without ffcv);
 - ``trainer/bare``: the Trainer's images/s over the bare step's (goal: >= 90%);
+- ``paper``: the paper on all of CIFAR-10, ResNet18 (configs/cifar10-gpu.toml: stage 1
+  on R = 2 noisy copies, stage 2 vanilla and DA+L2+M from random and adversarial init,
+  4 runs packed on the GPU) through the launcher, stopped when the budget ends, and its
+  report (bench/paper.py; ``paper-report.tar.gz`` beside the table);
 - ``pack-unsafe``: torch.compile's graphs of 4 runs replayed on 4 streams, the design
   the trainer refuses (their graphs share one memory pool): its difference column;
 - ``pack-processes``: K = 4 runs as 4 processes on the GPU, each run as alone, taking
@@ -81,13 +85,21 @@ class Scale:
     overhead_steps: int = 100
     loader_seconds: float | None = None  # the loader's timing (None: ``--seconds``)
     reserve_s: float = 150.0  # budget kept, when the pack sections start, for the sections after them
+    # the ``paper`` section: all of CIFAR-10 (5,000 / 1,000 images a class) through
+    # configs/cifar10-gpu.toml, with these overrides
+    paper_per_class: tuple[int, int] = (5000, 1000)
+    paper_overrides: tuple[str, ...] = ()
 
 
 FULL = Scale()
 SMOKE = Scale(models=("small_cnn",), paper_models=("small_cnn",), model_kw=(("width", 8), ("depth", 2)), batch=32, big_batch=64,
               pack_ks=(1, 2), graph_ks=(1, 2), process_ks=(1, 2), unsafe_ks=(1, 2), pack_steps=2, train_steps=2, big_steps=2,
               trainer_model="small_cnn", epochs=2, per_class=(12, 4), loader_images=512, overhead_steps=4,
-              loader_seconds=0.2, reserve_s=0.0)
+              loader_seconds=0.2, reserve_s=0.0, paper_per_class=(12, 4),
+              paper_overrides=("--models=[small_cnn]", "--model.width=8", "--model.depth=2", "--stage1.max_epochs=2",
+                               "--stage1.milestones=[]", "--stage1.check_every=1", "--stage2.max_epochs=2",
+                               "--stage2.milestones=[]", "--stage2.eval_every=1", "--stage2.check_every=1",
+                               "--cpus-per-task=1", "--runs-per-gpu=2"))
 
 
 def _loader_section(device: torch.device, seconds: float, scale: Scale = FULL) -> list[list[Any]]:
@@ -127,37 +139,6 @@ def _two_gpu_section(out: Path) -> list[list[Any]]:
              "ok" if res.returncode == 0 else res.stderr[-300:]]]
 
 
-def _caches_from_archive(archive: Path, out: Path, per_class: tuple[int, int] = (1000, 200)) -> None:
-    """Real CIFAR-10 without ffcv: decode the JPEG archive's first ``per_class`` train /
-    test images of each class into resident caches + manifests that the trainer reads
-    directly."""
-    import posixpath
-    import tarfile
-
-    from fastbgm.data.sources import imagefolder_splits
-    from fastbgm.data.writer import prepare_cache_only, preset_normalization
-
-    with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(archive) as tf:
-            # only the images kept (the first per class, in name order, as limit_per_class
-            # keeps them): writing all 60,000 files cost most of the time
-            by_folder: dict[str, list[tarfile.TarInfo]] = {}
-            for m in tf.getmembers():
-                if m.isfile():
-                    by_folder.setdefault(posixpath.dirname(m.name), []).append(m)
-            limit, keep = {"train": per_class[0], "test": per_class[1]}, []
-            for folder, ms in by_folder.items():  # <root>/<split>/<class>
-                keep += sorted(ms, key=lambda m: m.name)[:limit.get(posixpath.basename(posixpath.dirname(folder)), 0)]
-            tf.extractall(tmp, members=keep, filter="data")
-        root = Path(tmp)
-        while not (root / "train").is_dir():
-            root = next(p for p in root.iterdir() if p.is_dir())
-        splits = imagefolder_splits(root, preset="cifar10")
-        norm = preset_normalization("cifar10")
-        prepare_cache_only({"train": splits["train"]}, out, normalization=norm, limit_per_class=per_class[0])
-        prepare_cache_only({"test": splits["test"]}, out, normalization=norm, limit_per_class=per_class[1])
-
-
 def _trainer_section(device: torch.device, data: Path, work: Path, results: dict[str, Any],
                      deadline: float | None = None, scale: Scale = FULL) -> list[list[Any]]:
     """Stage 1 on the confusion set, then stage 2 from it and from random init, through
@@ -171,20 +152,15 @@ def _trainer_section(device: torch.device, data: Path, work: Path, results: dict
     from fastbgm.trainer import checkpoint as C
     from fastbgm.trainer.loop import train_runs
 
-    def ready(folder: Path) -> bool:
-        return (folder / "train.beton").exists() or (folder / "train.resident.npz").exists()
+    from .paper import cifar10_folder
 
-    # a prepared CIFAR-10 at full scale; else a subset decoded from the JPEG archive, in a
-    # folder named for its size (a smoke's toy subset is never read by a full check)
-    prepared, archive = data / "cifar10", data / "cifar10-jpeg.tar.xz"
-    folder = data / "cifar10-jpeg-{}-{}-per-class".format(*scale.per_class)
-    if scale == FULL and ready(prepared):
-        folder = prepared
-    elif not ready(folder) and archive.exists():
-        _caches_from_archive(archive, folder, scale.per_class)
-    if not ready(folder):
+    # a prepared CIFAR-10 at full scale; else a subset decoded from the JPEG archive
+    found = cifar10_folder(data, scale.per_class, ("cifar10",) if scale == FULL else ())
+    if found is None:
         return [["two-stage", "real CIFAR-10 run", float("nan"),
-                 f"skipped: no {prepared / 'train.beton'} (or its resident cache), and no {archive}"]]
+                 f"skipped: no {data / 'cifar10' / 'train.beton'} (or its resident cache), and no "
+                 f"{data / 'cifar10-jpeg.tar.xz'}"]]
+    folder = found
     beton, test = folder / "train.beton", folder / "test.beton"
     rows: list[list[Any]] = []
     epochs, model = scale.epochs, scale.trainer_model
@@ -370,8 +346,8 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     return rows
 
 
-SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-unsafe", "pack-processes",
-            "pack-ceiling", "pack-fused", "loader", "train", "ddp", "overhead")
+SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "paper", "pack-unsafe",
+            "pack-processes", "pack-ceiling", "pack-fused", "loader", "train", "ddp", "overhead")
 
 
 def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0,
@@ -460,6 +436,15 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
                  + (f"K={r['K']} {r['pack_mode']}" if not r.get("ceiling") else "one run")
                  + (" (unsafe)" if r["unsafe"] else ""), r["images_per_s"], notes(r)] for r in res]
 
+    def paper_rows() -> list[list[Any]]:
+        from .paper import run as run_paper
+
+        # (a prepared full CIFAR-10 at full scale only: a smoke never reads the real thing)
+        rows, record = run_paper(data, work / "paper", out, deadline, scale.paper_per_class, scale.paper_overrides,
+                                 ("cifar10-full", "cifar10") if scale == FULL else ())
+        results["paper"] = record
+        return rows
+
     baselines: dict = {}  # K = 1 of a model and mode, measured once for every section
     work = Path(tempfile.mkdtemp(prefix="fastbgm-gpu-"))  # the two-stage runs' folders
     try:
@@ -471,6 +456,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
                 ("streams", "threads"))
         section("two-stage", _trainer_section, device, data, work, results, deadline, scale)
         section("trainer/bare", _trainer_vs_bare, results, scale)
+        # the paper on all of CIFAR-10 through the launcher, 4 runs packed on the GPU
+        section("paper", paper_rows)
         # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams
         section("pack-unsafe", pack_rows, "pack_unsafe", scale.models[:1], scale.unsafe_ks, "cudagraphs", ("streams",),
                 lambda r: r["K"] > 1)

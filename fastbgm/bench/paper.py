@@ -1,0 +1,176 @@
+"""The paper on all of CIFAR-10 on one machine, in minutes: the GPU check's ``paper``
+section. Real CIFAR-10 without ffcv (the JPEG archive decoded into resident caches, or a
+prepared copy), then ``configs/cifar10-gpu.toml`` through the launcher as a user runs it
+(``python -m fastbgm.launch --executor local``: stage 1, then stage 2 from random and
+adversarial init, packed on the GPU), stopped when the time budget ends, then the report
+(table, claims, figures), packed as one archive beside the check's table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "cifar10-gpu.toml"
+STOP_GRACE_S = 60.0  # a stopped launch's time to stop its trainers (each checkpoints first)
+REPORT_RESERVE_S = 45.0  # budget kept for the report after the launch
+
+
+def ready(folder: Path) -> bool:
+    return (folder / "train.beton").exists() or (folder / "train.resident.npz").exists()
+
+
+def caches_from_archive(archive: Path, out: Path, per_class: tuple[int, int] = (1000, 200)) -> None:
+    """Real CIFAR-10 without ffcv: decode the JPEG archive's first ``per_class`` train /
+    test images of each class into resident caches + manifests that the trainer reads
+    directly."""
+    import posixpath
+
+    from fastbgm.data.sources import imagefolder_splits
+    from fastbgm.data.writer import prepare_cache_only, preset_normalization
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(archive) as tf:
+            # only the images kept (the first per class, in name order, as limit_per_class
+            # keeps them): writing all 60,000 files cost most of the time
+            by_folder: dict[str, list[tarfile.TarInfo]] = {}
+            for m in tf.getmembers():
+                if m.isfile():
+                    by_folder.setdefault(posixpath.dirname(m.name), []).append(m)
+            limit, keep = {"train": per_class[0], "test": per_class[1]}, []
+            for folder, ms in by_folder.items():  # <root>/<split>/<class>
+                keep += sorted(ms, key=lambda m: m.name)[:limit.get(posixpath.basename(posixpath.dirname(folder)), 0)]
+            tf.extractall(tmp, members=keep, filter="data")
+        root = Path(tmp)
+        while not (root / "train").is_dir():
+            root = next(p for p in root.iterdir() if p.is_dir())
+        splits = imagefolder_splits(root, preset="cifar10")
+        norm = preset_normalization("cifar10")
+        prepare_cache_only({"train": splits["train"]}, out, normalization=norm, limit_per_class=per_class[0])
+        prepare_cache_only({"test": splits["test"]}, out, normalization=norm, limit_per_class=per_class[1])
+
+
+def cifar10_folder(data: Path, per_class: tuple[int, int], prepared: Sequence[str] = ()) -> Path | None:
+    """Where CIFAR-10 is ready for the trainer: the first of ``data/<prepared>`` that is
+    (a .beton or its resident cache), else the archive ``data/cifar10-jpeg.tar.xz``'s
+    first ``per_class`` train / test images a class, decoded once into a folder named for
+    that size (so a smoke's toy subset is never read as the real thing); None when
+    neither is there."""
+    for name in prepared:
+        if ready(data / name):
+            return data / name
+    folder, archive = data / "cifar10-jpeg-{}-{}-per-class".format(*per_class), data / "cifar10-jpeg.tar.xz"
+    if not ready(folder) and archive.exists():
+        caches_from_archive(archive, folder, per_class)
+    return folder if ready(folder) else None
+
+
+def _launch(cmd: list[str], log_path: Path, seconds: float) -> tuple[int | None, float]:
+    """Run the launch, stopped (SIGTERM, as Ctrl-C stops it: its trainers checkpoint and
+    exit) once ``seconds`` have passed: (its exit code, None when it had to be killed;
+    wall seconds)."""
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+    with open(log_path, "w") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        try:
+            p.wait(timeout=max(1.0, seconds))
+        except subprocess.TimeoutExpired:
+            log.warning("paper: the time budget ends; stopping the launch (its runs resume on a re-launch)")
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                return None, time.perf_counter() - t0
+    return p.returncode, time.perf_counter() - t0
+
+
+def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tuple[int, int],
+        overrides: Sequence[str] = (), prepared: Sequence[str] = ("cifar10-full", "cifar10")) -> tuple[list[list[Any]],
+                                                                                                   dict[str, Any]]:
+    """The section's rows and its record: the launch's command, exit code and wall time,
+    every run's result (results.csv), the claims, and the report archived as
+    ``out/paper-report.tar.gz`` (report.md, results.csv, claims.json, the figures, the
+    launch's log)."""
+    from fastbgm.report import build_report
+
+    if not CONFIG.exists():
+        return [["paper", "full CIFAR-10", float("nan"), f"skipped: no {CONFIG} (run from a checkout)"]], {}
+    t0 = time.perf_counter()
+    folder = cifar10_folder(data, per_class, prepared)
+    if folder is None:
+        return [["paper", "full CIFAR-10", float("nan"),
+                 f"skipped: no prepared CIFAR-10 in {data} and no {data / 'cifar10-jpeg.tar.xz'}"]], {}
+    decode_s = time.perf_counter() - t0
+    name = "cifar10-gpu"
+    cmd = [sys.executable, "-m", "fastbgm.launch", "--config", str(CONFIG), "--executor", "local", "--no-report",
+           f"--runs_dir={work}", f"--name={name}", f"--datasets.0.train={folder / 'train.beton'}",
+           f"--datasets.0.test={folder / 'test.beton'}", *overrides]
+    work.mkdir(parents=True, exist_ok=True)
+    launch_log = work / "launch.log"
+    code, wall = _launch(cmd, launch_log, deadline - time.time() - REPORT_RESERVE_S)
+    record: dict[str, Any] = {"command": " ".join(cmd[1:]), "data": str(folder), "decode_s": decode_s,
+                              "exit_code": code, "wall_s": wall}
+    exp = work / name
+    rows: list[list[Any]] = []
+    try:
+        rep = build_report(exp)
+    except FileNotFoundError as e:
+        tail = launch_log.read_text(errors="replace")[-600:] if launch_log.exists() else ""
+        return [["paper", "full CIFAR-10", float("nan"), f"failed: no runs to report ({e}); launch: {tail}"]], record
+    results = list(csv.DictReader(io.StringIO((rep["dir"] / "results.csv").read_text())))
+    record["results"] = results
+    record["claims"] = [{"passed": c.passed, "text": c.text} for c in rep["claims"]]
+    images = 0.0
+    for r in results:
+        metrics = exp / r["key"] / "metrics.jsonl"
+        seconds = 0.0
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                m = json.loads(line)
+                seconds += m.get("epoch_seconds", 0.0)
+                images += m.get("images_per_s", 0.0) * m.get("epoch_seconds", 0.0)
+        what = f"{r['key'].split('/')[-1]}: {r['status']}, {r['epochs']} epochs"
+        rows.append(["paper", what, float("nan"),
+                     f"train acc {_pct(r['train_acc'])}, test acc {_pct(r['test_acc'])}, "
+                     f"{seconds:.0f} s training" + (f"; {r['reason']}" if r.get("reason") else "")])
+    for c in rep["claims"]:
+        rows.append(["paper", "claim", float("nan"), {True: "PASS", False: "FAIL", None: "N/A"}[c.passed] + f": {c.text}"])
+    rows.append(["paper", f"launch ({'exit ' + str(code) if code is not None else 'killed'}; "
+                 f"decode {decode_s:.0f} s)", images / wall if wall else float("nan"),
+                 f"wall {wall:.0f} s; images/s = every run's trained images over the launch's wall time"])
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(out / "paper-report.tar.gz", "w:gz") as tf:
+            tf.add(rep["dir"], arcname="report")
+            tf.add(launch_log, arcname="launch.log")
+            for r in results:  # each run's metrics and result: what the numbers came from
+                for f in ("metrics.jsonl", "result.json", "config.json"):
+                    if (exp / r["key"] / f).exists():
+                        tf.add(exp / r["key"] / f, arcname=f"runs/{r['key']}/{f}")
+    return rows, record
+
+
+def _pct(v: str) -> str:
+    try:
+        return f"{100 * float(v):.2f}%"
+    except ValueError:
+        return "-"
