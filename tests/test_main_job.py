@@ -42,6 +42,7 @@ def test_shipped_experiment_configs_parse_and_plan() -> None:
         sizes[p.stem] = len(plan(exp))
     assert sizes["paper-mini"] == 15 and sizes["cifar10-cpu"] == 15 and sizes["rimagenet-cpu"] == 15
     assert sizes["cifar10-study"] == 3  # stage 1 + vanilla from both inits
+    assert sizes["cifar10-gpu"] == 5  # the GPU check's paper section: stage 1 + 2 modes x 2 inits
     study = plan(load(ExperimentConfig, REPO / "configs/cifar10-study.toml",
                       ["--name=study-R8", "--stage1.copies=8"]))
     assert study[0].key.endswith("stage1-R8-z0.1") and study[0].config.data.copies == 8
