@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,11 @@ def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:
 
     rows = _trainer_section(torch.device("cpu"), tmp_path, tmp_path / "work", {})
     assert rows[0][0] == "two-stage" and "skipped: no" in rows[0][3]
+    from fastbgm.bench.paper import run as run_paper
+
+    rows, record = run_paper(tmp_path, tmp_path / "paper", tmp_path / "out", time.time() + 60, (12, 4))
+    assert rows[0][0] == "paper" and "skipped: no prepared CIFAR-10" in rows[0][3] and "cifar10-jpeg.tar.xz" in rows[0][3]
+    assert record == {} and not (tmp_path / "out").exists() and not (tmp_path / "paper").exists()
     if torch.cuda.device_count() < 2:
         assert "skipped: only one GPU" in _two_gpu_section(tmp_path)[0][3]
 
@@ -281,7 +287,6 @@ def test_the_paper_sections_launch_is_stopped_when_the_budget_ends(tmp_path: Pat
     its trainers, which checkpoint), and a kill of its whole process group if it has not
     ended a grace period later; the report is built from what the runs did."""
     import sys
-    import time
 
     from fastbgm.bench import paper
 
