@@ -103,9 +103,12 @@ def _launch(cmd: list[str], log_path: Path, seconds: float) -> tuple[int | None,
     return p.returncode, time.perf_counter() - t0
 
 
+Rows = list[list[Any]]
+
+
 def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tuple[int, int],
-        overrides: Sequence[str] = (), prepared: Sequence[str] = ("cifar10-full", "cifar10")) -> tuple[list[list[Any]],
-                                                                                                   dict[str, Any]]:
+        overrides: Sequence[str] = (),
+        prepared: Sequence[str] = ("cifar10-full", "cifar10")) -> tuple[Rows, dict[str, Any]]:
     """The section's rows and its record: the launch's command, exit code and wall time,
     every run's result (results.csv), the claims, and the report archived as
     ``out/paper-report.tar.gz`` (report.md, results.csv, claims.json, the figures, the
@@ -130,7 +133,7 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
     record: dict[str, Any] = {"command": " ".join(cmd[1:]), "data": str(folder), "decode_s": decode_s,
                               "exit_code": code, "wall_s": wall}
     exp = work / name
-    rows: list[list[Any]] = []
+    rows: Rows = []
     try:
         rep = build_report(exp)
     except FileNotFoundError as e:
