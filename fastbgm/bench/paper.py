@@ -145,13 +145,16 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
     images = 0.0
     for r in results:
         metrics = exp / r["key"] / "metrics.jsonl"
-        seconds = 0.0
+        seconds, epochs = 0.0, 0
         if metrics.exists():
             for line in metrics.read_text().splitlines():
                 m = json.loads(line)
                 seconds += m.get("epoch_seconds", 0.0)
                 images += m.get("images_per_s", 0.0) * m.get("epoch_seconds", 0.0)
-        what = f"{r['key'].split('/')[-1]}: {r['status']}, {r['epochs']} epochs"
+                epochs += 1
+        what = f"{r['key'].split('/')[-1]}: {r['status']}, {r['epochs'] or epochs} epochs"
+        if r["status"] in ("running", "pending") and code != 0:
+            what += " (the launch was stopped at the time budget)"
         rows.append(["paper", what, float("nan"),
                      f"train acc {_pct(r['train_acc'])}, test acc {_pct(r['test_acc'])}, "
                      f"{seconds:.0f} s training" + (f"; {r['reason']}" if r.get("reason") else "")])
