@@ -259,7 +259,9 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     assert sum(r[0] == "paper" and r[1] == "claim" for r in rows) == len(paper["claims"])
     with tarfile.open(tmp_path / "out" / "paper-report.tar.gz") as tf:
         names = tf.getnames()
+        facts = tf.extractfile("facts.md").read().decode()
     assert {"report/report.md", "report/claims.json", "report/results.csv", "launch.log"} <= set(names)
+    assert "torch " in facts and "fastbgm.launch --config" in facts and "| stage1-R2-z0.1: done" in facts
     assert sum(n.endswith("/metrics.jsonl") for n in names) == 5
     assert (data / "cifar10-jpeg-{}-{}-per-class".format(*SMOKE.per_class) / "train.resident.npz").exists()
     assert not (data / "cifar10").exists()  # where a full check reads a prepared CIFAR-10: untouched

@@ -441,7 +441,7 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
 
         # (a prepared full CIFAR-10 at full scale only: a smoke never reads the real thing)
         rows, record = run_paper(data, work / "paper", out, deadline, scale.paper_per_class, scale.paper_overrides,
-                                 ("cifar10-full", "cifar10") if scale == FULL else ())
+                                 ("cifar10-full", "cifar10") if scale == FULL else (), info)
         results["paper"] = record
         return rows
 

@@ -107,12 +107,13 @@ Rows = list[list[Any]]
 
 
 def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tuple[int, int],
-        overrides: Sequence[str] = (),
-        prepared: Sequence[str] = ("cifar10-full", "cifar10")) -> tuple[Rows, dict[str, Any]]:
+        overrides: Sequence[str] = (), prepared: Sequence[str] = ("cifar10-full", "cifar10"),
+        info: dict[str, Any] | None = None) -> tuple[Rows, dict[str, Any]]:
     """The section's rows and its record: the launch's command, exit code and wall time,
     every run's result (results.csv), the claims, and the report archived as
     ``out/paper-report.tar.gz`` (report.md, results.csv, claims.json, the figures, the
-    launch's log)."""
+    launch's log, each run's records, and ``facts.md``: the machine (``info``), the
+    commands, times and the table, for the RUN.md that says what the numbers mean)."""
     from fastbgm.report import build_report
 
     if not CONFIG.exists():
@@ -164,15 +165,34 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
                  f"decode {decode_s:.0f} s)", images / wall if wall else float("nan"),
                  f"wall {wall:.0f} s; images/s = every run's trained images over the launch's wall time"])
     if out is not None:
+        facts = work / "facts.md"
+        facts.write_text(_facts(info or {}, record, rows))
         out.mkdir(parents=True, exist_ok=True)
         with tarfile.open(out / "paper-report.tar.gz", "w:gz") as tf:
             tf.add(rep["dir"], arcname="report")
             tf.add(launch_log, arcname="launch.log")
+            tf.add(facts, arcname="facts.md")
             for r in results:  # each run's metrics and result: what the numbers came from
                 for f in ("metrics.jsonl", "result.json", "config.json"):
                     if (exp / r["key"] / f).exists():
                         tf.add(exp / r["key"] / f, arcname=f"runs/{r['key']}/{f}")
     return rows, record
+
+
+def _facts(info: dict[str, Any], record: dict[str, Any], rows: Rows) -> str:
+    """What the run was, as facts: machine, software, commands, times, the table."""
+    import platform
+
+    lines = [f"# The paper on CIFAR-10 through the launcher ({time.strftime('%Y-%m-%d')})", "",
+             f"- Machine: {info.get('name', '?')}; torch {info.get('torch', '?')}; CUDA {info.get('cuda')}; "
+             f"Python {platform.python_version()}",
+             "- Command: `bash launch/gpu-check.sh ... --sections paper` (fastbgm.bench.paper), which ran",
+             f"  `python {record['command']}`",
+             f"- Data: {record['data']} (decoded in {record['decode_s']:.0f} s when not there yet)",
+             f"- Launch: exit {record['exit_code']}, wall {record['wall_s']:.0f} s", "",
+             "| what | images/s | notes |", "|---|---:|---|"]
+    lines += [f"| {what} | {'' if ips != ips else f'{ips:,.0f}'} | {notes} |" for _, what, ips, notes in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _pct(v: str) -> str:
