@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import os
 import signal
@@ -144,16 +143,12 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
     record["results"] = results
     record["claims"] = [{"passed": c.passed, "text": c.text} for c in rep["claims"]]
     images = 0.0
+    metrics = {run.key: run.metrics for run in rep["runs"]}  # (each run's metrics.jsonl, as the report read it)
     for r in results:
-        metrics = exp / r["key"] / "metrics.jsonl"
-        seconds, epochs = 0.0, 0
-        if metrics.exists():
-            for line in metrics.read_text().splitlines():
-                m = json.loads(line)
-                seconds += m.get("epoch_seconds", 0.0)
-                images += m.get("images_per_s", 0.0) * m.get("epoch_seconds", 0.0)
-                epochs += 1
-        what = f"{r['key'].split('/')[-1]}: {r['status']}, {r['epochs'] or epochs} epochs"
+        rows_of = metrics.get(r["key"], [])
+        seconds = sum(m.get("epoch_seconds", 0.0) for m in rows_of)
+        images += sum(m.get("images_per_s", 0.0) * m.get("epoch_seconds", 0.0) for m in rows_of)
+        what = f"{r['key'].split('/')[-1]}: {r['status']}, {r['epochs'] or len(rows_of)} epochs"
         if r["status"] in ("running", "pending") and code != 0:
             what += " (the launch was stopped at the time budget)"
         rows.append(["paper", what, float("nan"),
