@@ -17,7 +17,7 @@ import pytest
 from fastbgm.config import load
 from fastbgm.experiment import ExperimentConfig, expand_modes, parse_mode, plan
 from fastbgm.fileio import read_jsonl
-from fastbgm.launch.slurm import slurm_available
+from fastbgm.launch.slurm import ended_state, queue, slurm_available
 
 from .conftest import REPO, resize_disk, small_disk
 
@@ -522,20 +522,50 @@ def test_a_hung_step_of_an_allocation_is_killed_and_its_run_resumes_in_the_same_
 
 @needs_slurm
 @pytest.mark.timeout(600)
-def test_a_hung_per_run_job_is_requeued_by_the_launch_following_it(tiny_dir: Path, tmp_path: Path) -> None:
-    """With one Slurm job a run no driver runs beside the trainers: the launch following
-    the jobs watches their runs' heartbeats, and requeues the job of a run that stands
-    still (Slurm kills it, a stopped process too); the run resumes from its last
-    checkpoint and ends as if uninterrupted."""
-    out, root, run = _hang_a_run(tmp_path, tiny_dir, "hp", "--executor", "slurm", "--jobs", "per-run",
-                                 "--timeout", "400")
-    job = json.loads((run / "slurm-job.json").read_text())["job_id"]
-    text = " ".join(out.split())
-    assert "stage2-random-vanilla: no progress for" in text and f"requeued its job {job}" in text, text[-3000:]
-    log = "".join(p.read_text() for p in (root / ".submitit").rglob(f"{job}_*_log.*"))
+def test_a_hung_per_run_job_requeues_itself_with_no_launch_following_it(tiny_dir: Path, tmp_path: Path) -> None:
+    """With one Slurm job a run, no scheduler runs beside the trainers, and with --no-wait
+    no launch follows them: each job watches its own run's heartbeat. The random-init
+    run's trainer, stopped, is requeued by its own job (Slurm kills it, a stopped
+    process too); it resumes from its last checkpoint and ends as if uninterrupted.
+    Stage 1's trainer, stopped at what its job counts as the run's MAX_STALLS-th hang in
+    it, fails with the reason and the fix, and Slurm cancels the run waiting on it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastbgm.launch.job import HANGS
+    from fastbgm.launch.schedule import MAX_STALLS
+
+    reference = _local_reference(tmp_path, tiny_dir, name="hp")
+    cfg = write_experiment(tmp_path, tiny_dir, name="hp", modes='["vanilla"]', epochs=14)
+    out = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--no-report", "--stall-timeout",
+                 "15", "--no-wait")
+    assert out.returncode == 0, out.stdout[-3000:]
+    seed = tmp_path / "runs" / "hp" / "synthetic/small_cnn/seed0"
+    stage1, run, adv = next(seed.glob("stage1-*")), seed / "stage2-random-vanilla", seed / "stage2-adversarial-vanilla"
+    jobs = {r: json.loads((r / "slurm-job.json").read_text())["job_id"] for r in (stage1, run, adv)}
+    # (as if stage 1's trainer had hung twice before in this job, each time requeued)
+    (stage1 / HANGS).write_text(json.dumps({jobs[stage1]: MAX_STALLS - 1}))
+    with ThreadPoolExecutor(2) as pool:  # both stopped 3 epochs in, neither near its end
+        pids = list(pool.map(_stop_a_trainer, [stage1, run]))
+    deadline = time.time() + 400
+    while time.time() < deadline and queue(list(jobs.values())):
+        time.sleep(1)
+    assert not queue(list(jobs.values())), "the jobs did not end"
+    assert all(_gone(pid) for pid in pids)
+    log = "".join(p.read_text() for p in (tmp_path / "runs" / "hp" / ".submitit").rglob(f"{jobs[run]}_*_log.*"))
+    assert f"its job {jobs[run]} is requeued, taken as hung (1 of {MAX_STALLS})" in log, log[-3000:]
     # the same job, requeued (Slurm sends SIGCONT, SIGTERM, then SIGKILL: a stopped
     # process may go on until the SIGKILL, as a deadlocked one would not)
     assert "DUE TO JOB REQUEUE" in log, log[-3000:]
+    ref = reference()
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert json.loads((run / "result.json").read_text())["status"] == "done"
+    assert [x["epoch"] for x in rows] == list(range(1, 15))
+    assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in read_jsonl(ref / run.relative_to(
+        tmp_path / "runs" / "hp") / "metrics.jsonl")]
+    failed = json.loads((stage1 / "result.json").read_text())
+    assert failed["status"] == "failed" and f"{MAX_STALLS} times" in failed["reason"], failed
+    assert "stall_timeout_s" in failed["reason"], failed
+    assert not (adv / "metrics.jsonl").exists() and ended_state(jobs[adv]).startswith("CANCELLED")
 
 
 @needs_slurm

@@ -7,8 +7,9 @@ executor (and, with ``--slurm``, by a Slurm allocation):
 
 - ``kill-run``: SIGKILL of one trainer mid-run;
 - ``hang``: SIGSTOP of one trainer mid-run (a deadlock, a collective that never returns):
-  the launch, run with a stall timeout of :data:`HANG_STALL_S`, must kill it and finish
-  every run itself, before any re-run;
+  the launch, run with a stall timeout of :data:`HANG_STALL_S`, must kill it (with
+  ``--slurm-jobs per-run``, the run's own job requeues itself) and finish every run
+  itself, before any re-run;
 - ``kill-launcher`` / ``term-launcher``: SIGKILL / SIGTERM of the launcher itself;
 - ``corrupt-last`` / ``truncate-last``: a run's last.pt overwritten or cut short while stopped;
 - ``truncate-result``: a finished run's result.json cut short;

@@ -3,18 +3,29 @@
 submitit pickles a :class:`RunJob` by reference to this installed module. On
 preemption or time-out submitit calls :meth:`checkpoint`, which requeues the same
 job; the trainer then resumes from the run folder's ``last.pt``.
+
+A per-run job watches its own run: no scheduler runs beside it (unlike an allocation's
+driver or the local scheduler), and the launch that submitted it may be gone
+(``--no-wait``). A process forked before the trainer starts (:func:`watch_own_run`)
+requeues the job when the run's heartbeat stands still for the stall timeout, and
+fails the run at the :data:`~fastbgm.launch.schedule.MAX_STALLS`-th hang of that job.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write_json
 from ..trainer.config import RunConfig
+from .schedule import MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, mark_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +59,127 @@ def _requeue_ignoring_sigterm(self: Any, countdown: int) -> None:
     log.info("requeued job %s (%d remaining timeouts)", self.job_id, countdown)
 
 
+HANGS = "hangs.json"  # in the run folder: {job id: the times its trainer hung in that job}
+
+
+def _count_hang(run_dir: str, job: str) -> int:
+    """One more hang of ``run_dir``'s trainer in ``job`` (a requeued job keeps its id):
+    the times it hung in that job, this one included."""
+    path = Path(run_dir) / HANGS
+    try:
+        hangs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        hangs = {}
+    hangs[job] = int(hangs.get(job, 0)) + 1
+    atomic_write_json(path, hangs)
+    return hangs[job]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is still a process that can run (not gone, not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def watch_own_run(run_dir: str, key: str, job: str, trainer: int, stall_s: float,
+                  check_s: float = STALL_CHECK_S) -> str:
+    """Watch the heartbeat of the run that process ``trainer`` trains in Slurm job
+    ``job`` until that process ends. A heartbeat that stands still for ``stall_s``
+    seconds is a hang (a deadlock, a stopped process, a collective that never returns):
+    the job is requeued (Slurm sends SIGCONT, SIGTERM, then SIGKILL; the run resumes from
+    its last checkpoint), and at the :data:`MAX_STALLS`-th hang in this job the run is
+    recorded failed, with the reason and the fix, and the job killed. Returns what it
+    did: "ended" (the trainer ended first), "requeued" or "failed"."""
+    watch = StallWatch(stall_s)
+    watch.start(job, [run_dir])
+    while _alive(trainer):
+        time.sleep(check_s)
+        quiet = watch.quiet(job, [run_dir])
+        if not quiet or not _alive(trainer):
+            continue
+        n = _count_hang(run_dir, job)
+        said = f"{key}: no progress for {quiet:.0f} s (stall timeout {stall_s:g} s): "
+        if n < MAX_STALLS:
+            log.warning("%sits job %s is requeued, taken as hung (%d of %d); the run resumes from its last "
+                        "checkpoint", said, job, n, MAX_STALLS)
+            try:
+                scontrol_requeue(job)
+            except (subprocess.SubprocessError, OSError) as e:
+                log.warning("%scould not requeue job %s (%s); watching on", said, job, e)
+                watch.start(job, [run_dir])
+                continue
+            return "requeued"
+        # Nothing of the run may write its folder once its result says failed: the trainer
+        # is stopped before, and killed from here after. Slurm's own cancel sends SIGCONT
+        # first, and a stopped trainer went on and finished in the seconds before its
+        # SIGKILL (the local cluster, 2026-11-30); the cancel (for the other ranks, and the
+        # job's end) is sent on its way first, since this watch dies with the step.
+        os.kill(trainer, signal.SIGSTOP)
+        mark_cancelled(run_dir, key, hung_reason(stall_s, n, run_dir), status="failed")
+        log.error("%shung %d times in job %s: the run failed, and its job is killed", said, n, job)
+        cancel = subprocess.Popen(["scancel", "--signal=KILL", "--full", job], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        os.kill(trainer, signal.SIGKILL)
+        cancel.wait(timeout=60)
+        return "failed"
+    return "ended"
+
+
+def _fork_watch(run_dir: str, key: str, job: str, stall_s: float) -> int:
+    """Start :func:`watch_own_run` over this process in a forked child (forked before the
+    trainer starts any thread or touches a GPU; the child runs nothing but the watch, and
+    a child survives its parent stopped, as a thread would not). Returns its pid."""
+    trainer = os.getpid()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (numpy's BLAS threads: the child uses none)
+        pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        # submitit's handlers are the trainer's: a timeout's signal must not requeue twice
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGCONT, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        watch_own_run(run_dir, key, job, trainer, stall_s)
+    except BaseException:
+        log.exception("the watch over %s ended with an error", run_dir)
+        code = 1
+    finally:
+        os._exit(code)
+    return 0  # (never reached)
+
+
 class RunJob:
-    def __init__(self, config: RunConfig, run_dir: str | os.PathLike, threads: int = 0):
+    def __init__(self, config: RunConfig, run_dir: str | os.PathLike, threads: int = 0, stall_s: float = 0.0):
         self.config = config
         self.run_dir = str(run_dir)
         self.threads = threads
+        self.stall_s = stall_s  # resources.stall_timeout_s: the job requeues itself when its run hangs
 
     def __call__(self) -> dict[str, Any]:
         import submitit
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        env = submitit.JobEnvironment()
+        stall_s = getattr(self, "stall_s", 0.0)  # (a job pickled before it had one)
+        watcher = _fork_watch(self.run_dir, self.config.name, env.job_id, stall_s) \
+            if stall_s > 0 and env.global_rank == 0 and type(env).__name__ == "SlurmJobEnvironment" else 0
+        try:
+            return self._train(env)
+        finally:
+            if watcher:
+                os.kill(watcher, signal.SIGKILL)
+                os.waitpid(watcher, 0)
+
+    def _train(self, env: Any) -> dict[str, Any]:
+        import submitit
         import torch
 
-        env = submitit.JobEnvironment()
         if hasattr(type(env), "_requeue") and type(env).__name__ == "SlurmJobEnvironment":
             type(env)._requeue = _requeue_ignoring_sigterm
         if env.num_tasks > 1:
@@ -68,7 +189,6 @@ class RunJob:
             # task/none binds nothing: every task would otherwise use every core
             os.environ["OMP_NUM_THREADS"] = str(self.threads)
             torch.set_num_threads(self.threads)
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         from ..trainer import Trainer
 
         result = Trainer(self.config, Path(self.run_dir)).run()
@@ -85,4 +205,5 @@ class RunJob:
         # failure raised meanwhile must not be recorded as the run failing
         request_stop()
         log.info("requeueing %s; it resumes from its last.pt", self.run_dir)
-        return submitit.helpers.DelayedSubmission(RunJob(self.config, self.run_dir, self.threads))
+        return submitit.helpers.DelayedSubmission(RunJob(self.config, self.run_dir, self.threads,
+                                                         getattr(self, "stall_s", 0.0)))

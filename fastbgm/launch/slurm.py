@@ -14,8 +14,8 @@ from typing import Any
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from .common import Decision, LaunchError, read_json, table, will_run
-from .job import RunJob, scontrol_requeue
-from .schedule import MAX_STALLS, StallWatch, hung_reason, mark_cancelled
+from .job import RunJob
+from .schedule import mark_cancelled
 
 JOB_FILE = "slurm-job.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -235,8 +235,8 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
                                        slurm_array_parallelism=max_parallel or len(chunk))
             try:
                 with executor.batch():
-                    jobs = [executor.submit(RunJob(d.run.config, d.run.run_dir, threads=res.cpus_per_task))
-                            for d in chunk]
+                    jobs = [executor.submit(RunJob(d.run.config, d.run.run_dir, threads=res.cpus_per_task,
+                                                   stall_s=res.stall_timeout_s)) for d in chunk]
             except Exception as e:  # sbatch said no: say what and why, not a traceback
                 raise _rejected(chunk[0].run.key, e) from e
             for d, job in zip(chunk, jobs):
@@ -351,11 +351,10 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
     id (one per run, or the same allocation job for every run). A job pending for a
     reason that never resolves is cancelled and its runs marked with that reason; an
     allocation pending for nodes that are down asks for fewer when ``res.min_nodes``
-    lets it (:func:`shrink_pending`). A per-run job whose run's heartbeat stands still
-    for ``res.stall_timeout_s`` is requeued (its run resumes from its last checkpoint;
-    the allocation's driver watches its own steps), and killed, its run failed, at the
-    :data:`~fastbgm.launch.schedule.MAX_STALLS`-th hang. Returns how each job that left
-    the queue with a run unfinished ended (sacct's state)."""
+    lets it (:func:`shrink_pending`). Hung runs are not this function's: the allocation's
+    driver watches its steps, and a per-run job its own run (job.watch_own_run), whether
+    or not a launch follows them. Returns how each job that left the queue with a run
+    unfinished ended (sacct's state)."""
     from rich.live import Live
 
     start = time.time()
@@ -363,27 +362,6 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
     last_shrink = 0.0
     gone: dict[str, str] = {}
     by_key = {r.key: r for r in runs}
-    watch = StallWatch(res.stall_timeout_s if res is not None and res.jobs == "per-run" else 0.0)
-    hangs: dict[str, int] = {}  # per run, in this launch
-
-    def hung(r: RunSpec, job: str, quiet: float) -> str:
-        """Requeue the job of ``r``, hung; kill it and fail the run at the last hang. Its state now."""
-        n = hangs[r.key] = hangs.get(r.key, 0) + 1
-        watch.stop(job)
-        said = f"{r.key}: no progress for {quiet:.0f} s (stall timeout {watch.stall_s:g} s): "
-        if n < MAX_STALLS:
-            try:
-                scontrol_requeue(job)
-            except subprocess.CalledProcessError as e:
-                console.print(f"{said}could not requeue its job {job} ({e})")
-                return "running"
-            console.print(f"{said}requeued its job {job}, taken as hung; it resumes from its last checkpoint")
-            return "pending"
-        # (SIGKILL: nothing of the run may write its folder after its result says failed)
-        subprocess.run(["scancel", "--signal=KILL", "--full", job], capture_output=True, timeout=60)
-        mark_cancelled(r.run_dir, r.key, hung_reason(watch.stall_s, n, r.run_dir), status="failed")
-        console.print(f"{said}hung {n} times: killed its job {job}, and the run failed")
-        return "failed"
 
     def parent_why(parent: str) -> str:
         """Why a run whose job waited on its stage-1 run's job can never start: that run
@@ -412,16 +390,8 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                                else f"Slurm can never start its job {job} ({reason})")
                         mark_cancelled(r.run_dir, r.key, why)
                         st = "cancelled"
-                    else:
-                        if slurm_state != "RUNNING":
-                            watch.stop(job)
-                        elif job not in watch.seen:
-                            watch.start(job, [r.run_dir])  # (from when it is seen running)
-                        else:
-                            quiet = watch.quiet(job, [r.run_dir])
-                            st = hung(r, job, quiet) if quiet else st
-                        if slurm_state != "RUNNING" or st == "pending":
-                            st = "pending"
+                    elif slurm_state != "RUNNING":
+                        st = "pending"
                 elif job and job not in q and job not in gone and st not in ("done", "failed", "cancelled"):
                     gone[job] = final = ended_state(job)
                     per_run = list(jobs.values()).count(job) == 1  # not the allocation every run shares
