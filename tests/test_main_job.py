@@ -187,6 +187,19 @@ prepare_options = {{ num_trian = 10 }}
     assert out.returncode == 2 and "prepare_options of 'gen'" in out.stdout and "num_trian" in out.stdout
 
 
+def test_each_gpu_check_section_leaves_time_for_the_sections_asked_for_after_it() -> None:
+    """A section stops starting measurements while the sections asked for after it still
+    need their time (the paper most); the last one asked for may spend all that is left."""
+    from fastbgm.bench.gpu import FULL, reserve_after
+
+    assert reserve_after("pack-ceiling", ("pack-ceiling", "paper")) == FULL.paper_s
+    assert reserve_after("pack-ceiling", ("pack-ceiling", "paper", "pack-processes")) == FULL.paper_s
+    assert reserve_after("paper", ("pack-ceiling", "paper", "pack-processes")) == FULL.reserve_s
+    assert reserve_after("paper", ("pack-ceiling", "paper")) == 0.0
+    assert reserve_after("pack-processes", ("paper", "pack-processes")) == 0.0
+    assert FULL.paper_s > FULL.reserve_s > 0
+
+
 def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     """``bench gpu --smoke``: the whole GPU check, every section, at toy size on a CPU, from a
     CIFAR-10-shaped JPEG archive, as a GPU session would run it (compilation is switched

@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
             s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
-                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, paper, pack-unsafe, pack-processes, "
-                           "pack-ceiling, pack-fused, loader, train, ddp, overhead)")
+                           "train128, pack, pack-stepgraph, two-stage, trainer/bare, pack-ceiling, paper, pack-unsafe, "
+                           "pack-processes, pack-fused, loader, train, ddp, overhead)")
             s.add_argument("--smoke", action="store_true", help="every section at toy size (small_cnn, K = 1, 2, a few "
                            "steps, 12 CIFAR-10 images a class): runs the whole check on a CPU in minutes, before a "
                            "GPU session spends its time on it")

@@ -2,7 +2,8 @@
 command to run on a GPU machine.
 
 Sections (:data:`SECTIONS`), in the order the open work needs them, each skipped (and
-said so) once the time budget is spent:
+said so) once the time budget is spent; the paper and pack sections keep some of it
+for the sections asked for after them (:attr:`Scale.reserve_s`, :attr:`Scale.paper_s`):
 
 - ``train128``: the bare compiled step of ResNet18 and VGG16 at batch 128 (the
   baseline the Trainer is held to);
@@ -16,6 +17,9 @@ said so) once the time budget is spent:
   prepared CIFAR-10, ``<data>/cifar10/train.beton`` or its resident cache, or the JPEG
   archive ``<data>/cifar10-jpeg.tar.xz``, decoded here without ffcv);
 - ``trainer/bare``: the Trainer's images/s over the bare step's (goal: >= 90%);
+- ``pack-ceiling``: for each of the paper's four models, K = 1, 4, 8 runs packed as the
+  trainer packs them by default (step graphs, streams), each K beside one run at batch
+  K x 128: what the packs reach of the rate that packing at no cost would give;
 - ``paper``: the paper on all of CIFAR-10, ResNet18 (configs/cifar10-gpu.toml: stage 1
   on R = 2 noisy copies, stage 2 vanilla and DA+L2+M from random and adversarial init,
   4 runs packed on the GPU) through the launcher, stopped when the budget ends, and its
@@ -24,9 +28,6 @@ said so) once the time budget is spent:
   the trainer refuses (their graphs share one memory pool): its difference column;
 - ``pack-processes``: K = 4 runs as 4 processes on the GPU, each run as alone, taking
   turns (``processes``) or side by side under CUDA MPS (``mps``; bench/processes.py);
-- ``pack-ceiling``: for each of the paper's four models, K = 1, 4, 8 runs packed as the
-  trainer packs them by default (step graphs, streams), each K beside one run at batch
-  K x 128: what the packs reach of the rate that packing at no cost would give;
 - ``pack-fused``: K = 4, 8 runs fused into one vmapped network (HFTA; trainer/fused.py:
   compiled, the whole fused step one CUDA graph), against the same K = 1 as
   ``pack-stepgraph``, with each pack's relative difference after 3 steps (drift or a
@@ -84,7 +85,8 @@ class Scale:
     loader_images: int = 20000
     overhead_steps: int = 100
     loader_seconds: float | None = None  # the loader's timing (None: ``--seconds``)
-    reserve_s: float = 150.0  # budget kept, when the pack sections start, for the sections after them
+    reserve_s: float = 150.0  # budget the paper and pack sections keep for the asked-for sections after them
+    paper_s: float = 360.0  # ... and for the paper section, when it is one of them (BENCHMARKS.md: its needs)
     # the ``paper`` section: all of CIFAR-10 (5,000 / 1,000 images a class) through
     # configs/cifar10-gpu.toml, with these overrides
     paper_per_class: tuple[int, int] = (5000, 1000)
@@ -95,7 +97,7 @@ FULL = Scale()
 SMOKE = Scale(models=("small_cnn",), paper_models=("small_cnn",), model_kw=(("width", 8), ("depth", 2)), batch=32, big_batch=64,
               pack_ks=(1, 2), graph_ks=(1, 2), process_ks=(1, 2), unsafe_ks=(1, 2), pack_steps=2, train_steps=2, big_steps=2,
               trainer_model="small_cnn", epochs=2, per_class=(12, 4), loader_images=512, overhead_steps=4,
-              loader_seconds=0.2, reserve_s=0.0, paper_per_class=(12, 4),
+              loader_seconds=0.2, reserve_s=0.0, paper_s=0.0, paper_per_class=(12, 4),
               paper_overrides=("--models=[small_cnn]", "--model.width=8", "--model.depth=2", "--stage1.max_epochs=2",
                                "--stage1.milestones=[]", "--stage1.check_every=1", "--stage2.max_epochs=2",
                                "--stage2.milestones=[]", "--stage2.eval_every=1", "--stage2.check_every=1",
@@ -346,8 +348,16 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     return rows
 
 
-SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "paper", "pack-unsafe",
-            "pack-processes", "pack-ceiling", "pack-fused", "loader", "train", "ddp", "overhead")
+SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-ceiling", "paper",
+            "pack-unsafe", "pack-processes", "pack-fused", "loader", "train", "ddp", "overhead")
+
+
+def reserve_after(name: str, sections: tuple[str, ...], scale: Scale = FULL) -> float:
+    """What section ``name`` leaves of the budget for the sections asked for after it:
+    :attr:`Scale.paper_s` when the paper is one of them, :attr:`Scale.reserve_s` when
+    others are, nothing when none is (the last section asked for may spend it all)."""
+    later = [x for x in SECTIONS[SECTIONS.index(name) + 1:] if x in sections]
+    return max([scale.paper_s if x == "paper" else scale.reserve_s for x in later], default=0.0)
 
 
 def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0,
@@ -369,9 +379,15 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     rows: list[list[Any]] = [["device", f"{info['name']}; torch {info['torch']}; CUDA {info.get('cuda')}",
                               float("nan"), f"{info['cuda_devices']} GPU(s)"]]
 
+    current = [""]  # the section under way
+
+    def reserve() -> float:
+        return reserve_after(current[0], sections, scale)
+
     def section(name: str, fn, *a) -> None:
         if name not in sections:
             return
+        current[0] = name
         if time.time() > deadline:
             rows.append([name, "-", float("nan"), "skipped: time budget spent"])
             return
@@ -413,14 +429,13 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         return out_rows
 
     def pack_rows(key: str, models: tuple[str, ...], ks: tuple[int, ...], mode: str, pack_modes: tuple[str, ...],
-                  keep: Any = lambda r: True, reserve: float = scale.reserve_s,
-                  ceiling: bool = False) -> list[list[Any]]:
-        """A pack table; no measurement starts once only ``reserve`` seconds of the budget
-        are left (for the sections after it)."""
+                  keep: Any = lambda r: True, ceiling: bool = False) -> list[list[Any]]:
+        """A pack table; no measurement starts once only :func:`reserve_after` seconds of
+        the budget are left for the sections after it."""
         from .pack import run as run_pack
 
         res = [r for r in run_pack(device, list(models), list(ks), scale.batch, scale.pack_steps, None, mode,
-                                   pack_modes, deadline=deadline - reserve, baselines=baselines,
+                                   pack_modes, deadline=deadline - reserve(), baselines=baselines,
                                    model_kw=dict(scale.model_kw), ceiling=ceiling) if keep(r)]
         results[key] = res
 
@@ -440,7 +455,7 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         from .paper import run as run_paper
 
         # (a prepared full CIFAR-10 at full scale only: a smoke never reads the real thing)
-        rows, record = run_paper(data, work / "paper", out, deadline, scale.paper_per_class, scale.paper_overrides,
+        rows, record = run_paper(data, work / "paper", out, deadline - reserve(), scale.paper_per_class, scale.paper_overrides,
                                  ("cifar10-full", "cifar10") if scale == FULL else (), info)
         results["paper"] = record
         return rows
@@ -456,6 +471,9 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
                 ("streams", "threads"))
         section("two-stage", _trainer_section, device, data, work, results, deadline, scale)
         section("trainer/bare", _trainer_vs_bare, results, scale)
+        # the trainer's default packing of every paper model, beside one run at K x the batch
+        section("pack-ceiling", pack_rows, "pack_ceiling", scale.paper_models, scale.graph_ks, "stepgraph",
+                ("streams",), lambda r: True, True)
         # the paper on all of CIFAR-10 through the launcher, 4 runs packed on the GPU
         section("paper", paper_rows)
         # the design the trainer refuses, measured once: torch.compile's graphs of 4 runs on 4 streams
@@ -464,12 +482,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         # K runs as K processes (each run as alone), taking turns on the GPU or side by side under CUDA MPS
         section("pack-processes", pack_rows, "pack_processes", scale.models, scale.process_ks, "stepgraph",
                 ("processes", "mps"))
-        # the trainer's default packing of every paper model, beside one run at K x the batch
-        section("pack-ceiling", pack_rows, "pack_ceiling", scale.paper_models, scale.graph_ks, "stepgraph",
-                ("streams",), lambda r: True, 0.0, True)
         # K runs as one vmapped network (HFTA), its whole step one CUDA graph
-        section("pack-fused", pack_rows, "pack_fused", scale.models, scale.graph_ks, "stepgraph", ("fused",),
-                lambda r: True, 0.0)
+        section("pack-fused", pack_rows, "pack_fused", scale.models, scale.graph_ks, "stepgraph", ("fused",))
         section("loader", _loader_section, device, scale.loader_seconds or seconds, scale)
         section("train", train_rows, scale.big_batch, ["eager-bf16", "compiled-bf16", "cudagraphs-bf16"],
                 ("without", "with"), scale.big_steps)
