@@ -12,6 +12,8 @@ run_dir/planned-config.json   the config a launcher planned for it (what it star
 run_dir/train.log       what the trainer process printed (launchers)
 run_dir/heartbeat       touched while the run trains (its mtime: a scheduler's sign of progress)
 run_dir/.lock           held by the run's trainer for its whole life
+run_dir/slurm-job.json  its Slurm job, when the launcher gave it one of its own (--jobs per-run)
+run_dir/hangs.json      the times its trainer hung, by that job (the job's own watch: launch/job.py)
 Every file is written to a temp file and renamed (see fastbgm.fileio).
 """
 
