@@ -62,17 +62,22 @@ def _requeue_ignoring_sigterm(self: Any, countdown: int) -> None:
 HANGS = "hangs.json"  # in the run folder: {job id: the times its trainer hung in that job}
 
 
-def _count_hang(run_dir: str, job: str) -> int:
-    """One more hang of ``run_dir``'s trainer in ``job`` (a requeued job keeps its id):
-    the times it hung in that job, this one included."""
-    path = Path(run_dir) / HANGS
+def hangs(run_dir: str | os.PathLike) -> dict[str, int]:
+    """The times ``run_dir``'s trainer hung, by the per-run job it hung in (a requeued job
+    keeps its id; a new launch's job starts again from none)."""
     try:
-        hangs = json.loads(path.read_text())
-    except (OSError, ValueError):
-        hangs = {}
-    hangs[job] = int(hangs.get(job, 0)) + 1
-    atomic_write_json(path, hangs)
-    return hangs[job]
+        return {str(k): int(v) for k, v in json.loads((Path(run_dir) / HANGS).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _count_hang(run_dir: str, job: str) -> int:
+    """One more hang of ``run_dir``'s trainer in ``job``: the times it hung in that job,
+    this one included."""
+    counts = hangs(run_dir)
+    counts[job] = counts.get(job, 0) + 1
+    atomic_write_json(Path(run_dir) / HANGS, counts)
+    return counts[job]
 
 
 def _alive(pid: int) -> bool:

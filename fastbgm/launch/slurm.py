@@ -8,14 +8,15 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from .common import Decision, LaunchError, read_json, table, will_run
-from .job import RunJob
-from .schedule import mark_cancelled
+from .job import RunJob, hangs
+from .schedule import MAX_STALLS, mark_cancelled
 
 JOB_FILE = "slurm-job.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -362,6 +363,18 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
     last_shrink = 0.0
     gone: dict[str, str] = {}
     by_key = {r.key: r for r in runs}
+    per_run = {j for j, n in Counter(jobs.values()).items() if j and n == 1}  # (not the allocation all share)
+    said_hangs: dict[str, int] = {}  # per run: the hangs of its job said so far
+
+    def say_hangs(r: RunSpec, job: str) -> None:
+        """Say it when a per-run job has requeued itself, or failed its run, as hung (the
+        job watches its own run: job.watch_own_run)."""
+        n = hangs(r.run_dir).get(job, 0)
+        if n > said_hangs.setdefault(r.key, n):
+            said_hangs[r.key] = n
+            console.print(f"{r.key}: its job {job} found it hung ({n} of {MAX_STALLS}) and "
+                          + ("requeued itself; the run resumes from its last checkpoint" if n < MAX_STALLS
+                             else "failed the run"))
 
     def parent_why(parent: str) -> str:
         """Why a run whose job waited on its stage-1 run's job can never start: that run
@@ -381,6 +394,8 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
             for r in runs:
                 st = run_status(r.run_dir)[0]
                 job = jobs.get(r.key)
+                if job in per_run:
+                    say_hangs(r, job)
                 if job in q and st not in ("done", "failed", "cancelled"):
                     slurm_state, reason = q[job]
                     if slurm_state == "PENDING" and reason.split(",")[0] in NEVER:
@@ -394,8 +409,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                         st = "pending"
                 elif job and job not in q and job not in gone and st not in ("done", "failed", "cancelled"):
                     gone[job] = final = ended_state(job)
-                    per_run = list(jobs.values()).count(job) == 1  # not the allocation every run shares
-                    if per_run and final.startswith("CANCELLED") and r.depends_on:
+                    if job in per_run and final.startswith("CANCELLED") and r.depends_on:
                         mark_cancelled(r.run_dir, r.key, parent_why(r.depends_on[0]))
                         st = "cancelled"
                 states[r.key] = st
