@@ -137,6 +137,8 @@ CASES = [
     ("bench: --batch-size 0", lambda w: ["fastbgm.bench", "loader", "--device", "cpu", "--batch-size", "0"],
      ["--batch-size", "> 0"]),
     ("bench: --runs 0", lambda w: ["fastbgm.bench", "pack", "--device", "cpu", "--runs", "0"], ["--runs"]),
+    ("bench: --models with a typo", lambda w: ["fastbgm.bench", "pack", "--device", "cpu", "--models",
+     "resnet18,resnet19"], ["--models resnet19 unknown", "choose from", "resnet50"]),
     ("bench: faults --kinds unknown", lambda w: ["fastbgm.bench", "faults", "--kinds", "kill-run,explode"],
      ["--kinds explode", "choose from"]),
     ("bench: faults --kinds preempt without --slurm", lambda w: ["fastbgm.bench", "faults", "--kinds", "preempt"],

@@ -713,6 +713,25 @@ def test_bench_pack_measures_k_runs_through_the_packed_loop(tmp_path: Path) -> N
     assert rows[1]["max_rel_diff"] == 0.0 and "early_rel_diff" not in rows[1]
 
 
+def test_a_pack_measurement_that_fails_is_a_row_and_the_others_go_on() -> None:
+    """One GPU session measures many packs in one call: a measurement that raises (out
+    of memory, a model that will not build or compile) is a row saying so, not the end
+    of the table; the GPU check's estimate rows leave it out."""
+    from fastbgm.bench.gpu import SMOKE, throughput_rows
+    from fastbgm.bench.pack import run
+
+    rows = run(torch.device("cpu"), ["no_such_model", "small_cnn"], [1, 2], 16, 2, None, "eager", ("serial",),
+               model_kw={"width": 8, "depth": 2}, ceiling=True)
+    assert [(r["model"], r["K"], r["pack_mode"]) for r in rows] == [
+        ("no_such_model", 1, "alone"), ("small_cnn", 1, "alone"), ("small_cnn", 2, "serial"),
+        ("small_cnn", 2, "one run, batch 32")]
+    assert rows[0]["failed"].startswith("ValueError: unknown model 'no_such_model'")
+    assert rows[2]["max_abs_diff"] == 0 and rows[2]["of_ceiling"] > 0
+    estimate = throughput_rows({"info": {"name": "cpu"}, "train": [], "pack_ceiling": rows}, SMOKE)
+    assert [(r["model"], r["kind"], r["batch"]) for r in estimate] == [("small_cnn", "pack", 16),
+                                                                       ("small_cnn", "step", 32)]
+
+
 def test_bench_pack_measures_k_runs_as_k_processes(tmp_path: Path) -> None:
     """The issue's third design, measured: K runs as K processes on the device (under CUDA
     MPS on a GPU). Each process trains its run as alone, so run 0 is run 0 alone, bitwise;

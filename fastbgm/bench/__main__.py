@@ -92,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{flag.replace('_', '-')} takes positive whole numbers separated by commas, got {v!r}",
                   file=sys.stderr)
             return 2
+    models = getattr(args, "models", None)
+    if models is not None:
+        from fastbgm.models import MODELS
+
+        bad = [m for m in models.split(",") if m not in MODELS]
+        if bad:
+            print(f"error: --models {','.join(bad)} unknown: choose from {', '.join(MODELS)}", file=sys.stderr)
+            return 2
     if args.what == "loader":
         from .loader import run
 

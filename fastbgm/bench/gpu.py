@@ -338,6 +338,8 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     for key, steps in (("pack", "cudagraphs"), ("pack_stepgraph", "stepgraph"), ("pack_ceiling", "stepgraph")):
         # (fused: refused on a GPU)
         for r in results.get(key, []):
+            if "failed" in r:
+                continue
             if r.get("ceiling"):  # one run at K x batch: a step row of that batch
                 rows.append({"model": r["model"], "batch": r["batch"], "images_per_s": round(r["images_per_s"]),
                              "kind": "step", "step": steps, **common})
@@ -448,7 +450,9 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
                     + f", max |dw| vs alone {r['max_abs_diff']:.2g} ({r['max_rel_diff']:.2g} relative"
                     + (f"; {r['early_rel_diff']:.2g} after 3 steps" if "early_rel_diff" in r else "") + ")")
 
-        return [["pack", f"{r['model']} batch {r['batch']} {mode}, "
+        return [["pack", f"{r['model']} batch {r['batch']} {mode}, K={r['K']} {r['pack_mode']}", float("nan"),
+                 f"failed: {r['failed']}"] if "failed" in r else
+                ["pack", f"{r['model']} batch {r['batch']} {mode}, "
                  + (f"K={r['K']} {r['pack_mode']}" if not r.get("ceiling") else "one run")
                  + (" (unsafe)" if r["unsafe"] else ""), r["images_per_s"], notes(r)] for r in res]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,16 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
     arrays = synthetic_arrays(batch * steps)
     rows = []
     early_ref: dict[str, dict[str, torch.Tensor]] = {}  # run 0 alone after EARLY_STEPS steps, by model
+    def failed(name: str, k: int, pm: str, at_batch: int, e: Exception) -> None:
+        """One measurement that raised (out of memory, a kernel that will not compile): a
+        row that says so, and the others go on (one GPU session must not lose them)."""
+        log.error("%s K=%d %s at batch %d failed: %s: %s", name, k, pm, at_batch, type(e).__name__, e)
+        rows.append({"model": name, "K": k, "pack_mode": pm, "batch": at_batch,
+                     "failed": f"{type(e).__name__}: {e}"[:300]})
+        traceback.clear_frames(e.__traceback__)
+        if gpu:
+            torch.cuda.empty_cache()
+
     for name in models:
         base, ref = None, None
         for k in ks:
@@ -166,50 +177,61 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                 if pm == "mps" and k > 1 and not gpu:
                     log.warning("%s K=%d mps skipped: CUDA MPS needs a GPU", name, k)
                     continue
+                if k > 1 and base is None:  # (K = 1 failed: nothing to compare with)
+                    continue
                 key = (name, mode, batch, steps)
-                if k == 1 and baselines is not None and key in baselines:
-                    r, w = dict(baselines[key][0]), baselines[key][1]
-                elif pm in PROCESS_MODES and k > 1:
-                    from .processes import measure as measure_processes
+                try:
+                    if k == 1 and baselines is not None and key in baselines:
+                        r, w = dict(baselines[key][0]), baselines[key][1]
+                    elif pm in PROCESS_MODES and k > 1:
+                        from .processes import measure as measure_processes
 
-                    try:
-                        r, w = measure_processes(name, k, batch, steps, mode, device, model_kw, mps=pm == "mps")
-                    except RuntimeError as e:
-                        if pm != "mps":
-                            raise
-                        # whether MPS starts depends on the machine: say why, measure the rest
-                        log.warning("%s K=%d mps failed: %s", name, k, e)
-                        continue
-                else:
-                    r, w = measure(name, k, batch, steps, speed, device, arrays, pm, model_kw)
-                    if k == 1 and baselines is not None:
-                        baselines[key] = (r, w)
-                if base is None:
-                    base, ref = r["images_per_s"], w
-                r["x_k1"] = r["images_per_s"] / base
-                r["max_abs_diff"] = max(float((w[n] - ref[n]).abs().max()) for n in ref)
-                r["max_rel_diff"] = _rel_diff(w, ref)
-                r["unsafe"] = pm == "streams" and gpu and speed.torch_graphs
-                if pm == "fused" and k > 1:
-                    # other kernels: any float difference grows step by step (on a CPU, fp32, from
-                    # 1e-7 after 3 steps to 5% after 30), so exactness is judged a few steps in
-                    early = early_ref.get(name)
-                    if early is None:
-                        early = early_ref[name] = measure(name, 1, batch, 1, speed, device, arrays, "serial",
-                                                          model_kw)[1]
-                    r["early_rel_diff"] = _rel_diff(measure(name, k, batch, 1, speed, device, arrays, pm,
-                                                            model_kw)[1], early)
+                        try:
+                            r, w = measure_processes(name, k, batch, steps, mode, device, model_kw,
+                                                     mps=pm == "mps")
+                        except RuntimeError as e:
+                            if pm != "mps":
+                                raise
+                            # whether MPS starts depends on the machine: say why, measure the rest
+                            log.warning("%s K=%d mps failed: %s", name, k, e)
+                            continue
+                    else:
+                        r, w = measure(name, k, batch, steps, speed, device, arrays, pm, model_kw)
+                        if k == 1 and baselines is not None:
+                            baselines[key] = (r, w)
+                    if base is None:
+                        base, ref = r["images_per_s"], w
+                    r["x_k1"] = r["images_per_s"] / base
+                    r["max_abs_diff"] = max(float((w[n] - ref[n]).abs().max()) for n in ref)
+                    r["max_rel_diff"] = _rel_diff(w, ref)
+                    r["unsafe"] = pm == "streams" and gpu and speed.torch_graphs
+                    if pm == "fused" and k > 1:
+                        # other kernels: any float difference grows step by step (on a CPU, fp32, from
+                        # 1e-7 after 3 steps to 5% after 30), so exactness is judged a few steps in
+                        early = early_ref.get(name)
+                        if early is None:
+                            early = early_ref[name] = measure(name, 1, batch, 1, speed, device, arrays, "serial",
+                                                              model_kw)[1]
+                        r["early_rel_diff"] = _rel_diff(measure(name, k, batch, 1, speed, device, arrays, pm,
+                                                                model_kw)[1], early)
+                except Exception as e:
+                    failed(name, k, pm if k > 1 else "alone", batch, e)
+                    continue
                 if ceiling and k > 1:
                     r["of_ceiling"] = None  # filled below, once the one run at batch K x batch is measured
                 rows.append(r)
                 log.info("%s K=%d %s: %.0f img/s (x%.2f), max |dw| %.3g (%.2g relative%s)", name, k, r["pack_mode"],
                          r["images_per_s"], r["x_k1"], r["max_abs_diff"], r["max_rel_diff"],
                          f"; {r['early_rel_diff']:.2g} after {EARLY_STEPS} steps" if "early_rel_diff" in r else "")
-            if ceiling and k > 1 and (deadline is None or time.time() <= deadline):
-                big = measure(name, 1, batch * k, steps, speed, device, synthetic_arrays(batch * k * steps),
-                              "serial", model_kw)[0]
+            if ceiling and k > 1 and base is not None and (deadline is None or time.time() <= deadline):
+                try:
+                    big = measure(name, 1, batch * k, steps, speed, device, synthetic_arrays(batch * k * steps),
+                                  "serial", model_kw)[0]
+                except Exception as e:
+                    failed(name, k, f"one run, batch {batch * k}", batch * k, e)
+                    continue
                 big.update(K=k, pack_mode=f"one run, batch {batch * k}", ceiling=True, unsafe=False,
-                           x_k1=big["images_per_s"] / base if base else float("nan"))
+                           x_k1=big["images_per_s"] / base)
                 for r in rows:
                     if r["model"] == name and r["K"] == k and "of_ceiling" in r:
                         r["of_ceiling"] = r["images_per_s"] / big["images_per_s"]
@@ -225,7 +247,9 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                 f"{mode} on {info['device']}",
                 ["model", "K", "pack mode", "images/s", "x K=1", "of one run at K x batch", "max |dw| vs alone",
                  "relative", f"relative after {EARLY_STEPS} steps", "MFU", "warm-up s"],
-                [[r["model"], r["K"], r["pack_mode"] + (" (unsafe: graphs race)" if r["unsafe"] else ""),
+                [[r["model"], r["K"], r["pack_mode"], "failed", "", "", r["failed"][:60], "", "", "", ""]
+                 if "failed" in r else
+                 [r["model"], r["K"], r["pack_mode"] + (" (unsafe: graphs race)" if r["unsafe"] else ""),
                   f"{r['images_per_s']:,.0f}", f"{r['x_k1']:.2f}",
                   f"{100 * r['of_ceiling']:.0f}%" if r.get("of_ceiling") is not None else "",
                   num(r, "max_abs_diff", ".2g"), num(r, "max_rel_diff", ".2g"), num(r, "early_rel_diff", ".2g"),
