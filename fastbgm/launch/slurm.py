@@ -214,7 +214,9 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
     stage-1 run the runs that start from it (``afterok`` on it). ``max_parallel`` is each
     array's throttle (``%N``); arrays are split to the cluster's ``MaxArraySize``."""
     res = exp.resources
-    executor = _executor(exp, **_shape_params(res))
+    # a task that dies (killed as hung by its job's watch, out of memory) ends the step: its
+    # peers would otherwise wait in their collective until the process group's timeout
+    executor = _executor(exp, **_shape_params(res), slurm_srun_args=["--kill-on-bad-exit=1"])
     job_ids = {d.run.key: read_json(d.run.run_dir / JOB_FILE).get("job_id") for d in decisions
                if d.action == "queued"}
     groups: dict[tuple[int, str], list[Decision]] = {}
