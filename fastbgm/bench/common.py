@@ -80,15 +80,20 @@ def _cell(v: Any) -> str:
     return f"{v:,.0f}" if isinstance(v, float) and v > 100 else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
+def markdown_table(columns: list[str], rows: Iterable[list[Any]]) -> list[str]:
+    """A table's lines in markdown (images/s right-aligned, a cell's ``|`` escaped)."""
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---:" if c == "images/s" else "---" for c in columns) + "|"]
+    return lines + ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in r) + " |" for r in rows]
+
+
 def write_markdown(out: Path | None, name: str, title: str, columns: list[str], rows: Iterable[list[Any]]) -> None:
     """The table as markdown, ``out/<name>.md``: what BENCHMARKS.md takes as it is."""
     if out is None:
         return
     from fastbgm.fileio import atomic_write_text
 
-    lines = [f"{title}", "", "| " + " | ".join(columns) + " |",
-             "|" + "|".join("---:" if c == "images/s" else "---" for c in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(v).replace("|", "\\|") for v in r) + " |" for r in rows]
+    lines = [f"{title}", "", *markdown_table(columns, rows)]
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{name}.md", "\n".join(lines) + "\n")
 

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .common import markdown_table
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,8 +187,7 @@ def _facts(info: dict[str, Any], record: dict[str, Any], rows: Rows) -> str:
              f"  `python {record['command']}`",
              f"- Data: {record['data']} (decoded in {record['decode_s']:.0f} s when not there yet)",
              f"- Launch: exit {record['exit_code']}, wall {record['wall_s']:.0f} s", "",
-             "| what | images/s | notes |", "|---|---:|---|"]
-    lines += [f"| {what} | {'' if ips != ips else f'{ips:,.0f}'} | {notes} |" for _, what, ips, notes in rows]
+             *markdown_table(["what", "images/s", "notes"], [r[1:] for r in rows])]
     return "\n".join(lines) + "\n"
 
 
