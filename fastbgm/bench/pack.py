@@ -149,6 +149,7 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
     arrays = synthetic_arrays(batch * steps)
     rows = []
     early_ref: dict[str, dict[str, torch.Tensor]] = {}  # run 0 alone after EARLY_STEPS steps, by model
+
     def failed(name: str, k: int, pm: str, at_batch: int, e: Exception) -> None:
         """One measurement that raised (out of memory, a kernel that will not compile): a
         row that says so, and the others go on (one GPU session must not lose them)."""
@@ -183,18 +184,10 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                 try:
                     if k == 1 and baselines is not None and key in baselines:
                         r, w = dict(baselines[key][0]), baselines[key][1]
-                    elif pm in PROCESS_MODES and k > 1:
+                    elif pm in PROCESS_MODES and k > 1:  # (MPS may not start on a machine: a failed row says why)
                         from .processes import measure as measure_processes
 
-                        try:
-                            r, w = measure_processes(name, k, batch, steps, mode, device, model_kw,
-                                                     mps=pm == "mps")
-                        except RuntimeError as e:
-                            if pm != "mps":
-                                raise
-                            # whether MPS starts depends on the machine: say why, measure the rest
-                            log.warning("%s K=%d mps failed: %s", name, k, e)
-                            continue
+                        r, w = measure_processes(name, k, batch, steps, mode, device, model_kw, mps=pm == "mps")
                     else:
                         r, w = measure(name, k, batch, steps, speed, device, arrays, pm, model_kw)
                         if k == 1 and baselines is not None:
