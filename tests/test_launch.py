@@ -246,6 +246,34 @@ def test_per_run_jobs_cancel_dependents_of_a_failed_stage1_without_cluster_help(
 
 
 @needs_slurm
+@pytest.mark.timeout(300)
+def test_runs_that_cannot_read_their_dataset_fail_saying_why_locally_and_as_per_run_jobs(tiny_dir: Path,
+                                                                                        tmp_path: Path) -> None:
+    # A per-run job whose trainer raised (here: a .beton of random bytes) ended FAILED with
+    # nothing written in its run folder: the launch called the run "pending", and its
+    # dependents "stopped unfinished; the same command resumes it", which no launch could.
+    # The local executor recorded such runs failed, but only "exited with code 2".
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in tiny_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".npz"):
+            (data / f.name).write_bytes(f.read_bytes())
+    (data / "train.beton").write_bytes(os.urandom((tiny_dir / "train.beton").stat().st_size))
+    for executor, how in (("local", []), ("slurm", ["--jobs", "per-run"])):
+        (tmp_path / executor).mkdir()
+        cfg = write_experiment(tmp_path / executor, data, name=executor, modes='["vanilla"]')
+        out = launch("--config", str(cfg), "--executor", executor, *how, "--no-report", "--timeout", "200")
+        text = " ".join(out.stdout.split())
+        assert out.returncode == 1 and "--retry-failed" in text, text[-3000:]
+        root = tmp_path / executor / "runs" / executor / "synthetic/small_cnn/seed0"
+        for run in ("stage1-R2-z0.1", "stage2-random-vanilla"):
+            res = json.loads((root / run / "result.json").read_text())
+            assert res["status"] == "failed" and "train.beton cannot be read as a .beton" in res["reason"], res
+        adv = json.loads((root / "stage2-adversarial-vanilla/result.json").read_text())
+        assert adv["status"] == "cancelled" and "stage1-R2-z0.1 failed" in adv["reason"], (executor, adv)
+
+
+@needs_slurm
 @pytest.mark.timeout(400)
 def test_per_run_dependents_of_a_stage1_job_ended_unfinished_say_so_and_are_planned_again(tiny_dir: Path,
                                                                                          tmp_path: Path) -> None:

@@ -194,9 +194,22 @@ class RunJob:
             # task/none binds nothing: every task would otherwise use every core
             os.environ["OMP_NUM_THREADS"] = str(self.threads)
             torch.set_num_threads(self.threads)
-        from ..trainer import Trainer
+        from ..fileio import FolderBusy, lock_holder, no_space
+        from ..trainer import Trainer, stop_requested
 
-        result = Trainer(self.config, Path(self.run_dir)).run()
+        try:
+            result = Trainer(self.config, Path(self.run_dir)).run()
+        except Exception as e:
+            # what a scheduler records of a trainer process that exited with an error
+            # (schedule.Scheduler._settle): the run failed, and why (an unreadable dataset,
+            # say), so that its dependents are cancelled for that reason and the next launch
+            # keeps it failed until --retry-failed. Not: a stop asked for (submitit's
+            # checkpoint), a full disk (resumable), another trainer holding the folder.
+            if (env.global_rank == 0 and not stop_requested() and not no_space(e)
+                    and not isinstance(e, FolderBusy)
+                    and lock_holder(self.run_dir) is None):
+                mark_cancelled(self.run_dir, self.config.name, f"{type(e).__name__}: {e}", status="failed")
+            raise
         if result.get("status") != "done":
             raise RunFailed(f"{self.run_dir}: {result.get('reason', result.get('status'))}")
         return result

@@ -517,10 +517,13 @@ class Scheduler(Generic[S]):
             log.info("%s: killed (exit %d); it resumes from its last checkpoint on the next launch",
                      r.key, returncode)
             return "running"
-        # died before it could say why (killed, out of memory, a crash in start-up)
+        # exited with an error before it recorded a result: the error it printed (an
+        # unreadable dataset, a mistake in its config), or where to look when it said none
+        said = last_error(r.run_dir).removeprefix("error: ")
         atomic_write_json(Path(r.run_dir) / C.RESULT, {
             "name": r.key, "status": "failed",
-            "reason": f"exited with code {returncode}; see {Path(r.run_dir) / C.TRAIN_LOG}"})
+            "reason": f"{said} (exit {returncode})" if said else
+            f"exited with code {returncode}; see {Path(r.run_dir) / C.TRAIN_LOG}"})
         return "failed"
 
     def _cancel_blocked(self) -> None:

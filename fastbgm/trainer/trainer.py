@@ -52,6 +52,10 @@ def request_stop() -> None:
     _STOP_REQUESTED.set()
 
 
+def stop_requested() -> bool:
+    """Whether :func:`request_stop` was called in this process."""
+    return _STOP_REQUESTED.is_set()
+
 
 class StopRequested(BaseException):
     """A scheduler asked this run to stop (e.g. Slurm's warning before a time limit).
