@@ -1259,13 +1259,17 @@ def test_a_full_disk_fails_no_run_and_the_relaunch_resumes_every_run_exactly(tin
 
 @needs_multinode
 @pytest.mark.timeout(600)
-def test_a_full_disk_under_an_allocation_fails_no_run_and_the_relaunch_resumes_every_run_exactly(
-        tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("jobs", ["allocation", "per-run"])
+def test_a_full_disk_on_slurm_fails_no_run_and_the_relaunch_resumes_every_run_exactly(
+        tiny_dir: Path, tmp_path: Path, jobs: str) -> None:
     """The same on Slurm, the small tmpfs mounted after the cluster started (its nodes see
-    it, as they would shared storage): the allocation's driver starts nothing more and
-    ends (exit 74) instead of requeueing onto the full disk; the launch following it
-    says so as the local one does, with the same exit code; once space is freed the same
-    command finishes every run as an uninterrupted launch does."""
+    it, as they would shared storage). An allocation's driver starts nothing more and
+    ends (exit 74) instead of requeueing onto the full disk; a per-run job whose trainer
+    found no space ends with exit 74 (Slurm then cancels the runs that wait on it: they
+    say the same command runs them). Before, that job ended as any failed job, and the
+    launch said nothing of the disk. The launch following the jobs says so as the local
+    one does, with the same exit code; once space is freed the same command finishes
+    every run as an uninterrupted launch does."""
     import math
 
     from fastbgm.bench.faults import nodes_see_new_mounts
@@ -1281,20 +1285,26 @@ def test_a_full_disk_under_an_allocation_fails_no_run_and_the_relaunch_resumes_e
     need = sum(4096 * math.ceil(f.stat().st_size / 4096) for f in (tmp_path / "ref/runs").rglob("*") if f.is_file())
     disk = tmp_path / "disk"
     with small_disk(disk / "runs", int(0.6 * need) // 4096 * 4):
-        args = _allocation_args(write_experiment(disk, tiny_dir, name="fs", modes='["vanilla"]'))
+        args = [*_allocation_args(write_experiment(disk, tiny_dir, name="fs", modes='["vanilla"]')), "--jobs", jobs]
         full = launch(*args, "--timeout", "400", timeout=500)
         out = " ".join((full.stdout + full.stderr).split())
         assert full.returncode == NO_SPACE_EXIT and "Traceback" not in out, out[-3000:]
         assert "no space left to write the run folders" in out and "no run failed" in out, out[-3000:]
-        job = json.loads((disk / "runs/fs/slurm-allocation.json").read_text())["job_id"]
-        history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State,ExitCode", "-j", job],
-                                 capture_output=True, text=True, timeout=60).stdout.split()
-        assert history == [f"FAILED|{NO_SPACE_EXIT}:0"], history  # ended, not requeued onto the full disk
-        states = {key: r["status"] for key, r in results(disk / "runs").items()}
-        assert "running" in states.values() and not {"failed", "cancelled"} & set(states.values()), states
-        for key in (k.split("/", 1)[1] for k, v in states.items() if v == "running"):
-            assert f"running {key}: error:" in out, out[-3000:]  # each with its trainer's error
+        states = {key: r for key, r in results(disk / "runs").items()}
+        assert "running" in {r["status"] for r in states.values()}, states
         assert not list((disk / "runs").rglob(".*.tmp"))  # no half-written file left behind
+        if jobs == "allocation":
+            job = json.loads((disk / "runs/fs/slurm-allocation.json").read_text())["job_id"]
+            history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State,ExitCode", "-j", job],
+                                     capture_output=True, text=True, timeout=60).stdout.split()
+            assert history == [f"FAILED|{NO_SPACE_EXIT}:0"], history  # ended, not requeued onto the full disk
+            assert not {"failed", "cancelled"} & {r["status"] for r in states.values()}, states
+            for key in (k.split("/", 1)[1] for k, r in states.items() if r["status"] == "running"):
+                assert f"running {key}: error:" in out, out[-3000:]  # each with its trainer's error
+        else:
+            for key, r in states.items():
+                assert r["status"] == "running" or (r["status"] == "cancelled" and "the same command" in r["reason"]
+                                                    and "no space left" in r["reason"]), (key, r)
         resize_disk(disk / "runs", 4 * need // 1024)
         again = launch(*args, "--timeout", "400", timeout=500)
         assert again.returncode == 0, again.stdout[-3000:]

@@ -376,8 +376,10 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
             if kind == "hang":
                 in_launch = all(v["status"] == "done" for k, v in _outcome(work / "runs" / mini.NAME).items()
                                 if reference[executor].get(k, {}).get("status") == "done")
-            elif kind == "disk-full":
-                in_launch = not any(v["status"] in ("failed", "cancelled")
+            elif kind == "disk-full":  # (with one Slurm job a run, Slurm cancels the runs that wait
+                # on the job that found the disk full: they must say that the same command runs them)
+                in_launch = not any(v["status"] == "failed" or v["status"] == "cancelled"
+                                    and "the same command" not in v["reason"]
                                     for v in _outcome(work / "runs" / mini.NAME).values())
             if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
                 reruns = 1

@@ -184,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                                   + (f"its log is {log_file}" if log_file.exists() else
                                      f"it wrote no log ({log_file}): could its nodes not see or write the "
                                      "runs folder?"))
+                per_run = exp.resources.jobs == "per-run"
+                full_jobs = [job for job in ended if per_run and exit_code(job) == NO_SPACE_EXIT]
+                if full_jobs:  # a per-run job's trainer found no space (job.RunJob)
+                    console.print(f"[red]error:[/] job(s) {', '.join(full_jobs)}: no space left to write the run "
+                                  f"folders under {exp.runs_dir}; {NO_SPACE_ADVICE}")
+                    full = True
                 unfinished = [r for r in runs if run_status(r.run_dir)[0] not in ("done", "failed", "cancelled")]
                 if full:
                     closing_report(runs, console, retry_cmd)

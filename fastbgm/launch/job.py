@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import atomic_write_json
+from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
 from ..trainer.config import RunConfig
 from .schedule import MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, mark_cancelled
 
@@ -200,13 +201,17 @@ class RunJob:
         try:
             result = Trainer(self.config, Path(self.run_dir)).run()
         except Exception as e:
+            if no_space(e) and not stop_requested():
+                # not the run's failure: the job ends with NO_SPACE_EXIT (an allocation's
+                # driver does the same), which the launch following it reports as such
+                log.error("%s: no space left to write its run folder (%s); %s", self.run_dir, e, NO_SPACE_ADVICE)
+                raise SystemExit(NO_SPACE_EXIT) from e
             # what a scheduler records of a trainer process that exited with an error
             # (schedule.Scheduler._settle): the run failed, and why (an unreadable dataset,
             # say), so that its dependents are cancelled for that reason and the next launch
             # keeps it failed until --retry-failed. Not: a stop asked for (submitit's
-            # checkpoint), a full disk (resumable), another trainer holding the folder.
-            if (env.global_rank == 0 and not stop_requested() and not no_space(e)
-                    and not isinstance(e, FolderBusy)
+            # checkpoint), another trainer holding the folder.
+            if (env.global_rank == 0 and not stop_requested() and not isinstance(e, FolderBusy)
                     and lock_holder(self.run_dir) is None):
                 mark_cancelled(self.run_dir, self.config.name, f"{type(e).__name__}: {e}", status="failed")
             raise

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
+from ..train import NO_SPACE_EXIT
 from .common import Decision, LaunchError, read_json, table, will_run
 from .job import RunJob, hangs
 from .schedule import MAX_STALLS, mark_cancelled
@@ -386,7 +387,9 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
         if status in ("failed", "cancelled"):
             return f"its stage-1 run {parent} {status}"
         job = jobs.get(parent)
-        how = f" (its job {job} ended {gone.get(job) or ended_state(job)})" if job else ""
+        how = "" if not job else (f" (its job {job} found no space left to write its run folder)"
+                                  if exit_code(job) == NO_SPACE_EXIT else
+                                  f" (its job {job} ended {gone.get(job) or ended_state(job)})")
         return f"its stage-1 run {parent} stopped unfinished{how}; the same command resumes it, then runs this one"
 
     with Live(table(runs, {}, "fastbgm on Slurm"), console=console, refresh_per_second=1) as view:
