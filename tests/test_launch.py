@@ -265,6 +265,8 @@ def test_runs_that_cannot_read_their_dataset_fail_saying_why_locally_and_as_per_
         out = launch("--config", str(cfg), "--executor", executor, *how, "--no-report", "--timeout", "200")
         text = " ".join(out.stdout.split())
         assert out.returncode == 1 and "--retry-failed" in text, text[-3000:]
+        # (the live table's last frame ends its line in a pipe too, not glued to the next one)
+        assert all(line.rstrip().endswith("┘") for line in out.stdout.splitlines() if "└" in line), out.stdout
         root = tmp_path / executor / "runs" / executor / "synthetic/small_cnn/seed0"
         for run in ("stage1-R2-z0.1", "stage2-random-vanilla"):
             res = json.loads((root / run / "result.json").read_text())

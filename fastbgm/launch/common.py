@@ -3,10 +3,11 @@ and the closing report."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ..config import to_dict
 from ..experiment import Resources, RunSpec, run_status
@@ -130,6 +131,20 @@ def table(runs: Iterable[RunSpec], states: dict[str, str], title: str) -> Any:
         row[1] = f"[{colors.get(st, 'white')}]{st}[/]"
         t.add_row(*row)
     return t
+
+
+@contextlib.contextmanager
+def live_table(first: Any, console: Any, refresh_per_second: float) -> Iterator[Any]:
+    """rich's ``Live`` over the table ``first`` (``.update`` it). Its last frame ends
+    its line on any console: rich ends it only on a terminal, and in a log file or a
+    pipe (a launch under Slurm, tee, CI) the next line printed was glued to the table's
+    bottom border."""
+    from rich.live import Live
+
+    with Live(first, console=console, refresh_per_second=refresh_per_second) as view:
+        yield view
+    if not console.is_terminal:
+        console.line()
 
 
 def closing_report(runs: list[RunSpec], console: Any, retry_cmd: str) -> bool:

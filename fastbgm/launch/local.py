@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from ..experiment import Resources, RunSpec
-from .common import LaunchError, step_run, table
+from .common import LaunchError, live_table, step_run, table
 from .schedule import Scheduler, StepRun, pack_log, train_command
 
 
@@ -39,9 +39,7 @@ def run_local(runs: list[RunSpec], res: Resources, console: Any, poll_s: float =
                                                  runs_per_slot=res.runs_per_gpu, stall_s=res.stall_timeout_s)
     except ValueError as e:
         raise LaunchError(f"{e} on this machine; lower resources.ranks_per_run or run on Slurm") from None
-    from rich.live import Live
-
-    with Live(table(runs, sched.states, "fastbgm local"), console=console, refresh_per_second=2) as view, \
+    with live_table(table(runs, sched.states, "fastbgm local"), console, refresh_per_second=2) as view, \
             _stop_children_on_exit(sched):
         while not sched.finished:
             sched.poll()

@@ -15,7 +15,7 @@ from typing import Any
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_EXIT
-from .common import Decision, LaunchError, read_json, table, will_run
+from .common import Decision, LaunchError, live_table, read_json, table, will_run
 from .job import RunJob, hangs
 from .schedule import MAX_STALLS, mark_cancelled
 
@@ -359,7 +359,6 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
     driver watches its steps, and a per-run job its own run (job.watch_own_run), whether
     or not a launch follows them. Returns how each job that left the queue with a run
     unfinished ended (sacct's state)."""
-    from rich.live import Live
 
     start = time.time()
     shrinkable = res is not None and res.jobs == "allocation" and res.least_nodes < res.nodes
@@ -392,7 +391,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                                   f" (its job {job} ended {gone.get(job) or ended_state(job)})")
         return f"its stage-1 run {parent} stopped unfinished{how}; the same command resumes it, then runs this one"
 
-    with Live(table(runs, {}, "fastbgm on Slurm"), console=console, refresh_per_second=1) as view:
+    with live_table(table(runs, {}, "fastbgm on Slurm"), console, refresh_per_second=1) as view:
         while True:
             q = queue(list(jobs.values()))
             states = {}
