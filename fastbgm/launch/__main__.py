@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 closing_report(runs, console, retry_cmd)
                 return NO_SPACE_EXIT
         else:
-            from .slurm import allocation_log, exit_code, lost_driver_node, submit_allocation, submit_per_run, wait
+            from .slurm import exit_code, job_log, lost_driver_node, submit_allocation, submit_per_run, wait
 
             todo = [d for d in decisions if d.action in ("submit", "resume", "retry")]
             if exp.resources.jobs == "allocation":
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"under {exp.runs_dir}; {NO_SPACE_ADVICE}")
                         full = True
                         continue
-                    log_file = allocation_log(exp, job)  # (a driver that ended early, for one)
+                    log_file = job_log(exp, job)  # (a driver that ended early, for one)
                     console.print(f"[red]allocation {job} ended {ended[job]}[/]: "
                                   + (f"its log is {log_file}" if log_file.exists() else
                                      f"it wrote no log ({log_file}): could its nodes not see or write the "
@@ -191,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"folders under {exp.runs_dir}; {NO_SPACE_ADVICE}")
                     full = True
                 unfinished = [r for r in runs if run_status(r.run_dir)[0] not in ("done", "failed", "cancelled")]
+                for r in unfinished if per_run else []:  # (a trainer's own log is its job's)
+                    job = following.get(r.key, "")
+                    if job in ended and job not in full_jobs:
+                        log_file = job_log(exp, job)
+                        console.print(f"[red]{r.key}: its job {job} ended {ended[job]}[/] with the run unfinished"
+                                      + (f"; its log is {log_file}" if log_file.exists() else ""))
                 if full:
                     closing_report(runs, console, retry_cmd)
                     return NO_SPACE_EXIT

@@ -293,8 +293,9 @@ def lost_driver_node(job: str) -> str:
     return batch[-1] if batch[-1] not in slurm_hostnames(last[-1]) else ""
 
 
-def allocation_log(exp: ExperimentConfig, job: str) -> Path:
-    """Where the allocation's driver logs (submitit's file for the batch script's stderr)."""
+def job_log(exp: ExperimentConfig, job: str) -> Path:
+    """Where a job's first task logs (submitit's file for its stderr): an allocation's
+    driver, or a per-run job's trainer (rank 0)."""
     return experiment_dir(exp) / ".submitit" / job / f"{job}_0_log.err"
 
 
