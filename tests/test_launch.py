@@ -1300,7 +1300,7 @@ def test_a_full_disk_on_slurm_fails_no_run_and_the_relaunch_resumes_every_run_ex
         out = " ".join((full.stdout + full.stderr).split())
         assert full.returncode == NO_SPACE_EXIT and "Traceback" not in out, out[-3000:]
         assert "no space left to write the run folders" in out and "no run failed" in out, out[-3000:]
-        states = {key: r for key, r in results(disk / "runs").items()}
+        states = results(disk / "runs")
         assert "running" in {r["status"] for r in states.values()}, states
         assert not list((disk / "runs").rglob(".*.tmp"))  # no half-written file left behind
         if jobs == "allocation":

@@ -378,8 +378,8 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
                                 if reference[executor].get(k, {}).get("status") == "done")
             elif kind == "disk-full":  # (with one Slurm job a run, Slurm cancels the runs that wait
                 # on the job that found the disk full: they must say that the same command runs them)
-                in_launch = not any(v["status"] == "failed" or v["status"] == "cancelled"
-                                    and "the same command" not in v["reason"]
+                in_launch = not any(v["status"] == "failed"
+                                    or (v["status"] == "cancelled" and "the same command" not in v["reason"])
                                     for v in _outcome(work / "runs" / mini.NAME).values())
             if kind == "corrupt-beton":  # the fault stays: the runs must say why they cannot finish
                 reruns = 1
