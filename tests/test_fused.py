@@ -160,8 +160,15 @@ def test_fused_runs_train_in_bfloat16_as_autocast_does(tiny_dir: Path, tmp_path:
     alone_bf16 = weights(tmp_path / "a16", "bf16", False)
     fused_bf16 = weights(tmp_path / "f16", "bf16", True)
     fused_fp32 = weights(tmp_path / "f32", "fp32", True)
-    assert dist(fused_bf16, alone_bf16) < 5e-3
-    assert dist(fused_bf16, fused_fp32) > 4 * dist(fused_bf16, alone_bf16)
+    alone_fp32 = weights(tmp_path / "a32", "fp32", False)
+    bf16_noise = dist(alone_bf16, alone_fp32)  # how far bf16 moves a run alone from float32
+    # A fused step that left out the casts would sit near float32 and a bf16 noise away from
+    # alone. Measured (max |dw|, 4 steps): fused bf16 to alone 1.3e-4, to float32 4.9e-4,
+    # the bf16 noise 4.9e-4 (an AMD EPYC, 2026-11-30; the ratio was above 4 on an earlier
+    # machine): bf16 kernels round differently by CPU, hence margins of 2, not tighter.
+    assert dist(fused_bf16, alone_bf16) < bf16_noise / 2
+    assert dist(fused_bf16, fused_fp32) > bf16_noise / 2
+    assert dist(fused_bf16, fused_fp32) > 2 * dist(fused_bf16, alone_bf16)
 
 
 def test_each_fused_group_compiles_on_its_own_past_the_recompile_limit(tiny_dir: Path, tmp_path: Path) -> None:
