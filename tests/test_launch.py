@@ -17,6 +17,7 @@ import pytest
 from fastbgm.config import load
 from fastbgm.experiment import ExperimentConfig, expand_modes, parse_mode, plan
 from fastbgm.fileio import read_jsonl
+from fastbgm.launch.schedule import last_error
 from fastbgm.launch.slurm import ended_state, queue, slurm_available
 
 from .conftest import REPO, resize_disk, small_disk
@@ -273,6 +274,9 @@ def test_runs_that_cannot_read_their_dataset_fail_saying_why_locally_and_as_per_
             assert res["status"] == "failed" and "train.beton cannot be read as a .beton" in res["reason"], res
         adv = json.loads((root / "stage2-adversarial-vanilla/result.json").read_text())
         assert adv["status"] == "cancelled" and "stage1-R2-z0.1 failed" in adv["reason"], (executor, adv)
+        # the run folder's train.log ends with the trainer's error, whatever ran it (a
+        # per-run job's trainer logged only to submitit's log, in the experiment's folder)
+        assert "cannot be read as a .beton" in last_error(root / "stage1-R2-z0.1"), executor
 
 
 @needs_slurm
@@ -298,6 +302,8 @@ def test_per_run_dependents_of_a_stage1_job_ended_unfinished_say_so_and_are_plan
     assert f"stage1-R2-z0.1 stopped unfinished (its job {job} ended CANCELLED" in adv["reason"], adv
     said = " ".join(out.split())  # and where the stopped run's trainer logged
     assert f"stage1-R2-z0.1: its job {job} ended CANCELLED with the run unfinished; its log is " in said, said[-3000:]
+    log = (s1 / "train.log").read_text()  # and its trainer's log lines are in the run folder
+    assert f"stage1-R2-z0.1 in Slurm job {job}" in log and "stage1-R2-z0.1 epoch 1 " in log, log[-3000:]
     plan_again = launch(*args, "--dry-run")
     rows = {line.split()[1].rsplit("/", 1)[-1]: line for line in plan_again.stdout.splitlines() if "seed0/" in line}
     assert "resume" in rows["stage1-R2-z0.1"] and "submit" in rows["stage2-adversarial-vanilla"], plan_again.stdout
@@ -1313,6 +1319,8 @@ def test_a_full_disk_on_slurm_fails_no_run_and_the_relaunch_resumes_every_run_ex
                 assert f"running {key}: error:" in out, out[-3000:]  # each with its trainer's error
         else:
             for key, r in states.items():  # (a run may have ended before the disk filled)
+                if r["status"] == "running":  # each listed with its trainer's error, as above
+                    assert f"running {key.split('/', 1)[1]}: error:" in out, out[-3000:]
                 assert r["status"] in ("running", "done") or (
                     r["status"] == "cancelled" and "the same command" in r["reason"]
                     and "no space left" in r["reason"]), (key, r)
@@ -1533,7 +1541,6 @@ def test_an_offer_the_disk_refuses_leaves_nothing_and_a_stopped_launchs_inboxes_
 
 
 def test_an_unfinished_runs_last_error_is_its_last_trainers_own(tmp_path: Path) -> None:
-    from fastbgm.launch.schedule import last_error
 
     a, b, c = (tmp_path / x for x in "abc")
     for d in (a, b, c):

@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 closing_report(runs, console, retry_cmd)
                 return NO_SPACE_EXIT
         else:
+            from .schedule import last_error
             from .slurm import exit_code, job_log, lost_driver_node, submit_allocation, submit_per_run, wait
 
             todo = [d for d in decisions if d.action in ("submit", "resume", "retry")]
@@ -191,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"folders under {exp.runs_dir}; {NO_SPACE_ADVICE}")
                     full = True
                 unfinished = [r for r in runs if run_status(r.run_dir)[0] not in ("done", "failed", "cancelled")]
-                for r in unfinished if per_run else []:  # (a trainer's own log is its job's)
+                for r in unfinished if per_run else []:  # (its trainer's whole log is its job's)
                     job = following.get(r.key, "")
                     if job in ended and job not in full_jobs:
-                        log_file = job_log(exp, job)
+                        log_file, said = job_log(exp, job), last_error(r.run_dir).split("; ")[0]
                         console.print(f"[red]{r.key}: its job {job} ended {ended[job]}[/] with the run unfinished"
+                                      + (f" ({escape(said)})" if said else "")
                                       + (f"; its log is {log_file}" if log_file.exists() else ""))
                 if full:
                     closing_report(runs, console, retry_cmd)

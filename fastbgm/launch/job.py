@@ -13,6 +13,7 @@ fails the run at the :data:`~fastbgm.launch.schedule.MAX_STALLS`-th hang of that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -160,6 +161,51 @@ def _fork_watch(run_dir: str, key: str, job: str, stall_s: float) -> int:
     return 0  # (never reached)
 
 
+class _RunFolderLog(logging.FileHandler):
+    def handleError(self, record: logging.LogRecord) -> None:
+        # a full disk: the trainer says so itself (its job's log), where logging would
+        # print a traceback of its own for every line it could not write
+        pass
+
+
+def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler | None:
+    """Rank 0 of a per-run job logs to its run folder's train.log too, as a trainer
+    process that a local or allocation scheduler starts does (its stdout and stderr go
+    there): the run folder holds what the trainer said, whatever ran it, and the
+    launch's closing report lists an unfinished run with its trainer's last error
+    (schedule.last_error). Each start on a line of its own, as schedule.pack_log writes."""
+    import datetime
+
+    from ..trainer import checkpoint as C
+
+    try:
+        handler = _RunFolderLog(Path(run_dir) / C.TRAIN_LOG, mode="a")
+    except OSError as e:  # (an unwritable folder: the trainer says so itself)
+        log.warning("%s: cannot write %s (%s)", run_dir, C.TRAIN_LOG, e)
+        return None
+    try:
+        handler.stream.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: started {key} "
+                             f"in Slurm job {env.job_id} (its whole log: {env.paths.stderr})\n")
+        handler.stream.flush()
+    except OSError as e:  # (a full disk)
+        log.warning("%s: cannot write %s (%s)", run_dir, C.TRAIN_LOG, e)
+        handler.close()
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def _say_error(handler: logging.FileHandler | None, message: str) -> None:
+    """The trainer's last word in train.log: "error: ..." on a line of its own, as the
+    trainer's command line prints it (what schedule.last_error reads)."""
+    if handler is None or handler.stream is None:
+        return
+    with contextlib.suppress(OSError):  # (a full disk: its job's log has it)
+        handler.stream.write(f"error: {message}\n")
+        handler.stream.flush()
+
+
 class RunJob:
     def __init__(self, config: RunConfig, run_dir: str | os.PathLike, threads: int = 0, stall_s: float = 0.0):
         self.config = config
@@ -198,6 +244,7 @@ class RunJob:
         from ..fileio import FolderBusy, lock_holder, no_space
         from ..trainer import Trainer, stop_requested
 
+        train_log = _log_to_run_folder(self.run_dir, self.config.name, env) if env.global_rank == 0 else None
         try:
             result = Trainer(self.config, Path(self.run_dir)).run()
         except Exception as e:
@@ -205,6 +252,8 @@ class RunJob:
                 # not the run's failure: the job ends with NO_SPACE_EXIT (an allocation's
                 # driver does the same), which the launch following it reports as such
                 log.error("%s: no space left to write its run folder (%s); %s", self.run_dir, e, NO_SPACE_ADVICE)
+                _say_error(train_log, f"{self.run_dir}: no space left to write its run folder ({e}); "
+                                      f"{NO_SPACE_ADVICE}")
                 raise SystemExit(NO_SPACE_EXIT) from e
             # what a scheduler records of a trainer process that exited with an error
             # (schedule.Scheduler._settle): the run failed, and why (an unreadable dataset,
@@ -214,7 +263,12 @@ class RunJob:
             if (env.global_rank == 0 and not stop_requested() and not isinstance(e, FolderBusy)
                     and lock_holder(self.run_dir) is None):
                 mark_cancelled(self.run_dir, self.config.name, f"{type(e).__name__}: {e}", status="failed")
+                _say_error(train_log, f"{type(e).__name__}: {e}")
             raise
+        finally:
+            if train_log is not None:
+                logging.getLogger().removeHandler(train_log)
+                train_log.close()
         if result.get("status") != "done":
             raise RunFailed(f"{self.run_dir}: {result.get('reason', result.get('status'))}")
         return result
