@@ -242,6 +242,9 @@ def test_per_run_jobs_cancel_dependents_of_a_failed_stage1_without_cluster_help(
     assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 2
     text = " ".join(out.stdout.split())
     assert "non-finite loss" in text and "--retry-failed" in text
+    s1_log = next((tmp_path / "runs/fail/.submitit").rglob(
+        json.loads((root / "stage1-R2-z0.1/slurm-job.json").read_text())["job_id"] + "_0_log.err")).read_text()
+    assert "non-finite loss" in s1_log and "Traceback" not in s1_log, s1_log[-3000:]  # failed, not a bug
     # without --retry-failed a re-launch leaves the failure alone and keeps the dependents blocked
     again = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--dry-run")
     assert "keep-failed" in again.stdout and "blocked" in again.stdout
@@ -278,6 +281,9 @@ def test_runs_that_cannot_read_their_dataset_fail_saying_why_locally_and_as_per_
         # the run folder's train.log ends with the trainer's error, whatever ran it (a
         # per-run job's trainer logged only to submitit's log, in the experiment's folder)
         assert "cannot be read as a .beton" in last_error(root / "stage1-R2-z0.1"), executor
+        # a mistake with its fix is said without a traceback, in a per-run job's log too
+        logs = [p.read_text() for p in (tmp_path / executor / "runs").rglob("*.err")]
+        assert all("Traceback" not in x for x in logs) and any(".beton" in x for x in logs) == (executor == "slurm")
 
 
 @needs_slurm

@@ -32,10 +32,6 @@ from .schedule import MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, mark_c
 log = logging.getLogger(__name__)
 
 
-class RunFailed(RuntimeError):
-    """The run ended with status failed (so the Slurm job fails and afterok dependents are cancelled)."""
-
-
 def scontrol_requeue(job_id: str) -> None:
     """``scontrol requeue JOB``, made robust: a preemption sends SIGTERM and then the
     requeue signal, and under load the SIGTERM can reach the job's processes after
@@ -241,12 +237,19 @@ class RunJob:
             # task/none binds nothing: every task would otherwise use every core
             os.environ["OMP_NUM_THREADS"] = str(self.threads)
             torch.set_num_threads(self.threads)
+        from ..config import ConfigError
+        from ..data.sources import DatasetError
         from ..fileio import FolderBusy, lock_holder, no_space
         from ..trainer import Trainer, stop_requested
 
         train_log = _log_to_run_folder(self.run_dir, self.config.name, env) if env.global_rank == 0 else None
         try:
             result = Trainer(self.config, Path(self.run_dir)).run()
+            if result.get("status") != "done":
+                # the job fails (Slurm then cancels the jobs that wait on it: afterok); why
+                # is in result.json, and said here without a traceback
+                log.error("%s %s: %s", self.run_dir, result.get("status"), result.get("reason", ""))
+                raise SystemExit(1)
         except Exception as e:
             if no_space(e) and not stop_requested():
                 # not the run's failure: the job ends with NO_SPACE_EXIT (an allocation's
@@ -264,13 +267,16 @@ class RunJob:
                     and lock_holder(self.run_dir) is None):
                 mark_cancelled(self.run_dir, self.config.name, f"{type(e).__name__}: {e}", status="failed")
                 _say_error(train_log, f"{type(e).__name__}: {e}")
+            if isinstance(e, (ConfigError, DatasetError, FileNotFoundError, FolderBusy)) and not stop_requested():
+                # a mistake the message names, with its fix (python -m fastbgm.train prints
+                # these without a traceback too); anything else is a bug: its traceback
+                log.error("error: %s", e)
+                raise SystemExit(2) from e
             raise
         finally:
             if train_log is not None:
                 logging.getLogger().removeHandler(train_log)
                 train_log.close()
-        if result.get("status") != "done":
-            raise RunFailed(f"{self.run_dir}: {result.get('reason', result.get('status'))}")
         return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
