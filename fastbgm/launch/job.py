@@ -13,7 +13,6 @@ fails the run at the :data:`~fastbgm.launch.schedule.MAX_STALLS`-th hang of that
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from typing import Any
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
 from ..trainer.config import RunConfig
-from .schedule import MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, mark_cancelled
+from .schedule import MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, mark_cancelled, start_line
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +157,14 @@ def _fork_watch(run_dir: str, key: str, job: str, stall_s: float) -> int:
 
 
 class _RunFolderLog(logging.FileHandler):
+    """A per-run job's rank-0 log lines in its run folder's train.log, timestamped; an
+    error line ("error: ...") bare, as the trainer's command line prints it, which
+    schedule.last_error reads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        said = record.getMessage()
+        return said if record.levelno >= logging.ERROR and said.startswith("error: ") else super().format(record)
+
     def handleError(self, record: logging.LogRecord) -> None:
         # a full disk: the trainer says so itself (its job's log), where logging would
         # print a traceback of its own for every line it could not write
@@ -169,9 +176,7 @@ def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler 
     process that a local or allocation scheduler starts does (its stdout and stderr go
     there): the run folder holds what the trainer said, whatever ran it, and the
     launch's closing report lists an unfinished run with its trainer's last error
-    (schedule.last_error). Each start on a line of its own, as schedule.pack_log writes."""
-    import datetime
-
+    (schedule.last_error)."""
     from ..trainer import checkpoint as C
 
     try:
@@ -180,8 +185,8 @@ def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler 
         log.warning("%s: cannot write %s (%s)", run_dir, C.TRAIN_LOG, e)
         return None
     try:
-        handler.stream.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: started {key} "
-                             f"in Slurm job {env.job_id} (its whole log: {env.paths.stderr})\n")
+        handler.stream.write(start_line(f"started {key} in Slurm job {env.job_id} (its whole log: "
+                                        f"{env.paths.stderr})"))
         handler.stream.flush()
     except OSError as e:  # (a full disk)
         log.warning("%s: cannot write %s (%s)", run_dir, C.TRAIN_LOG, e)
@@ -190,16 +195,6 @@ def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler 
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
-
-
-def _say_error(handler: logging.FileHandler | None, message: str) -> None:
-    """The trainer's last word in train.log: "error: ..." on a line of its own, as the
-    trainer's command line prints it (what schedule.last_error reads)."""
-    if handler is None or handler.stream is None:
-        return
-    with contextlib.suppress(OSError):  # (a full disk: its job's log has it)
-        handler.stream.write(f"error: {message}\n")
-        handler.stream.flush()
 
 
 class RunJob:
@@ -254,23 +249,25 @@ class RunJob:
             if no_space(e) and not stop_requested():
                 # not the run's failure: the job ends with NO_SPACE_EXIT (an allocation's
                 # driver does the same), which the launch following it reports as such
-                log.error("%s: no space left to write its run folder (%s); %s", self.run_dir, e, NO_SPACE_ADVICE)
-                _say_error(train_log, f"{self.run_dir}: no space left to write its run folder ({e}); "
-                                      f"{NO_SPACE_ADVICE}")
+                log.error("error: %s: no space left to write its run folder (%s); %s", self.run_dir, e,
+                          NO_SPACE_ADVICE)
                 raise SystemExit(NO_SPACE_EXIT) from e
             # what a scheduler records of a trainer process that exited with an error
             # (schedule.Scheduler._settle): the run failed, and why (an unreadable dataset,
             # say), so that its dependents are cancelled for that reason and the next launch
             # keeps it failed until --retry-failed. Not: a stop asked for (submitit's
             # checkpoint), another trainer holding the folder.
-            if (env.global_rank == 0 and not stop_requested() and not isinstance(e, FolderBusy)
-                    and lock_holder(self.run_dir) is None):
+            recorded = (env.global_rank == 0 and not stop_requested() and not isinstance(e, FolderBusy)
+                        and lock_holder(self.run_dir) is None)
+            if recorded:
                 mark_cancelled(self.run_dir, self.config.name, f"{type(e).__name__}: {e}", status="failed")
-                _say_error(train_log, f"{type(e).__name__}: {e}")
-            if isinstance(e, (ConfigError, DatasetError, FileNotFoundError, FolderBusy)) and not stop_requested():
-                # a mistake the message names, with its fix (python -m fastbgm.train prints
-                # these without a traceback too); anything else is a bug: its traceback
-                log.error("error: %s", e)
+            # a mistake the message names, with its fix, ends the job with that line alone
+            # (python -m fastbgm.train prints these without a traceback too); anything else
+            # is a bug: its traceback follows
+            mistake = isinstance(e, (ConfigError, DatasetError, FileNotFoundError, FolderBusy)) and not stop_requested()
+            if recorded or mistake:
+                log.error("error: %s: %s", type(e).__name__, e)
+            if mistake:
                 raise SystemExit(2) from e
             raise
         finally:

@@ -68,19 +68,23 @@ def train_command(pack: list[StepRun]) -> list[str]:
     return ["-m", "fastbgm.train", "--pack", *(r.run_dir for r in pack), *mode]
 
 
-def pack_log(pack: list[StepRun]) -> Any:
-    """The log file a process writes to: its first run's train.log (the others say where)."""
+def start_line(what: str) -> str:
+    """The line a run's train.log gets each time a process starts on it, or does not
+    ("--- TIME: what"): last_error reads only what follows the last one, so that nothing
+    an earlier process printed last reads as this one's."""
     import datetime
 
+    return f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: {what}\n"
+
+
+def pack_log(pack: list[StepRun]) -> Any:
+    """The log file a process writes to: its first run's train.log (the others say where)."""
     first = Path(pack[0].run_dir) / C.TRAIN_LOG
     for r in pack[1:]:
         with open(Path(r.run_dir) / C.TRAIN_LOG, "a") as f:
             f.write(f"packed with {', '.join(x.key for x in pack if x is not r)}: this process logs to {first}\n")
     log = open(first, "a")
-    # each start on a line of its own, so that nothing an earlier process printed last
-    # reads as this one's (last_error)
-    log.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: started "
-              f"{', '.join(x.key for x in pack)}\n")
+    log.write(start_line(f"started {', '.join(x.key for x in pack)}"))
     log.flush()
     return log
 
@@ -101,7 +105,7 @@ def last_error(run_dir: str | Path) -> str:
         if tail and pointer and tail[-1] == pointer[-1]:  # packed, not first: its pack's log says
             log = Path(pointer[-1].rsplit("this process logs to ", 1)[1].strip())
             continue
-        starts = [i for i, x in enumerate(tail) if x.startswith("--- ")]  # (pack_log's line)
+        starts = [i for i, x in enumerate(tail) if x.startswith("--- ")]  # (start_line's)
         # (srun may add its own "srun: error: ..." lines after the trainer's)
         return next((x.strip() for x in reversed(tail[starts[-1] + 1 if starts else 0:])
                      if x.startswith("error: ")), "")
@@ -464,12 +468,9 @@ class Scheduler(Generic[S]):
             self.todo.remove(r)
         self.held[r.key] = r
         self.states[r.key] = "pending"
-        import datetime
-
         with contextlib.suppress(OSError), open(Path(r.run_dir) / C.TRAIN_LOG, "a") as f:  # (what last_error says)
-            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}: not started\n"
-                    f"error: its folder is in use by {holder}; it starts once that process ends (a trainer "
-                    "left on a lost node ends with it; another launch's, with that launch)\n")
+            f.write(start_line("not started") + f"error: its folder is in use by {holder}; it starts once that "
+                    "process ends (a trainer left on a lost node ends with it; another launch's, with that launch)\n")
         log.warning("%s: its folder is in use by %s; it waits until that process ends", r.key, holder)
         return True
 
