@@ -141,6 +141,53 @@ def test_modes_and_plan(tmp_path: Path) -> None:
             (r.dataset, r.model, r.seed, r.stage, r.init, r.mode)
 
 
+def test_off_a_terminal_the_launch_says_each_change_of_a_run_in_one_line(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a log (nohup, Slurm, tee, CI) rich's live table shows nothing until its last
+    frame: the log of a 14-minute main job was silent. Each change is a line instead."""
+    import io
+
+    from rich.console import Console
+
+    from fastbgm.fileio import atomic_write_json
+    from fastbgm.launch import common
+    from fastbgm.launch.schedule import mark_cancelled, start_line
+    from fastbgm.trainer import checkpoint as C
+
+    runs = plan(load(ExperimentConfig, write_experiment(tmp_path, tmp_path / "d")))
+    s1, rnd, adv = runs[0], runs[1], runs[3]
+    buf = io.StringIO()
+    console = Console(file=buf, width=300)
+    assert not console.is_terminal
+    lines = lambda: [x.split(" ", 1)[1] for x in buf.getvalue().splitlines() if re.match(r"\d\d:\d\d:\d\d ", x)]
+    with common.runs_view(runs, {rnd.key: "done"}, "fastbgm local", console, refresh_per_second=1) as view:
+        view.show({rnd.key: "done"})
+        assert lines() == []  # what was so before the launch is not news
+        view.show({rnd.key: "done", s1.key: "running"})
+        s1.run_dir.mkdir(parents=True)
+        (s1.run_dir / C.METRICS).write_text('{"epoch": 3, "train_acc": 0.5}\n')
+        (s1.run_dir / C.TRAIN_LOG).write_text(start_line("start") + "error: no progress for 60 s; it resumes\n")
+        view.show({rnd.key: "done"})  # a hung trainer killed, its run to resume
+        view.show({rnd.key: "done", s1.key: "running"})
+        (s1.run_dir / C.METRICS).write_text('{"epoch": 10, "train_acc": 1.0, "test_acc": 0.25}\n')
+        atomic_write_json(s1.run_dir / C.RESULT, {"status": "done"})
+        mark_cancelled(adv.run_dir, adv.key, "its stage-1 run diverged")
+        view.show({rnd.key: "done", s1.key: "done", adv.key: "cancelled"})
+        monkeypatch.setattr(common, "HEARTBEAT_S", -1.0)
+        view.show({rnd.key: "done", s1.key: "done", adv.key: "cancelled", runs[2].key: "running"},
+                  "fastbgm on Slurm: 1 job pending (Dependency)")
+    assert lines() == [
+        f"{s1.key}: pending -> running",
+        f"{s1.key}: running -> pending (error: no progress for 60 s)",
+        f"{s1.key}: pending -> running (from epoch 3)",
+        f"{s1.key}: running -> done (epoch 10, train acc 1.000, test acc 0.250)",
+        f"{adv.key}: pending -> cancelled: its stage-1 run diverged",
+        f"{runs[2].key}: pending -> running",
+        f"1 running, 1 pending, 2 done, 1 cancelled of 5 ({runs[2].key} epoch 0); 1 job pending (Dependency)",
+    ], buf.getvalue()
+    assert buf.getvalue().rstrip("\n").endswith("┘")  # and the last table, whole
+
+
 @needs_slurm
 @pytest.mark.timeout(600)
 def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_dir: Path, tmp_path: Path) -> None:
@@ -150,6 +197,9 @@ def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_di
     root = tmp_path / "runs" / "mini"
     res = results(root)
     assert len(res) == 5 and all(r["status"] == "done" for r in res.values()), res
+    for key in res:  # a launch in a pipe says each run's end in a line of its own
+        assert re.search(rf"^\d\d:\d\d:\d\d {re.escape(key)}: (pending|running) -> done \(epoch ", out.stdout, re.M), \
+            out.stdout[-3000:]
     # stage 2 waited on stage 1: submitted with afterok, and started after stage 1 wrote final.pt
     s1 = root / "synthetic/small_cnn/seed0/stage1-R2-z0.1"
     s1_job = json.loads((s1 / "slurm-job.json").read_text())["job_id"]
@@ -173,6 +223,7 @@ def test_experiment_on_slurm_then_relaunch_then_local_gives_same_results(tiny_di
     assert loc.returncode == 0, loc.stdout[-3000:]
     lres = results(tmp_path / "local" / "runs" / "mini")
     assert lres.keys() == res.keys()
+    assert all(f"{key}: running -> done (epoch " in loc.stdout for key in res), loc.stdout[-3000:]
     for k in res:
         for m in ("train_acc", "test_acc", "epochs"):
             assert lres[k][m] == pytest.approx(res[k][m], abs=1e-9), (k, m)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -133,17 +135,91 @@ def table(runs: Iterable[RunSpec], states: dict[str, str], title: str) -> Any:
     return t
 
 
-@contextlib.contextmanager
-def live_table(first: Any, console: Any, refresh_per_second: float) -> Iterator[Any]:
-    """rich's ``Live`` over the table ``first`` (``.update`` it). Its last frame ends
-    its line on any console: rich ends it only on a terminal, and in a log file or a
-    pipe (a launch under Slurm, tee, CI) the next line printed was glued to the table's
-    bottom border."""
-    from rich.live import Live
+HEARTBEAT_S = 300.0  # off a terminal, a line of counts when no run changed state for this long
 
-    with Live(first, console=console, refresh_per_second=refresh_per_second) as view:
+
+class RunsView:
+    """How a launch shows its runs while it follows them. On a terminal: rich's live
+    table, redrawn in place. In a log file or a pipe (a launch under nohup or Slurm, tee,
+    CI), where a redrawn table cannot show and rich prints only its last frame, the log
+    would say nothing for hours: there each change of a run's state is one timestamped
+    line, with a line of counts when nothing changed for :data:`HEARTBEAT_S`, and the
+    last table at the end. ``show(states, title)`` after each poll; ``console`` prints
+    between them."""
+
+    def __init__(self, runs: Iterable[RunSpec], states: dict[str, str], title: str, console: Any) -> None:
+        self.runs, self.console, self.title = list(runs), console, title
+        self.states = {r.key: states.get(r.key, "pending") for r in self.runs}
+        self.live: Any = None
+        self.said_at = time.monotonic()
+
+    def show(self, states: dict[str, str], title: str | None = None) -> None:
+        """The runs' states now; ``title``: the table's, when it changes (what the jobs
+        wait for, on Slurm: off a terminal it joins the line of counts)."""
+        self.title = title or self.title
+        if self.live is not None:
+            self.states = {r.key: states.get(r.key, "pending") for r in self.runs}
+            self.live.update(table(self.runs, self.states, self.title))
+            return
+        for r in self.runs:
+            old, new = self.states[r.key], states.get(r.key, "pending")
+            if new != old:
+                self.states[r.key] = new
+                self._say(f"{r.key}: {old} -> {new}{_what_it_did(r, old, new)}")
+        if time.monotonic() - self.said_at > HEARTBEAT_S:
+            self._say(self.counts())
+
+    def counts(self) -> str:
+        """E.g. "2 running, 3 pending, 10 done of 15 (KEY epoch 12; KEY epoch 3)"."""
+        n = Counter(self.states.values())
+        running = [r for r in self.runs if self.states[r.key] == "running"]
+        epochs = [f"{r.key} epoch {live_row(r, 'running')[2] or 0}" for r in running[:4]]
+        more = [f"+{len(running) - 4} more"] if len(running) > 4 else []
+        waits = self.title.split(": ", 1)[1:]  # (on Slurm, what pending jobs wait for)
+        return (", ".join(f"{n[s]} {s}" for s in ("running", "pending", "done", "failed", "cancelled") if n[s])
+                + f" of {len(self.runs)}" + (f" ({'; '.join(epochs + more)})" if epochs else "")
+                + "".join(f"; {w}" for w in waits))
+
+    def _say(self, line: str) -> None:
+        self.console.print(f"{time.strftime('%H:%M:%S')} {line}", markup=False, highlight=False, soft_wrap=True)
+        self.said_at = time.monotonic()
+
+
+def _what_it_did(r: RunSpec, old: str, state: str) -> str:
+    """After a state change off a terminal: where a run starts or ended, or why it stopped."""
+    if state == "running":
+        epoch = live_row(r, state)[2]
+        return f" (from epoch {epoch})" if epoch else ""
+    if state == "pending" and old == "running":  # stopped, to resume: a kill, a hang, a lost node
+        said = last_error(r.run_dir).split("; ")[0]
+        return f" ({said})" if said else ""
+    if state in ("failed", "cancelled"):
+        reason = run_status(r.run_dir)[1].get("reason", "")
+        return f": {reason}" if reason else ""
+    if state == "done":
+        _, _, epoch, train, test = live_row(r, state)
+        return f" (epoch {epoch}, train acc {train or '-'}, test acc {test or '-'})"
+    return ""
+
+
+@contextlib.contextmanager
+def runs_view(runs: Iterable[RunSpec], states: dict[str, str], title: str, console: Any,
+              refresh_per_second: float) -> Iterator[RunsView]:
+    """A :class:`RunsView` for as long as the launch follows its runs. Its last table
+    ends its line on any console: rich ends it only on a terminal, and in a log the next
+    line printed was glued to the table's bottom border."""
+    view = RunsView(runs, states, title, console)
+    if console.is_terminal:
+        from rich.live import Live
+
+        with Live(table(view.runs, view.states, title), console=console,
+                  refresh_per_second=refresh_per_second) as view.live:
+            yield view
+        return
+    try:
         yield view
-    if not console.is_terminal:
+    finally:
+        console.print(table(view.runs, view.states, view.title))
         console.line()
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from ..experiment import Resources, RunSpec
-from .common import LaunchError, live_table, step_run, table
+from .common import LaunchError, runs_view, step_run
 from .schedule import Scheduler, StepRun, pack_log, train_command
 
 
@@ -39,13 +39,13 @@ def run_local(runs: list[RunSpec], res: Resources, console: Any, poll_s: float =
                                                  runs_per_slot=res.runs_per_gpu, stall_s=res.stall_timeout_s)
     except ValueError as e:
         raise LaunchError(f"{e} on this machine; lower resources.ranks_per_run or run on Slurm") from None
-    with live_table(table(runs, sched.states, "fastbgm local"), console, refresh_per_second=2) as view, \
+    with runs_view(runs, sched.states, "fastbgm local", console, refresh_per_second=2) as view, \
             _stop_children_on_exit(sched):
         while not sched.finished:
             sched.poll()
-            view.update(table(runs, sched.states, "fastbgm local"))
+            view.show(sched.states)
             time.sleep(poll_s)
-        view.update(table(runs, sched.states, "fastbgm local"))
+        view.show(sched.states)
     return not sched.no_space
 
 

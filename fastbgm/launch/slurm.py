@@ -15,7 +15,7 @@ from typing import Any
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_EXIT
-from .common import Decision, LaunchError, live_table, read_json, table, will_run
+from .common import Decision, LaunchError, read_json, runs_view, will_run
 from .job import RunJob, hangs
 from .schedule import MAX_STALLS, mark_cancelled
 
@@ -392,7 +392,8 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                                   f" (its job {job} ended {gone.get(job) or ended_state(job)})")
         return f"its stage-1 run {parent} stopped unfinished{how}; the same command resumes it, then runs this one"
 
-    with live_table(table(runs, {}, "fastbgm on Slurm"), console, refresh_per_second=1) as view:
+    ended_before = {r.key: st for r in runs if (st := run_status(r.run_dir)[0]) in ("done", "failed", "cancelled")}
+    with runs_view(runs, ended_before, "fastbgm on Slurm", console, refresh_per_second=1) as view:
         while True:
             q = queue(list(jobs.values()))
             states = {}
@@ -427,7 +428,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                     if said:
                         view.console.print(said)
             waiting = queue_summary(q)
-            view.update(table(runs, states, "fastbgm on Slurm" + (f": {waiting}" if waiting else "")))
+            view.show(states, "fastbgm on Slurm" + (f": {waiting}" if waiting else ""))
             if not q:
                 return gone
             if timeout_s is not None and time.time() - start > timeout_s:
