@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "started again from their last checkpoint (default 1800; 0: never)")
     p.add_argument("--jobs", choices=["allocation", "per-run"],
                    help="slurm: one allocation for the experiment (default) or one job per run")
-    p.add_argument("--cpus-per-task", type=int)
-    p.add_argument("--partition")
+    p.add_argument("--cpus-per-task", type=int,
+                   help="CPU cores per rank (resources.cpus_per_task); locally without a GPU, each process's "
+                        "threads, and the cores over this many processes run at once")
+    p.add_argument("--partition", help="slurm: the partition to submit to (default: the cluster's default)")
     p.add_argument("--time", help="time limit per job, as sbatch reads it: 30 (minutes), 12:00:00, 2-12 (days-hours)")
     p.add_argument("--max-parallel", type=int, default=0,
                    help="--jobs per-run: at most this many jobs of each array run at once (0: no limit)")
