@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         "when every run uses step graphs (the GPU default), serial with torch.compile's CUDA "
                         "graphs, threads without graphs, serial on a CPU; fused: runs of one architecture as "
                         "one vmapped network, equal to alone to float tolerance, CPU only for now)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="log only warnings and errors (no line per epoch)")
     args, rest = p.parse_known_args(argv)
     from rich.logging import RichHandler
 

@@ -16,13 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     for name in ("loader", "train", "pack", "overhead", "schedule", "gpu", "faults"):
         s = sub.add_parser(name)
-        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cuda or cpu (default: cuda when a GPU is visible)")
         s.add_argument("--data", type=Path, default=Path("bench-out/data"), help="where bench datasets are cached")
         s.add_argument("--out", type=Path, default=None, help="folder for the JSON copy of the table")
         s.add_argument("--seconds", type=float, default=3.0, help="minimum timing per measurement")
-        s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+        s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                       help="loader: the baseline DataLoader's and ffcv's worker processes (default: all cores)")
         if name == "loader":
-            s.add_argument("--batch-size", type=int, default=512)
+            s.add_argument("--batch-size", type=int, default=512, help="images a batch")
         if name == "gpu":
             s.add_argument("--budget", type=float, default=420.0, help="seconds before remaining sections are skipped")
             s.add_argument("--sections", default="", help="comma-separated sections (default: all, in order: "
@@ -32,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
                            "steps, 12 CIFAR-10 images a class): runs the whole check on a CPU in minutes, before a "
                            "GPU session spends its time on it")
         if name == "pack":
-            s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
+            s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc",
+                           help="comma-separated models (fastbgm.models)")
             s.add_argument("--runs", default="1,2,4,8", help="K values: runs packed on the device")
-            s.add_argument("--batch-size", type=int, default=128)
+            s.add_argument("--batch-size", type=int, default=128, help="each run's batch (the paper's: 128)")
             s.add_argument("--steps", type=int, default=20, help="steps per run per timed epoch")
             s.add_argument("--pack-modes", default="serial,streams,threads",
                            help="how K > 1 runs share the device: serial, streams, threads (see fastbgm.trainer.loop), "
@@ -65,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--slurm-jobs", default="allocation", choices=("allocation", "per-run"),
                            help="how the Slurm launches submit (the launcher's --jobs)")
         if name == "train":
-            s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc")
-            s.add_argument("--batch-sizes", default="128,512")
-            s.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-fp32,compiled-bf16")
-            s.add_argument("--steps", type=int, default=10)
+            s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc",
+                           help="comma-separated models (fastbgm.models)")
+            s.add_argument("--batch-sizes", default="128,512", help="comma-separated batch sizes")
+            s.add_argument("--modes", default="eager-fp32,eager-bf16,compiled-fp32,compiled-bf16",
+                           help="comma-separated HOW-PRECISION pairs: HOW eager, compiled or cudagraphs, "
+                           "PRECISION fp32 or bf16")
+            s.add_argument("--steps", type=int, default=10, help="timed steps a measurement")
     args = p.parse_args(argv)
     from rich.logging import RichHandler
 

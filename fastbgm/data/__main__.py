@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--download", action="store_true", help="cifar: download with torchvision into --src")
     prep.add_argument("--resolution", type=int, help="resize shorter side + centre crop to this (px)")
     prep.add_argument("--format", choices=["raw", "jpg"], help="image storage (default: raw up to 64 px, else jpg)")
-    prep.add_argument("--jpeg-quality", type=int, default=90)
+    prep.add_argument("--jpeg-quality", type=int, default=90, help="1-100, for --format jpg (default 90)")
     prep.add_argument("--classes", help="imagefolder: comma-separated class order (default: sorted folder names)")
     prep.add_argument("--preset", choices=["cifar10", "cinic10"], help="imagefolder: class order + normalisation")
     prep.add_argument("--train-size", type=int, default=5000, help="synthetic: training samples")
