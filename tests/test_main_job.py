@@ -277,6 +277,9 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     assert "torch " in facts and "fastbgm.launch --config" in facts and "| stage1-R2-z0.1: done" in facts
     assert sum(n.endswith("/metrics.jsonl") for n in names) == 5
     assert (data / "cifar10-jpeg-{}-{}-per-class".format(*SMOKE.per_class) / "train.resident.npz").exists()
+    # the paper's own subset, decoded in a process of its own while the sections before it ran
+    assert paper["decoded_in_background"] and "decoded in the background" in facts
+    assert paper["data"] == str(data / "cifar10-jpeg-{}-{}-per-class".format(*SMOKE.paper_per_class))
     assert not (data / "cifar10").exists()  # where a full check reads a prepared CIFAR-10: untouched
     assert not list(tmp_path.glob("fastbgm-gpu-*"))  # the runs' folders are removed
     assert "fastbgm GPU check" in res.stdout
