@@ -175,7 +175,7 @@ def test_off_a_terminal_the_launch_says_each_change_of_a_run_in_one_line(tmp_pat
         view.show({rnd.key: "done", s1.key: "done", adv.key: "cancelled"})
         monkeypatch.setattr(common, "HEARTBEAT_S", -1.0)
         view.show({rnd.key: "done", s1.key: "done", adv.key: "cancelled", runs[2].key: "running"},
-                  "fastbgm on Slurm: 1 job pending (Dependency)")
+                  "1 job pending (Dependency)")
     assert lines() == [
         f"{s1.key}: pending -> running",
         f"{s1.key}: running -> pending (error: no progress for 60 s)",

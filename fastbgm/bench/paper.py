@@ -83,10 +83,17 @@ def cifar10_folder(data: Path, per_class: tuple[int, int], prepared: Sequence[st
     for name in prepared:
         if ready(data / name):
             return data / name
-    folder, archive = decoded_folder(data, per_class), data / ARCHIVE
-    if not ready(folder) and archive.exists():
-        caches_from_archive(archive, folder, per_class)
+    folder = decoded_folder(data, per_class)
+    if _needs_decoding(data, per_class, prepared):
+        caches_from_archive(data / ARCHIVE, folder, per_class)
     return folder if ready(folder) else None
+
+
+def _needs_decoding(data: Path, per_class: tuple[int, int], prepared: Sequence[str]) -> bool:
+    """Whether :func:`cifar10_folder` would decode the archive: none of ``prepared`` is
+    ready, nor the decoded folder, and the archive is there."""
+    return (not any(ready(data / name) for name in prepared) and not ready(decoded_folder(data, per_class))
+            and (data / ARCHIVE).exists())
 
 
 def decode_in_background(data: Path, per_class: tuple[int, int], prepared: Sequence[str],
@@ -95,8 +102,7 @@ def decode_in_background(data: Path, per_class: tuple[int, int], prepared: Seque
     (one core, about half a minute for all of CIFAR-10) overlaps the GPU check's sections
     before the paper instead of spending the paper's budget; :func:`run` waits for it.
     None when there is nothing to decode."""
-    if any(ready(data / name) for name in prepared) or ready(decoded_folder(data, per_class)) \
-            or not (data / ARCHIVE).exists():
+    if not _needs_decoding(data, per_class, prepared):
         return None
     code = ("import sys; from pathlib import Path; from fastbgm.bench.paper import cifar10_folder; "
             "cifar10_folder(Path(sys.argv[1]), (int(sys.argv[2]), int(sys.argv[3])), sys.argv[4:])")

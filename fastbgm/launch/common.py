@@ -144,22 +144,28 @@ class RunsView:
     CI), where a redrawn table cannot show and rich prints only its last frame, the log
     would say nothing for hours: there each change of a run's state is one timestamped
     line, with a line of counts when nothing changed for :data:`HEARTBEAT_S`, and the
-    last table at the end. ``show(states, title)`` after each poll; ``console`` prints
+    last table at the end. ``show(states, note)`` after each poll; ``console`` prints
     between them."""
 
     def __init__(self, runs: Iterable[RunSpec], states: dict[str, str], title: str, console: Any) -> None:
-        self.runs, self.console, self.title = list(runs), console, title
-        self.states = {r.key: states.get(r.key, "pending") for r in self.runs}
+        self.runs, self.console, self.title, self.note = list(runs), console, title, ""
+        self.states = self._of_every_run(states)
         self.live: Any = None
         self.said_at = time.monotonic()
 
-    def show(self, states: dict[str, str], title: str | None = None) -> None:
-        """The runs' states now; ``title``: the table's, when it changes (what the jobs
-        wait for, on Slurm: off a terminal it joins the line of counts)."""
-        self.title = title or self.title
+    def _of_every_run(self, states: dict[str, str]) -> dict[str, str]:
+        return {r.key: states.get(r.key, "pending") for r in self.runs}
+
+    def table(self) -> Any:
+        return table(self.runs, self.states, self.title + (f": {self.note}" if self.note else ""))
+
+    def show(self, states: dict[str, str], note: str = "") -> None:
+        """The runs' states now; ``note``: what their jobs wait for, on Slurm (after the
+        table's title; off a terminal, in the line of counts)."""
+        self.note = note
         if self.live is not None:
-            self.states = {r.key: states.get(r.key, "pending") for r in self.runs}
-            self.live.update(table(self.runs, self.states, self.title))
+            self.states = self._of_every_run(states)
+            self.live.update(self.table())
             return
         for r in self.runs:
             old, new = self.states[r.key], states.get(r.key, "pending")
@@ -175,10 +181,9 @@ class RunsView:
         running = [r for r in self.runs if self.states[r.key] == "running"]
         epochs = [f"{r.key} epoch {live_row(r, 'running')[2] or 0}" for r in running[:4]]
         more = [f"+{len(running) - 4} more"] if len(running) > 4 else []
-        waits = self.title.split(": ", 1)[1:]  # (on Slurm, what pending jobs wait for)
         return (", ".join(f"{n[s]} {s}" for s in ("running", "pending", "done", "failed", "cancelled") if n[s])
                 + f" of {len(self.runs)}" + (f" ({'; '.join(epochs + more)})" if epochs else "")
-                + "".join(f"; {w}" for w in waits))
+                + (f"; {self.note}" if self.note else ""))
 
     def _say(self, line: str) -> None:
         self.console.print(f"{time.strftime('%H:%M:%S')} {line}", markup=False, highlight=False, soft_wrap=True)
@@ -212,14 +217,13 @@ def runs_view(runs: Iterable[RunSpec], states: dict[str, str], title: str, conso
     if console.is_terminal:
         from rich.live import Live
 
-        with Live(table(view.runs, view.states, title), console=console,
-                  refresh_per_second=refresh_per_second) as view.live:
+        with Live(view.table(), console=console, refresh_per_second=refresh_per_second) as view.live:
             yield view
         return
     try:
         yield view
     finally:
-        console.print(table(view.runs, view.states, view.title))
+        console.print(view.table())
         console.line()
 
 

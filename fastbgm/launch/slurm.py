@@ -428,7 +428,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                     if said:
                         view.console.print(said)
             waiting = queue_summary(q)
-            view.show(states, "fastbgm on Slurm" + (f": {waiting}" if waiting else ""))
+            view.show(states, waiting)
             if not q:
                 return gone
             if timeout_s is not None and time.time() - start > timeout_s:
