@@ -19,7 +19,7 @@ from fastbgm.config import load
 from fastbgm.experiment import ExperimentConfig, expand_modes, parse_mode, plan
 from fastbgm.fileio import read_jsonl
 from fastbgm.launch.schedule import last_error
-from fastbgm.launch.slurm import ended_state, queue, slurm_available
+from fastbgm.launch.slurm import job_end, queue, slurm_available
 
 from .conftest import REPO, resize_disk, small_disk
 
@@ -673,7 +673,7 @@ def test_a_hung_per_run_job_requeues_itself_with_no_launch_following_it(tiny_dir
     failed = json.loads((stage1 / "result.json").read_text())
     assert failed["status"] == "failed" and f"{MAX_STALLS} times" in failed["reason"], failed
     assert "stall_timeout_s" in failed["reason"], failed
-    assert not (adv / "metrics.jsonl").exists() and ended_state(jobs[adv]).startswith("CANCELLED")
+    assert not (adv / "metrics.jsonl").exists() and job_end(jobs[adv]).state.startswith("CANCELLED")
 
 
 @needs_slurm
@@ -704,17 +704,17 @@ def test_following_says_how_a_job_that_left_runs_unfinished_ended(tiny_dir: Path
     and the launcher prints it with the job's log."""
     from rich.console import Console
 
-    from fastbgm.launch.slurm import ended_state, queue, wait
+    from fastbgm.launch.slurm import JobEnd, job_end, queue, wait
 
     job = subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), "--wrap", "exit 3"],
                          capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
     deadline = time.time() + 60
-    while time.time() < deadline and (queue([job]) or ended_state(job) == "UNKNOWN"):
+    while time.time() < deadline and (queue([job]) or job_end(job).state == "UNKNOWN"):
         time.sleep(0.2)
     exp = load(ExperimentConfig, write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', inits='["random"]'))
     runs = plan(exp)
     ended = wait(runs, {r.key: job for r in runs}, Console(file=open(os.devnull, "w")), poll_s=0.1)
-    assert ended == {job: "FAILED"}
+    assert ended == {job: JobEnd("FAILED", 3)} and str(ended[job]) == "FAILED"
 
 
 @needs_slurm

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 return NO_SPACE_EXIT
         else:
             from .schedule import last_error
-            from .slurm import exit_code, job_log, lost_driver_node, submit_allocation, submit_per_run, wait
+            from .slurm import job_log, lost_driver_node, submit_allocation, submit_per_run, wait
 
             todo = [d for d in decisions if d.action in ("submit", "resume", "retry")]
             if exp.resources.jobs == "allocation":
@@ -171,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             for again in range(exp.resources.nodes + 1):
                 ended = wait(runs, following, console, timeout_s=args.timeout, res=exp.resources)
                 jobs = sorted(set(following.values()) & ended.keys() if exp.resources.jobs == "allocation" else ())
-                lost = {job: lost_driver_node(job) for job in jobs if not ended[job].startswith("COMPLETED")}
+                lost = {job: lost_driver_node(job) for job in jobs if not ended[job].state.startswith("COMPLETED")}
                 for job, node in lost.items():
                     if node:  # (Slurm ends a --no-kill job whose batch host fails)
                         console.print(f"[red]allocation {job} lost {node}, the node its driver ran on[/], and "
                                       f"Slurm ended it ({ended[job]})")
                         continue
-                    if exit_code(job) == NO_SPACE_EXIT:  # its driver stopped, as the local executor does
+                    if ended[job].exit_code == NO_SPACE_EXIT:  # its driver stopped, as the local executor does
                         console.print(f"[red]error:[/] allocation {job}: no space left to write the run folders "
                                       f"under {exp.runs_dir}; {NO_SPACE_ADVICE}")
                         full = True
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"it wrote no log ({log_file}): could its nodes not see or write the "
                                      "runs folder?"))
                 per_run = exp.resources.jobs == "per-run"
-                full_jobs = [job for job in ended if per_run and exit_code(job) == NO_SPACE_EXIT]
+                full_jobs = [job for job, end in ended.items() if per_run and end.exit_code == NO_SPACE_EXIT]
                 if full_jobs:  # a per-run job's trainer found no space (job.RunJob)
                     console.print(f"[red]error:[/] job(s) {', '.join(full_jobs)}: no space left to write the run "
                                   f"folders under {exp.runs_dir}; {NO_SPACE_ADVICE}")

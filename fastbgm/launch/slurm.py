@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,26 +154,28 @@ def settled_queue(job_ids: list[str], timeout_s: float = 120.0, poll_s: float = 
     return q
 
 
-def ended_state(job_id: str) -> str:
-    """Slurm's final state of a job that left the queue (sacct), e.g. FAILED, CANCELLED."""
+@dataclass(frozen=True)
+class JobEnd:
+    """How a job that left the queue ended, as sacct records it: its state (FAILED,
+    CANCELLED by 0, ...; UNKNOWN when Slurm does not say) and its exit code ("74:0" -> 74;
+    None when Slurm does not say, or a signal ended it). Prints as its state."""
+    state: str
+    exit_code: int | None = None
+
+    def __str__(self) -> str:
+        return self.state
+
+
+def job_end(job_id: str) -> JobEnd:
+    """How a job that left the queue ended (one sacct query)."""
     for jid in dict.fromkeys([job_id, job_id.split("_")[0]]):  # an array cancelled before it started
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", jid], capture_output=True, text=True,
-                             timeout=60)                          # is one record, under the array's id
-        lines = [x.split()[0] for x in out.stdout.splitlines() if x.strip()]
-        if lines:
-            return lines[-1]
-    return "UNKNOWN"
-
-
-def exit_code(job_id: str) -> int | None:
-    """The exit code of a job that left the queue (sacct's ExitCode, "74:0" -> 74); None
-    when Slurm does not say, or a signal ended it."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "ExitCode", "-j", job_id], capture_output=True, text=True,
-                         timeout=60)
-    codes = [x.strip().split(":") for x in out.stdout.splitlines() if x.strip()]
-    if not codes or len(codes[-1]) != 2 or codes[-1][1] != "0" or not codes[-1][0].isdigit():
-        return None
-    return int(codes[-1][0])
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", jid], capture_output=True,
+                             text=True, timeout=60)               # is one record, under the array's id
+        rows = [x.split("|") for x in out.stdout.splitlines() if x.strip()]
+        if rows and rows[-1][0].strip():
+            state, code = rows[-1][0].split()[0], rows[-1][-1].strip().split(":")
+            return JobEnd(state, int(code[0]) if len(code) == 2 and code[1] == "0" and code[0].isdigit() else None)
+    return JobEnd("UNKNOWN")
 
 
 def queued_jobs(runs: list[RunSpec]) -> dict[str, str]:
@@ -351,7 +354,7 @@ def shrink_pending(job: str, res: Any) -> str:
 
 
 def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float = 2.0,
-         timeout_s: float | None = None, res: Any = None) -> dict[str, str]:
+         timeout_s: float | None = None, res: Any = None) -> dict[str, JobEnd]:
     """Live table until every job we follow has left the queue. ``jobs``: run key -> job
     id (one per run, or the same allocation job for every run). A job pending for a
     reason that never resolves is cancelled and its runs marked with that reason; an
@@ -359,12 +362,12 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
     lets it (:func:`shrink_pending`). Hung runs are not this function's: the allocation's
     driver watches its steps, and a per-run job its own run (job.watch_own_run), whether
     or not a launch follows them. Returns how each job that left the queue with a run
-    unfinished ended (sacct's state)."""
+    unfinished ended (sacct's state and exit code)."""
 
     start = time.time()
     shrinkable = res is not None and res.jobs == "allocation" and res.least_nodes < res.nodes
     last_shrink = 0.0
-    gone: dict[str, str] = {}
+    gone: dict[str, JobEnd] = {}
     by_key = {r.key: r for r in runs}
     per_run = {j for j, n in Counter(jobs.values()).items() if j and n == 1}  # (not the allocation all share)
     said_hangs: dict[str, int] = {}  # per run: the hangs of its job said so far
@@ -387,9 +390,9 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
         if status in ("failed", "cancelled"):
             return f"its stage-1 run {parent} {status}"
         job = jobs.get(parent)
-        how = "" if not job else (f" (its job {job} found no space left to write its run folder)"
-                                  if exit_code(job) == NO_SPACE_EXIT else
-                                  f" (its job {job} ended {gone.get(job) or ended_state(job)})")
+        end = None if not job else gone.get(job) or job_end(job)
+        how = "" if end is None else (f" (its job {job} found no space left to write its run folder)"
+                                      if end.exit_code == NO_SPACE_EXIT else f" (its job {job} ended {end})")
         return f"its stage-1 run {parent} stopped unfinished{how}; the same command resumes it, then runs this one"
 
     ended_before = {r.key: st for r in runs if (st := run_status(r.run_dir)[0]) in ("done", "failed", "cancelled")}
@@ -414,8 +417,8 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                     elif slurm_state != "RUNNING":
                         st = "pending"
                 elif job and job not in q and job not in gone and st not in ("done", "failed", "cancelled"):
-                    gone[job] = final = ended_state(job)
-                    if job in per_run and final.startswith("CANCELLED") and r.depends_on:
+                    gone[job] = final = job_end(job)
+                    if job in per_run and final.state.startswith("CANCELLED") and r.depends_on:
                         mark_cancelled(r.run_dir, r.key, parent_why(r.depends_on[0]))
                         st = "cancelled"
                 states[r.key] = st
