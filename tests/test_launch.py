@@ -163,11 +163,17 @@ def test_off_a_terminal_the_launch_says_each_change_of_a_run_in_one_line(tmp_pat
     with common.runs_view(runs, {rnd.key: "done"}, "fastbgm local", console, refresh_per_second=1) as view:
         view.show({rnd.key: "done"})
         assert lines() == []  # what was so before the launch is not news
-        view.show({rnd.key: "done", s1.key: "running"})
+        # a run seen running once it has trained 2 epochs: it started from epoch 0 (its
+        # trainer's result.json says so), not from the epoch it is at
         s1.run_dir.mkdir(parents=True)
-        (s1.run_dir / C.METRICS).write_text('{"epoch": 3, "train_acc": 0.5}\n')
+        atomic_write_json(s1.run_dir / C.RESULT, {"status": "running", "epoch": 0, "written": time.time()})
+        rows = [{"epoch": e, "train_acc": 0.5, "checkpointed": e < 3} for e in (1, 2, 3)]
+        (s1.run_dir / C.METRICS).write_text("".join(json.dumps(x) + "\n" for x in rows[:2]))
+        view.show({rnd.key: "done", s1.key: "running"})
+        (s1.run_dir / C.METRICS).write_text("".join(json.dumps(x) + "\n" for x in rows))
         (s1.run_dir / C.TRAIN_LOG).write_text(start_line("start") + "error: no progress for 60 s; it resumes\n")
         view.show({rnd.key: "done"})  # a hung trainer killed, its run to resume
+        # started again, before its trainer says from where: from its last checkpoint (epoch 2)
         view.show({rnd.key: "done", s1.key: "running"})
         (s1.run_dir / C.METRICS).write_text('{"epoch": 10, "train_acc": 1.0, "test_acc": 0.25}\n')
         atomic_write_json(s1.run_dir / C.RESULT, {"status": "done"})
@@ -179,7 +185,7 @@ def test_off_a_terminal_the_launch_says_each_change_of_a_run_in_one_line(tmp_pat
     assert lines() == [
         f"{s1.key}: pending -> running",
         f"{s1.key}: running -> pending (error: no progress for 60 s)",
-        f"{s1.key}: pending -> running (from epoch 3)",
+        f"{s1.key}: pending -> running (from epoch 2)",
         f"{s1.key}: running -> done (epoch 10, train acc 1.000, test acc 0.250)",
         f"{adv.key}: pending -> cancelled: its stage-1 run diverged",
         f"{runs[2].key}: pending -> running",

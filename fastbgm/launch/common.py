@@ -152,6 +152,7 @@ class RunsView:
         self.states = self._of_every_run(states)
         self.live: Any = None
         self.said_at = time.monotonic()
+        self.polled_at = time.time()  # (wall clock, as result.json's "written")
 
     def _of_every_run(self, states: dict[str, str]) -> dict[str, str]:
         return {r.key: states.get(r.key, "pending") for r in self.runs}
@@ -171,7 +172,8 @@ class RunsView:
             old, new = self.states[r.key], states.get(r.key, "pending")
             if new != old:
                 self.states[r.key] = new
-                self._say(f"{r.key}: {old} -> {new}{_what_it_did(r, old, new)}")
+                self._say(f"{r.key}: {old} -> {new}{_what_it_did(r, old, new, self.polled_at)}")
+        self.polled_at = time.time()
         if time.monotonic() - self.said_at > HEARTBEAT_S:
             self._say(self.counts())
 
@@ -190,10 +192,11 @@ class RunsView:
         self.said_at = time.monotonic()
 
 
-def _what_it_did(r: RunSpec, old: str, state: str) -> str:
-    """After a state change off a terminal: where a run starts or ended, or why it stopped."""
+def _what_it_did(r: RunSpec, old: str, state: str, last_poll: float) -> str:
+    """After a state change off a terminal (``last_poll``: when the states were read
+    before): where a run starts or ended, or why it stopped."""
     if state == "running":
-        epoch = live_row(r, state)[2]
+        epoch = started_from(r, last_poll)
         return f" (from epoch {epoch})" if epoch else ""
     if state == "pending" and old == "running":  # stopped, to resume: a kill, a hang, a lost node
         said = last_error(r.run_dir).split("; ")[0]
@@ -225,6 +228,17 @@ def runs_view(runs: Iterable[RunSpec], states: dict[str, str], title: str, conso
     finally:
         console.print(view.table())
         console.line()
+
+
+def started_from(r: RunSpec, since: float) -> int:
+    """The epoch a run that started running after ``since`` (a time.time()) started from:
+    its trainer writes it in result.json as it starts; until then, the epochs its resume
+    keeps. (Not its last row's epoch: by the time a launch sees it running it may have
+    trained for seconds.)"""
+    status, res = run_status(r.run_dir)
+    if status == "running" and res.get("written", 0.0) >= since:
+        return int(res.get("epoch", 0))
+    return C.checkpointed_epochs(r.run_dir)
 
 
 def closing_report(runs: list[RunSpec], console: Any, retry_cmd: str) -> bool:
