@@ -166,8 +166,24 @@ class JobEnd:
         return self.state
 
 
-def job_end(job_id: str) -> JobEnd:
-    """How a job that left the queue ended (one sacct query)."""
+# states sacct may still give a job that has just left the queue: the accounting database
+# learns of its end a moment after squeue does
+_NOT_ENDED = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING",
+              "STAGE_OUT", "STOPPED")
+
+
+def job_end(job_id: str, settle_s: float = 15.0) -> JobEnd:
+    """How a job that left the queue ended. While sacct still says it runs (for up to
+    ``settle_s``), ask again."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        end = _job_end_now(job_id)
+        if end.state not in _NOT_ENDED or time.monotonic() >= deadline:
+            return end
+        time.sleep(0.5)
+
+
+def _job_end_now(job_id: str) -> JobEnd:
     for jid in dict.fromkeys([job_id, job_id.split("_")[0]]):  # an array cancelled before it started
         out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", jid], capture_output=True,
                              text=True, timeout=60)               # is one record, under the array's id
