@@ -1147,6 +1147,52 @@ def test_a_lost_node_restarts_its_runs_on_the_slots_left_and_starts_nothing_on_i
     assert not (tmp_path / "wide").exists()  # not started, not cancelled: it waits for a larger allocation
 
 
+def test_a_killed_process_starts_again_in_the_same_launch_and_is_left_unfinished_at_the_last_kill(
+        tmp_path: Path) -> None:
+    """A trainer killed by a signal (the OOM killer, a segfault; srun says 128 + the signal)
+    left its run "running" with no process, and its dependents were cancelled as "a
+    dependency did not finish" until a re-launch. Now it starts again from its last
+    checkpoint in the same launch; killed MAX_KILLS times it is left unfinished (not
+    failed), and its dependents say which run stopped, why, and that the same command
+    resumes them."""
+    import subprocess as sp
+
+    from fastbgm.launch import schedule as S
+
+    runs = [S.StepRun("once", str(tmp_path / "once")), S.StepRun("oom", str(tmp_path / "oom")),
+            S.StepRun("after-once", str(tmp_path / "after-once"), depends_on=["once"]),
+            S.StepRun("after-oom", str(tmp_path / "after-oom"), depends_on=["oom"])]
+    starts: list[str] = []
+    done = "import json, sys; open(sys.argv[1] + '/result.json', 'w').write(json.dumps({'status': 'done'}))"
+
+    def start(pack: list[S.StepRun], slots: list[str]) -> sp.Popen:
+        r = pack[0]
+        Path(r.run_dir).mkdir(exist_ok=True)
+        starts.append(r.key)
+        if r.key == "oom":
+            code = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+        elif r.key == "once" and starts.count("once") == 1:
+            code = "import sys; sys.exit(128 + 11)"  # srun's word for a task's SIGSEGV
+        else:
+            code = done
+        return sp.Popen([sys.executable, "-c", code, r.run_dir])
+
+    sched = S.Scheduler(runs, ["slot0", "slot1"], start)
+    deadline = time.time() + 60
+    while not sched.finished and time.time() < deadline:
+        sched.poll()
+        time.sleep(0.02)
+    assert sched.states == {"once": "done", "oom": "running", "after-once": "done", "after-oom": "cancelled"}
+    assert sched.kills == {"once": 1, "oom": S.MAX_KILLS} and starts.count("oom") == S.MAX_KILLS
+    assert S.last_error(tmp_path / "once") == ("error: its process was killed by signal 11 (SIGSEGV); it starts "
+                                               f"again from its last checkpoint (1 of {S.MAX_KILLS} in this launch)")
+    assert not (tmp_path / "oom" / "result.json").exists()  # unfinished, not failed: the next launch resumes it
+    assert "left unfinished: the same command resumes it" in S.last_error(tmp_path / "oom")
+    reason = json.loads((tmp_path / "after-oom" / "result.json").read_text())["reason"]
+    assert reason == (f"its stage-1 run oom stopped unfinished (its process was killed by signal 9 (SIGKILL), "
+                      f"{S.MAX_KILLS} times in this launch); the same command resumes it, then runs this one"), reason
+
+
 def test_a_process_whose_heartbeat_stops_is_killed_with_its_children_and_its_run_fails_at_the_last_stall(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The stall watchdog: a pack whose heartbeat has not moved for the stall timeout is

@@ -33,6 +33,10 @@ S = TypeVar("S")
 
 STALL_CHECK_S = 5.0  # how often the scheduler looks at its packs' heartbeats (with a stall timeout)
 MAX_STALLS = 3  # a run whose process hangs this many times in one launch fails, and says so
+# a run whose process is killed by a signal (the OOM killer, a segfault, a kill from outside)
+# starts again from its last checkpoint in the same launch, up to this many times; then it
+# is left, unfinished and not failed (a signal is not the run's own failure), to the next launch
+MAX_KILLS = 3
 
 
 @dataclass
@@ -228,7 +232,9 @@ class Scheduler(Generic[S]):
     set-up and epoch end) have not moved for ``stall_s`` seconds is taken as hung (a
     deadlock, a stopped process, a collective that never returns) and ``kill``-ed; its
     unfinished runs then start again from their last checkpoint, and a run that hangs
-    :data:`MAX_STALLS` times in this launch fails with the reason."""
+    :data:`MAX_STALLS` times in this launch fails with the reason. A process killed by a
+    signal likewise starts its unfinished runs again, up to :data:`MAX_KILLS` times a run
+    (:meth:`_killed`)."""
 
     def __init__(self, runs: Sequence[StepRun], slots: Sequence[S],
                  start: Callable[[list[StepRun], list[S]], subprocess.Popen], runs_per_slot: int = 1,
@@ -240,6 +246,8 @@ class Scheduler(Generic[S]):
         self.watch = StallWatch(stall_s)  # the running packs' heartbeats, by their first run's key
         self.stalled: set[str] = set()  # packs killed as hung (by their first run's key)
         self.stalls: dict[str, int] = {}  # times each run's process hung, in this launch
+        self.kills: dict[str, int] = {}  # times each run's process was killed by a signal, in this launch
+        self.left: dict[str, str] = {}  # runs left unfinished to the next launch, and why
         # runs whose folder another live process holds (a trainer left on a lost node,
         # another launch's): never started nor recorded failed while it does
         self.held: dict[str, StepRun] = {}
@@ -389,7 +397,7 @@ class Scheduler(Generic[S]):
             # waiting on something that will never finish (but for a held run: a later launch runs it)
             never = [r for r in self.todo if not any(d in self.held for d in r.depends_on)]
             for r in never:
-                mark_cancelled(r.run_dir, r.key, "a dependency did not finish")
+                mark_cancelled(r.run_dir, r.key, self._why_never(r))
                 self.states[r.key] = "cancelled"
             self.todo = [r for r in self.todo if r not in never]
 
@@ -457,6 +465,30 @@ class Scheduler(Generic[S]):
         self.states[r.key] = "failed"
         log.info("%s: failed (hung %d times)", r.key, n)
 
+    def _killed(self, r: StepRun, returncode: int) -> str:
+        """``r``'s process was killed by a signal: it starts again from its last checkpoint,
+        or, killed :data:`MAX_KILLS` times in this launch, is left to the next one. Its
+        train.log says so (what the launch's progress lines and closing report show)."""
+        n = self.kills[r.key] = self.kills.get(r.key, 0) + 1
+        number = -returncode if returncode < 0 else returncode - 128
+        try:
+            name = f" ({signal.Signals(number).name})"
+        except ValueError:
+            name = ""
+        killed = f"its process was killed by signal {number}{name}"
+        if n < MAX_KILLS:
+            self._wait_again(r)
+            said = f"{killed}; it starts again from its last checkpoint ({n} of {MAX_KILLS} in this launch)"
+        else:
+            self.left[r.key] = f"{killed}, {n} times in this launch"
+            said = (f"{killed}, {n} times in this launch; it is left unfinished: the same command resumes it from "
+                    "its last checkpoint (if the kernel's OOM killer killed it, give it more memory or pack fewer "
+                    "runs per slot)")
+        with contextlib.suppress(OSError), open(Path(r.run_dir) / C.TRAIN_LOG, "a") as f:
+            f.write(f"error: {said}\n")
+        log.warning("%s: %s", r.key, said)  # (as a hang: the launch's own output says it)
+        return "pending" if n < MAX_KILLS else "running"
+
     def _held_elsewhere(self, r: StepRun) -> bool:
         """Whether another live process holds ``r``'s folder; if so ``r`` waits, apart,
         until it is free (:meth:`_check_held`): a second trainer would fail on the lock,
@@ -487,6 +519,14 @@ class Scheduler(Generic[S]):
                 continue
             del self.held[key]
 
+    def _why_never(self, r: StepRun) -> str:
+        """Why ``r`` cannot start in this launch: the run it waits on was left unfinished."""
+        dep = next((d for d in r.depends_on if self.states.get(d) != "done"), None)
+        if dep is None:
+            return "a dependency did not finish"
+        why = f" ({self.left[dep]})" if dep in self.left else ""
+        return f"its stage-1 run {dep} stopped unfinished{why}; the same command resumes it, then runs this one"
+
     def _wait_again(self, r: StepRun) -> None:
         """``r`` waits for a slot again, in its place in the plan."""
         self.states[r.key] = "pending"
@@ -514,10 +554,7 @@ class Scheduler(Generic[S]):
         if self._held_elsewhere(r):  # (it failed on the lock: not its failure, nor ours to record)
             return "pending"
         if returncode < 0 or returncode > 128:  # killed by a signal (SIGKILL, the OOM killer; srun says
-            # 128 + the signal): interrupted, not failed
-            log.info("%s: killed (exit %d); it resumes from its last checkpoint on the next launch",
-                     r.key, returncode)
-            return "running"
+            return self._killed(r, returncode)  # 128 + the signal): interrupted, not failed
         # exited with an error before it recorded a result: the error it printed (an
         # unreadable dataset, a mistake in its config), or where to look when it said none
         said = last_error(r.run_dir).removeprefix("error: ")
