@@ -1015,10 +1015,12 @@ def test_time_limits_read_as_sbatch_reads_them() -> None:
 
 
 def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
-    out = launch("--config", str(REPO / "configs/cifar10-paper.toml"), "--executor", "local", "--nodes", "4",
-                 "--gpus-per-node", "8", "--dry-run", "--json")
+    # the mission's command: no --config is the paper's grid
+    out = launch("--executor", "local", "--nodes", "4", "--gpus-per-node", "8", "--dry-run", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "no --config: the paper's CIFAR-10 grid" in out.stderr, out.stderr[-2000:]
     plan_ = json.loads(out.stdout)
+    assert plan_["experiment"] == "cifar10-paper"
     assert plan_["allocation"] == {"nodes": 4, "min_nodes": 4, "gpus_per_node": 8, "slots": 32, "time": "24:00:00"}
     assert len(plan_["runs"]) == 204 and all(r["gpus"] == 1 and r["nodes"] == 1 for r in plan_["runs"])
     est = plan_["estimate"]
@@ -1047,6 +1049,29 @@ def test_dry_run_json_of_the_paper_grid_on_four_nodes() -> None:
                      "--gpus-per-node", "8", "--runs-per-gpu", "4", "--pack-mode", "threads", "--dry-run", "--json")
     assert threads.returncode == 0, threads.stderr[-2000:]
     assert json.loads(threads.stdout)["estimate"]["packed_speedup"]["resnet18"] == pytest.approx(1.38, abs=0.01)
+
+
+def test_a_launch_whose_datasets_are_not_there_starts_nothing_and_names_them(tmp_path: Path) -> None:
+    """From a folder with no data/ (no --config: the paper's grid, found in the checkout):
+    every run would have started and failed on the missing .beton, all 204 recorded failed.
+    Now the launch names the files and starts nothing; --dry-run lists them."""
+    run = lambda *a: subprocess.run([sys.executable, "-m", "fastbgm.launch", "--executor", "local", *a],
+                                    capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                                    env={**os.environ, **LAUNCH_ENV, "PYTHONPATH": str(REPO)})
+    beton = tmp_path / "data/cifar10/train.beton"
+    dry = run("--dry-run")
+    assert dry.returncode == 0 and f"not here yet: {beton} (read by 204 run(s))" in dry.stdout, dry.stdout[-2000:]
+    out = run("--no-report")
+    said = " ".join(out.stdout.split())
+    assert out.returncode == 2, said[-2000:]
+    assert (f"2 dataset file(s) the runs read are not here, so nothing was started: {beton} (read by 204 run(s))"
+            in said and "python -m fastbgm.data prepare" in said), said[-2000:]
+    assert not (tmp_path / "runs").exists()
+    # a split's resident cache without its .beton is readable (the loader reads the cache alone)
+    beton.parent.mkdir(parents=True)
+    (beton.parent / "train.resident.npz").touch()
+    dry = run("--dry-run")
+    assert "not here yet" in dry.stdout and str(beton) not in dry.stdout, dry.stdout[-2000:]
 
 
 def _paper_grid(tmp_path: Path, *over: str) -> tuple[ExperimentConfig, list]:

@@ -1,4 +1,7 @@
-"""``python -m fastbgm.launch --config configs/X.toml [options] [--section.key=value ...]``
+"""``python -m fastbgm.launch [--config configs/X.toml] [options] [--section.key=value ...]``
+
+Without ``--config``, the paper's CIFAR-10 grid (configs/cifar10-paper.toml): so
+``python -m fastbgm.launch --nodes 4`` reproduces the paper on 4 nodes.
 
 Expands the experiment into runs and runs them on an allocation: on Slurm, ONE job of
 ``--nodes`` x ``--gpus-per-node`` whose runs are packed onto its GPUs as job steps
@@ -23,10 +26,24 @@ from rich.console import Console
 from rich.markup import escape
 
 
+# what `python -m fastbgm.launch --nodes 4` reproduces when no --config is given
+PAPER_CONFIG = Path("configs") / "cifar10-paper.toml"
+
+
+def paper_config() -> Path | None:
+    """The paper's grid: configs/cifar10-paper.toml here, else in the checkout this
+    package runs from (None when neither has it: an installed wheel carries no configs)."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / PAPER_CONFIG).is_file():
+            return root / PAPER_CONFIG
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastbgm.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, required=True, help="an experiment config (TOML)")
+    p.add_argument("--config", type=Path,
+                   help=f"an experiment config (TOML; default: the paper's CIFAR-10 grid, {PAPER_CONFIG})")
     p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
                    help="slurm, local, or auto (slurm when sbatch and sinfo answer)")
     p.add_argument("--nodes", type=int, help="nodes of the allocation the experiment may occupy at once")
@@ -55,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and its cost estimate; submit nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object on stdout")
     p.add_argument("--retry-failed", action="store_true", help="run again the runs whose result says failed")
+    p.add_argument("--no-data-check", action="store_true",
+                   help="start the runs even when a dataset file they read is not here (on Slurm, data on the "
+                        "nodes' own disks that this host does not see)")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return instead of following the jobs")
     p.add_argument("--timeout", type=float, default=None, help="slurm: stop following after this many seconds")
     p.add_argument("--no-report", action="store_true", help="do not build the report when the runs end")
@@ -72,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.sources import DatasetError
     from ..fileio import no_space
     from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
-    from .common import LaunchError, check_pack_mode, closing_report, decide, stage_runs
+    from .common import (MISSING_DATA_ADVICE, LaunchError, check_pack_mode, closing_report, decide,
+                         missing_data, stage_runs)
 
     overrides = list(rest)
     for flag, key in (("nodes", "nodes"), ("min_nodes", "min_nodes"), ("gpus_per_node", "gpus"),
@@ -88,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and not args.dry_run:
         console.print("[red]error:[/] --json goes with --dry-run (a plan for scripts)")
         return 2
+    if args.config is None:
+        args.config = paper_config()
+        if args.config is None:
+            console.print(f"[red]error:[/] no --config given, and the paper's grid ({PAPER_CONFIG}) is neither here "
+                          "nor in the checkout fastbgm runs from: give --config FILE (the configs/ folder of the "
+                          "fastbgm repository holds the paper's)")
+            return 2
+        console.print(f"no --config: the paper's CIFAR-10 grid, {args.config}")
     try:
         exp = load(ExperimentConfig, args.config, overrides)
         runs = plan(exp)
@@ -120,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             if alloc:
                 following.update({r.key: alloc for r in runs})
         decisions = decide(runs, args.retry_failed, set(following))
+        missing = [] if args.no_data_check else missing_data(decisions)
+        if missing and not args.dry_run:
+            raise LaunchError(f"{len(missing)} dataset file(s) the runs read are not here, so nothing was started: "
+                              + "; ".join(missing) + f": {MISSING_DATA_ADVICE}; --no-data-check starts them anyway")
         if args.dry_run:
             from .common import will_run
             from .estimate import estimate, other_sizes
@@ -132,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(_plan_json(exp, runs, est, executor)))
             else:
                 _print_plan(console, exp, decisions, executor, est)
+            for line in missing:
+                console.print(f"[yellow]not here yet:[/] {escape(line)}")
             return 0
         _print_plan(console, exp, decisions, executor, None)
         write_plan(exp, runs)

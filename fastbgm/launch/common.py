@@ -112,6 +112,26 @@ def will_run(d: Decision) -> bool:
     return d.action in ("submit", "resume", "retry")
 
 
+def missing_data(decisions: list[Decision]) -> list[str]:
+    """The dataset files that runs about to run would read and that are not there (one
+    line each, with how many runs read it): started, each run would fail on it. A .beton
+    whose resident cache is there counts as there (the loader reads the cache alone)."""
+    from ..data.cache import cache_path
+
+    readers: dict[str, int] = {}
+    for d in decisions:
+        if will_run(d):
+            for path in (d.run.config.data.train, d.run.config.data.test):
+                if path and not Path(path).exists() and not cache_path(path).exists():
+                    readers[path] = readers.get(path, 0) + 1
+    return [f"{path} (read by {n} run(s))" for path, n in readers.items()]
+
+
+MISSING_DATA_ADVICE = ("write them with `python -m fastbgm.data prepare ...` (the README's 'Prepare datasets'), or point "
+                       "the config's datasets.N.train / datasets.N.test at them (relative paths are from the folder "
+                       "you launch in)")
+
+
 def live_row(r: RunSpec, state: str) -> list[str]:
     rows = read_jsonl(r.run_dir / C.METRICS) if state in ("running", "done", "failed") else []
     last = rows[-1] if rows else {}
