@@ -1072,6 +1072,9 @@ def test_a_launch_whose_datasets_are_not_there_starts_nothing_and_names_them(tmp
     (beton.parent / "train.resident.npz").touch()
     dry = run("--dry-run")
     assert "not here yet" in dry.stdout and str(beton) not in dry.stdout, dry.stdout[-2000:]
+    # nor is a dataset the config embeds (prepare = "synthetic"): the launch writes it first
+    mini = run("--config", str(REPO / "configs/paper-mini.toml"), "--dry-run")
+    assert mini.returncode == 0 and "not here yet" not in mini.stdout, mini.stdout[-2000:]
 
 
 def _paper_grid(tmp_path: Path, *over: str) -> tuple[ExperimentConfig, list]:

@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             if alloc:
                 following.update({r.key: alloc for r in runs})
         decisions = decide(runs, args.retry_failed, set(following))
-        missing = [] if args.no_data_check else missing_data(decisions)
+        # (a dataset the config embeds, prepare = "digits", is written as the launch starts)
+        embedded = {str(Path(p).resolve()) for ds in exp.datasets if ds.prepare for p in (ds.train, ds.test) if p}
+        missing = [] if args.no_data_check else missing_data(decisions, embedded)
         if missing and not args.dry_run:
             raise LaunchError(f"{len(missing)} dataset file(s) the runs read are not here, so nothing was started: "
                               + "; ".join(missing) + f": {MISSING_DATA_ADVICE}; --no-data-check starts them anyway")

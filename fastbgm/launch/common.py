@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 from ..config import to_dict
 from ..experiment import Resources, RunSpec, run_status
@@ -112,7 +112,7 @@ def will_run(d: Decision) -> bool:
     return d.action in ("submit", "resume", "retry")
 
 
-def missing_data(decisions: list[Decision]) -> list[str]:
+def missing_data(decisions: list[Decision], written_at_launch: Collection[str] = ()) -> list[str]:
     """The dataset files that runs about to run would read and that are not there (one
     line each, with how many runs read it): started, each run would fail on it. A .beton
     whose resident cache is there counts as there (the loader reads the cache alone)."""
@@ -122,14 +122,14 @@ def missing_data(decisions: list[Decision]) -> list[str]:
     for d in decisions:
         if will_run(d):
             for path in (d.run.config.data.train, d.run.config.data.test):
-                if path and not Path(path).exists() and not cache_path(path).exists():
+                if path and path not in written_at_launch and not Path(path).exists() and not cache_path(path).exists():
                     readers[path] = readers.get(path, 0) + 1
     return [f"{path} (read by {n} run(s))" for path, n in readers.items()]
 
 
-MISSING_DATA_ADVICE = ("write them with `python -m fastbgm.data prepare ...` (the README's 'Prepare datasets'), or point "
-                       "the config's datasets.N.train / datasets.N.test at them (relative paths are from the folder "
-                       "you launch in)")
+MISSING_DATA_ADVICE = ("write them with `python -m fastbgm.data prepare ...` (the README's 'Prepare datasets'), "
+                       "or point the config's datasets.N.train / datasets.N.test at them (relative paths are from "
+                       "the folder you launch in)")
 
 
 def live_row(r: RunSpec, state: str) -> list[str]:
