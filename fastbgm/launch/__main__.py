@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..ui import console as make_console
 
     console = make_console(stderr=args.json)
-    logging.basicConfig(level=logging.WARNING)
+    # (warnings, a killed or hung trainer say, read as the progress lines do: "HH:MM:SS KEY: ...")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from ..config import ConfigError, load
     from ..experiment import ExperimentConfig, experiment_dir, plan, run_status, write_plan
     from ..data.sources import DatasetError
