@@ -712,11 +712,15 @@ def test_following_says_how_a_job_that_left_runs_unfinished_ended(tiny_dir: Path
 
     from fastbgm.launch.slurm import JobEnd, job_end, queue, wait
 
-    job = subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), "--wrap", "exit 3"],
-                         capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
+    submit = lambda script: subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), "--wrap",
+                                            script], capture_output=True, text=True, check=True,
+                                           timeout=60).stdout.strip().split(";")[0]
+    job, killed = submit("exit 3"), submit("srun sh -c 'kill -9 $$'")  # (a task of a step SIGKILLed: OOM)
     deadline = time.time() + 60
-    while time.time() < deadline and (queue([job]) or job_end(job).state == "UNKNOWN"):
+    while time.time() < deadline and (queue([job, killed]) or "UNKNOWN" in (job_end(job).state,
+                                                                            job_end(killed).state)):
         time.sleep(0.2)
+    assert str(job_end(killed)) == "FAILED (a task killed by SIGKILL)", job_end(killed)
     exp = load(ExperimentConfig, write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', inits='["random"]'))
     runs = plan(exp)
     ended = wait(runs, {r.key: job for r in runs}, Console(file=open(os.devnull, "w")), poll_s=0.1)

@@ -6,6 +6,7 @@ preemption or time-out resumes every run from its last.pt."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -157,13 +158,22 @@ def settled_queue(job_ids: list[str], timeout_s: float = 120.0, poll_s: float = 
 @dataclass(frozen=True)
 class JobEnd:
     """How a job that left the queue ended, as sacct records it: its state (FAILED,
-    CANCELLED by 0, ...; UNKNOWN when Slurm does not say) and its exit code ("74:0" -> 74;
-    None when Slurm does not say, or a signal ended it). Prints as its state."""
+    CANCELLED by 0, ...; UNKNOWN when Slurm does not say), its exit code ("74:0" -> 74;
+    None when Slurm does not say, or a signal ended it) and the signal that killed a task
+    of its steps (DerivedExitCode "0:9" -> 9: the OOM killer's, say). Prints as its state,
+    and that signal."""
     state: str
     exit_code: int | None = None
+    killed_by: int | None = None
 
     def __str__(self) -> str:
-        return self.state
+        if not self.killed_by:
+            return self.state
+        try:
+            name = signal.Signals(self.killed_by).name
+        except ValueError:
+            name = f"signal {self.killed_by}"
+        return f"{self.state} (a task killed by {name})"
 
 
 # states sacct may still give a job that has just left the queue: the accounting database
@@ -185,12 +195,15 @@ def job_end(job_id: str, settle_s: float = 15.0) -> JobEnd:
 
 def _job_end_now(job_id: str) -> JobEnd:
     for jid in dict.fromkeys([job_id, job_id.split("_")[0]]):  # an array cancelled before it started
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode", "-j", jid], capture_output=True,
-                             text=True, timeout=60)               # is one record, under the array's id
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode,DerivedExitCode", "-j", jid],
+                             capture_output=True, text=True, timeout=60)  # is one record, under the array's id
         rows = [x.split("|") for x in out.stdout.splitlines() if x.strip()]
         if rows and rows[-1][0].strip():
-            state, code = rows[-1][0].split()[0], rows[-1][-1].strip().split(":")
-            return JobEnd(state, int(code[0]) if len(code) == 2 and code[1] == "0" and code[0].isdigit() else None)
+            row = rows[-1] + ["", ""]
+            code, derived = row[1].strip().split(":"), row[2].strip().split(":")
+            killed = int(derived[1]) if len(derived) == 2 and derived[1].isdigit() and derived[1] != "0" else None
+            return JobEnd(row[0].split()[0],
+                          int(code[0]) if len(code) == 2 and code[1] == "0" and code[0].isdigit() else None, killed)
     return JobEnd("UNKNOWN")
 
 
