@@ -122,7 +122,8 @@ def missing_data(decisions: list[Decision], written_at_launch: Collection[str] =
     for d in decisions:
         if will_run(d):
             for path in (d.run.config.data.train, d.run.config.data.test):
-                if path and path not in written_at_launch and not Path(path).exists() and not cache_path(path).exists():
+                there = Path(path).exists() or cache_path(path).exists()
+                if path and path not in written_at_launch and not there:
                     readers[path] = readers.get(path, 0) + 1
     return [f"{path} (read by {n} run(s))" for path, n in readers.items()]
 

@@ -171,6 +171,14 @@ def kill_tree(proc: subprocess.Popen, pack: list[StepRun] | None = None) -> None
             os.kill(pid, signal.SIGKILL)
 
 
+def signal_name(number: int) -> str | None:
+    """SIGKILL for 9; None for a number that names no signal."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return None
+
+
 def mark_cancelled(run_dir: str | Path, key: str, reason: str, status: str = "cancelled") -> None:
     """Record from outside a run that it will not finish (``status`` cancelled, or failed), and why."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -471,11 +479,8 @@ class Scheduler(Generic[S]):
         train.log says so (what the launch's progress lines and closing report show)."""
         n = self.kills[r.key] = self.kills.get(r.key, 0) + 1
         number = -returncode if returncode < 0 else returncode - 128
-        try:
-            name = f" ({signal.Signals(number).name})"
-        except ValueError:
-            name = ""
-        killed = f"its process was killed by signal {number}{name}"
+        name = signal_name(number)
+        killed = f"its process was killed by signal {number}" + (f" ({name})" if name else "")
         if n < MAX_KILLS:
             self._wait_again(r)
             said = f"{killed}; it starts again from its last checkpoint ({n} of {MAX_KILLS} in this launch)"

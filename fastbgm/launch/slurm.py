@@ -6,7 +6,6 @@ preemption or time-out resumes every run from its last.pt."""
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -19,7 +18,7 @@ from ..fileio import atomic_write_json
 from ..train import NO_SPACE_EXIT
 from .common import Decision, LaunchError, read_json, runs_view, will_run
 from .job import RunJob, hangs
-from .schedule import MAX_STALLS, mark_cancelled
+from .schedule import MAX_STALLS, mark_cancelled, signal_name
 
 JOB_FILE = "slurm-job.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -169,11 +168,7 @@ class JobEnd:
     def __str__(self) -> str:
         if not self.killed_by:
             return self.state
-        try:
-            name = signal.Signals(self.killed_by).name
-        except ValueError:
-            name = f"signal {self.killed_by}"
-        return f"{self.state} (a task killed by {name})"
+        return f"{self.state} (a task killed by {signal_name(self.killed_by) or f'signal {self.killed_by}'})"
 
 
 # states sacct may still give a job that has just left the queue: the accounting database
