@@ -496,11 +496,9 @@ def test_allocation_packs_the_runs_onto_its_gpus_and_matches_local(tiny_dir: Pat
             assert res[key][m] == _LOCAL_ALLOC[key][m], (key, m)
 
 
-def _stop_a_trainer(run: Path, epochs: int = 3) -> int:
+def _stop_a_trainer(run: Path, epochs: int = 3, sig: int = signal.SIGSTOP) -> int:
     """SIGSTOP ``run``'s trainer once it has ``epochs`` epochs (a hang: it holds its
-    folder and slot, and makes no progress); its pid."""
-    import signal
-
+    folder and slot, and makes no progress), or send it ``sig``; its pid."""
     from fastbgm.fileio import lock_holder
 
     deadline = time.time() + 240
@@ -509,7 +507,7 @@ def _stop_a_trainer(run: Path, epochs: int = 3) -> int:
     holder = lock_holder(run)
     assert holder, "the trainer did not start"
     pid = int(holder.split()[1])
-    os.kill(pid, signal.SIGSTOP)
+    os.kill(pid, sig)
     return pid
 
 
@@ -680,6 +678,78 @@ def test_a_hung_per_run_job_requeues_itself_with_no_launch_following_it(tiny_dir
     assert failed["status"] == "failed" and f"{MAX_STALLS} times" in failed["reason"], failed
     assert "stall_timeout_s" in failed["reason"], failed
     assert not (adv / "metrics.jsonl").exists() and job_end(jobs[adv]).state.startswith("CANCELLED")
+
+
+@needs_slurm
+@pytest.mark.timeout(600)
+def test_a_per_run_job_whose_trainer_is_killed_is_submitted_again_by_the_launch_following_it(
+        tiny_dir: Path, tmp_path: Path) -> None:
+    """A per-run job whose trainer a signal kills (the OOM killer, a segfault) ends FAILED,
+    and Slurm cancels the jobs that wait on it. The launch following it submits it again,
+    with the run waiting on it, as the local scheduler and an allocation's driver start a
+    killed trainer again: every run ends as if uninterrupted, in the same launch."""
+    reference = _local_reference(tmp_path, tiny_dir, name="pk")
+    cfg = write_experiment(tmp_path, tiny_dir, name="pk", modes='["vanilla"]', epochs=14)
+    p = launch_in_background("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--no-report",
+                             "--timeout", "450")
+    root = tmp_path / "runs" / "pk"
+    stage1 = root / "synthetic/small_cnn/seed0/stage1-R2-z0.1"
+    pid = _stop_a_trainer(stage1, sig=signal.SIGKILL)
+    job = lambda run: json.loads((run / "slurm-job.json").read_text())["job_id"]
+    killed, adv = job(stage1), stage1.parent / "stage2-adversarial-vanilla"
+    out, _ = p.communicate(timeout=500)
+    assert p.returncode == 0, out[-3000:]
+    said = " ".join(out.split())
+    assert job(stage1) != killed and f"stage1-R2-z0.1: its job {killed} ended FAILED (a task killed by SIGKILL) with " \
+        f"the run unfinished (1 of 3 in this launch); job {job(stage1)} resumes it from its last checkpoint" in said, \
+        said[-3000:]
+    assert f"stage2-adversarial-vanilla: submitted again as job {job(adv)}, waiting on its stage-1 run" in said
+    assert _gone(pid)
+    _assert_as_uninterrupted(root, reference())
+    assert "error: its job" in (stage1 / "train.log").read_text()
+
+
+@needs_slurm
+@pytest.mark.timeout(180)
+def test_a_per_run_job_killed_at_every_try_is_left_unfinished_and_its_dependents_say_why(tiny_dir: Path,
+                                                                                       tmp_path: Path) -> None:
+    """The same, killed at every try (plain batch jobs here, a task of each SIGKILLed): the
+    launch submits the job, and the job waiting on it, MAX_KILLS - 1 times more; then the
+    run is left unfinished, not failed, and the run waiting on it is cancelled, saying why."""
+    from rich.console import Console
+
+    from fastbgm.launch.schedule import MAX_KILLS
+    from fastbgm.launch.slurm import wait
+
+    def sbatch(script: str, after: str = "") -> str:
+        deps = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+        return subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), *deps, "--wrap", script],
+                              capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
+
+    exp = load(ExperimentConfig, write_experiment(tmp_path, tiny_dir, name="kk", modes='["vanilla"]',
+                                                  inits='["adversarial"]'))
+    stage1, adv = runs = plan(exp)
+    for r in runs:
+        Path(r.run_dir).mkdir(parents=True)
+    submitted: list[dict[str, str]] = []
+
+    def submit(these: list) -> dict[str, str]:
+        assert [r.key for r in these] == [stage1.key, adv.key]
+        first = sbatch("srun sh -c 'kill -9 $$'")
+        submitted.append({stage1.key: first, adv.key: sbatch("true", after=first)})
+        return submitted[-1]
+
+    jobs = submit(runs)
+    ended = wait(runs, jobs, Console(file=open(os.devnull, "w"), width=200), poll_s=0.2, restart=submit)
+    assert len(submitted) == MAX_KILLS and jobs == submitted[-1]
+    assert [str(ended[s[stage1.key]]) for s in submitted] == ["FAILED (a task killed by SIGKILL)"] * MAX_KILLS
+    result = json.loads((Path(adv.run_dir) / "result.json").read_text())
+    assert result["status"] == "cancelled", result
+    assert result["reason"].startswith(f"its stage-1 run {stage1.key} stopped unfinished (its job {jobs[stage1.key]} "
+                                       f"ended FAILED (a task killed by SIGKILL), {MAX_KILLS} times in this launch)")
+    log = (Path(stage1.run_dir) / "train.log").read_text()
+    assert log.count("error: its job") == MAX_KILLS and "it is left unfinished" in log, log
+    assert not (Path(stage1.run_dir) / "result.json").exists()  # unfinished, not failed
 
 
 @needs_slurm

@@ -7,7 +7,8 @@ executor (and, with ``--slurm``, by a Slurm allocation):
 
 - ``kill-run``: SIGKILL of one trainer mid-run (the OOM killer, a segfault): the launch
   must start it again from its last checkpoint and finish every run itself, before any
-  re-run (with ``--slurm-jobs per-run`` the kill ends the run's job: the re-run resumes it);
+  re-run (with ``--slurm-jobs per-run`` the kill ends the run's job, and the launch
+  following it submits it again);
 - ``hang``: SIGSTOP of one trainer mid-run (a deadlock, a collective that never returns):
   the launch, run with a stall timeout of :data:`HANG_STALL_S`, must kill it (with
   ``--slurm-jobs per-run``, the run's own job requeues itself) and finish every run
@@ -372,11 +373,10 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
                               *(("--stall-timeout", str(HANG_STALL_S)) if kind == "hang" else ()))
         try:
             what = _inject(kind, rng, cfg, data, executor, cmd, log, full_size[executor])
-            # a hang, and a killed trainer (but for a job of its own, which the kill ends),
-            # must be undone by the launch it hit, not by a re-run; a full disk must fail no
-            # run (the launch stops, and says so)
+            # a hang, and a killed trainer, must be undone by the launch it hit, not by a
+            # re-run; a full disk must fail no run (the launch stops, and says so)
             in_launch = True
-            if kind == "hang" or (kind == "kill-run" and not (executor == "slurm" and slurm_jobs == "per-run")):
+            if kind in ("hang", "kill-run"):
                 in_launch = all(v["status"] == "done" for k, v in _outcome(work / "runs" / mini.NAME).items()
                                 if reference[executor].get(k, {}).get("status") == "done")
             elif kind == "disk-full":  # (with one Slurm job a run, Slurm cancels the runs that wait

@@ -203,11 +203,15 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"following nothing: {len(set(following.values()))} job(s) in the queue; "
                               "run the same command to follow them")
                 return 0
+            restart = None
+            if exp.resources.jobs == "per-run":
+                def restart(these: list) -> dict[str, str]:  # (per-run jobs killed by a signal, their dependents)
+                    return submit_per_run(exp, decide(these, False), args.max_parallel)
             # A node can fail many times over a long grid: each time it is the driver's own,
             # Slurm ends the allocation and the launch submits the next (at most once a node).
             full = False  # an allocation's driver found no space to write the run folders
             for again in range(exp.resources.nodes + 1):
-                ended = wait(runs, following, console, timeout_s=args.timeout, res=exp.resources)
+                ended = wait(runs, following, console, timeout_s=args.timeout, res=exp.resources, restart=restart)
                 jobs = sorted(set(following.values()) & ended.keys() if exp.resources.jobs == "allocation" else ())
                 lost = {job: lost_driver_node(job) for job in jobs if not ended[job].state.startswith("COMPLETED")}
                 for job, node in lost.items():
@@ -236,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     job = following.get(r.key, "")
                     if job in ended and job not in full_jobs:
                         log_file, said = job_log(exp, job), last_error(r.run_dir).split("; ")[0]
+                        said = "" if said.startswith(f"its job {job} ") else said  # (wait said it: killed)
                         console.print(f"[red]{r.key}: its job {job} ended {ended[job]}[/] with the run unfinished"
                                       + (f" ({escape(said)})" if said else "")
                                       + (f"; its log is {log_file}" if log_file.exists() else ""))

@@ -5,20 +5,22 @@ preemption or time-out resumes every run from its last.pt."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_EXIT
+from ..trainer.checkpoint import TRAIN_LOG
 from .common import Decision, LaunchError, read_json, runs_view, will_run
 from .job import RunJob, hangs
-from .schedule import MAX_STALLS, mark_cancelled, signal_name
+from .schedule import MAX_KILLS, MAX_STALLS, mark_cancelled, signal_name
 
 JOB_FILE = "slurm-job.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -170,6 +172,12 @@ class JobEnd:
             return self.state
         return f"{self.state} (a task killed by {signal_name(self.killed_by) or f'signal {self.killed_by}'})"
 
+    @property
+    def killed(self) -> bool:
+        """Whether a signal ended it (the kernel's or Slurm's OOM killer, a segfault, a kill
+        from outside), not its own code, a cancel or a time limit."""
+        return self.state == "OUT_OF_MEMORY" or (self.state == "FAILED" and self.killed_by is not None)
+
 
 # states sacct may still give a job that has just left the queue: the accounting database
 # learns of its end a moment after squeue does
@@ -197,9 +205,27 @@ def _job_end_now(job_id: str) -> JobEnd:
             row = rows[-1] + ["", ""]
             code, derived = row[1].strip().split(":"), row[2].strip().split(":")
             killed = int(derived[1]) if len(derived) == 2 and derived[1].isdigit() and derived[1] != "0" else None
-            return JobEnd(row[0].split()[0],
-                          int(code[0]) if len(code) == 2 and code[1] == "0" and code[0].isdigit() else None, killed)
+            state = row[0].split()[0]
+            if killed is None and state == "FAILED":
+                killed = _step_signal(jid)
+            return JobEnd(state, int(code[0]) if len(code) == 2 and code[1] == "0" and code[0].isdigit() else None,
+                          killed)
     return JobEnd("UNKNOWN")
+
+
+def _step_signal(job_id: str) -> int | None:
+    """The signal that ended a task of one of the job's steps (the step's ExitCode "0:9"),
+    if one did. The job's own DerivedExitCode says so too, but not always: on the local
+    cluster a per-run job whose trainer was SIGKILLed was left "0:0" there in 2 of 8 kills,
+    its step "0:9"."""
+    out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id], capture_output=True, text=True,
+                         timeout=60).stdout
+    for line in out.splitlines():
+        step, _, code = line.strip().partition("|")
+        number = code.partition(":")[2]
+        if "." in step and step.rsplit(".", 1)[1].isdigit() and number.isdigit() and number != "0":
+            return int(number)
+    return None
 
 
 def queued_jobs(runs: list[RunSpec]) -> dict[str, str]:
@@ -377,16 +403,24 @@ def shrink_pending(job: str, res: Any) -> str:
             f"(--min-nodes {res.least_nodes})")
 
 
+ENDED = ("done", "failed", "cancelled")
+
+
 def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float = 2.0,
-         timeout_s: float | None = None, res: Any = None) -> dict[str, JobEnd]:
+         timeout_s: float | None = None, res: Any = None,
+         restart: Callable[[list[RunSpec]], dict[str, str]] | None = None) -> dict[str, JobEnd]:
     """Live table until every job we follow has left the queue. ``jobs``: run key -> job
     id (one per run, or the same allocation job for every run). A job pending for a
     reason that never resolves is cancelled and its runs marked with that reason; an
     allocation pending for nodes that are down asks for fewer when ``res.min_nodes``
     lets it (:func:`shrink_pending`). Hung runs are not this function's: the allocation's
     driver watches its steps, and a per-run job its own run (job.watch_own_run), whether
-    or not a launch follows them. Returns how each job that left the queue with a run
-    unfinished ended (sacct's state and exit code)."""
+    or not a launch follows them. A per-run job killed by a signal with its run
+    unfinished (:attr:`JobEnd.killed`) is submitted again through ``restart``, with the
+    unfinished runs that wait on it (Slurm cancels their jobs), up to :data:`MAX_KILLS`
+    times a run, as the local scheduler and an allocation's driver start a killed
+    trainer again; ``jobs`` is updated in place. Returns how each job that left the
+    queue with a run unfinished ended (sacct's state and exit code)."""
 
     start = time.time()
     shrinkable = res is not None and res.jobs == "allocation" and res.least_nodes < res.nodes
@@ -414,22 +448,89 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
         if status in ("failed", "cancelled"):
             return f"its stage-1 run {parent} {status}"
         job = jobs.get(parent)
-        end = None if not job else gone.get(job) or job_end(job)
+        end = None if not job else gone.get(job) or end_of(job)
         how = "" if end is None else (f" (its job {job} found no space left to write its run folder)"
-                                      if end.exit_code == NO_SPACE_EXIT else f" (its job {job} ended {end})")
+                                      if end.exit_code == NO_SPACE_EXIT else f" (its job {job} ended {end}"
+                                      + (f", {kills[parent]} times in this launch" if kills.get(parent, 0) > 1
+                                         else "") + ")")
         return f"its stage-1 run {parent} stopped unfinished{how}; the same command resumes it, then runs this one"
 
-    ended_before = {r.key: st for r in runs if (st := run_status(r.run_dir)[0]) in ("done", "failed", "cancelled")}
+    kills: dict[str, int] = {}  # per run: its jobs killed by a signal in this launch
+    ends: dict[str, JobEnd] = {}
+
+    def end_of(job: str) -> JobEnd:
+        """How a job that left the queue ended (sacct, asked once)."""
+        if job not in ends:
+            ends[job] = job_end(job)
+        return ends[job]
+
+    def restart_killed(q: dict[str, tuple[str, str]]) -> bool:
+        """Submit again the per-run jobs that a signal killed with their run unfinished,
+        and the unfinished runs that wait on them (Slurm cancels their jobs: afterok), up
+        to MAX_KILLS times a run. Says so in the launch's output and the run's train.log.
+        Whether it submitted any."""
+        said: dict[str, str] = {}  # per killed run: what became of its job
+        for r in runs:
+            job = jobs.get(r.key)
+            if job not in per_run or job in q or job in gone or run_status(r.run_dir)[0] in ENDED:
+                continue
+            end = end_of(job)
+            if not end.killed:
+                continue
+            gone[job] = end
+            n = kills[r.key] = kills.get(r.key, 0) + 1
+            said[r.key] = f"its job {job} ended {end} with the run unfinished" + (
+                f" ({n} of {MAX_KILLS} in this launch)" if n < MAX_KILLS else
+                f", {n} times in this launch; it is left unfinished: the same command resumes it from its last "
+                "checkpoint (if an OOM killer ended it, give it more memory: --mem-gb)")
+        again = [r for r in runs if r.key in said and kills[r.key] < MAX_KILLS]
+        names = {r.key for r in again}
+        waiting = [r for r in runs if names & set(r.depends_on) and run_status(r.run_dir)[0] not in ENDED]
+        new: dict[str, str] = {}
+        if again:
+            old = [jobs[r.key] for r in waiting if jobs.get(r.key)]
+            if old:  # (never to start: their dependency failed)
+                subprocess.run(["scancel", *old], capture_output=True, timeout=60)
+            try:
+                new = restart(again + waiting)
+            except LaunchError as e:  # (sbatch said no): they stay unfinished, for the next launch
+                for key in names:
+                    said[key] += f"; it could not be submitted again ({e}): the same command resumes it"
+                    kills[key] = MAX_KILLS
+            jobs.update(new)
+            per_run.update(new.values())
+        for r in runs:
+            if r.key in said:
+                line = said[r.key] + (f"; job {new[r.key]} resumes it from its last checkpoint" if r.key in new
+                                      else "")
+                with contextlib.suppress(OSError), open(Path(r.run_dir) / TRAIN_LOG, "a") as f:
+                    f.write(f"error: {line}\n")  # (what last_error and the closing report read)
+                console.print(f"[yellow]{r.key}[/]: {line}")
+            elif r.key in new:
+                console.print(f"{r.key}: submitted again as job {new[r.key]}, waiting on its stage-1 run")
+        return bool(new)
+
+    ended_before = {r.key: st for r in runs if (st := run_status(r.run_dir)[0]) in ENDED}
     with runs_view(runs, ended_before, "fastbgm on Slurm", console, refresh_per_second=1) as view:
         while True:
             q = queue(list(jobs.values()))
+            if restart is not None and restart_killed(q):
+                q = queue(list(jobs.values()))
             states = {}
             for r in runs:
                 st = run_status(r.run_dir)[0]
                 job = jobs.get(r.key)
                 if job in per_run:
                     say_hangs(r, job)
-                if job in q and st not in ("done", "failed", "cancelled"):
+                parent_job = jobs.get(next(iter(r.depends_on), ""))
+                if job in per_run and parent_job in q and not (job in q and q[job][0] == "RUNNING") \
+                        and st not in ENDED:
+                    # its stage-1 run's job has not left the queue (it may be COMPLETING
+                    # as it fails, and this one already cancelled): what became of that
+                    # job, submitted again or not, decides what becomes of this one
+                    states[r.key] = "pending"
+                    continue
+                if job in q and st not in ENDED:
                     slurm_state, reason = q[job]
                     if slurm_state == "PENDING" and reason.split(",")[0] in NEVER:
                         subprocess.run(["scancel", job], capture_output=True, timeout=60)
@@ -440,8 +541,8 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                         st = "cancelled"
                     elif slurm_state != "RUNNING":
                         st = "pending"
-                elif job and job not in q and job not in gone and st not in ("done", "failed", "cancelled"):
-                    gone[job] = final = job_end(job)
+                elif job and job not in q and job not in gone and st not in ENDED:
+                    gone[job] = final = end_of(job)
                     if job in per_run and final.state.startswith("CANCELLED") and r.depends_on:
                         mark_cancelled(r.run_dir, r.key, parent_why(r.depends_on[0]))
                         st = "cancelled"
