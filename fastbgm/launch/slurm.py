@@ -523,10 +523,10 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                 if job in per_run:
                     say_hangs(r, job)
                 parent_job = jobs.get(next(iter(r.depends_on), ""))
-                if job in per_run and parent_job in q and not (job in q and q[job][0] == "RUNNING") \
-                        and st not in ENDED:
+                if job in per_run and parent_job in q and st not in ENDED \
+                        and (job not in q or q[job][1].startswith("Dependency")):
                     # its stage-1 run's job has not left the queue (it may be COMPLETING
-                    # as it fails, and this one already cancelled): what became of that
+                    # as it fails, and this one already cancelled): what becomes of that
                     # job, submitted again or not, decides what becomes of this one
                     states[r.key] = "pending"
                     continue
