@@ -93,6 +93,14 @@ def pack_log(pack: list[StepRun]) -> Any:
     return log
 
 
+def log_error(run_dir: str | Path, said: str, before: str = "") -> None:
+    """Append "error: SAID" to a run's train.log from outside its trainer (a kill, a folder
+    in use), for :func:`last_error` and the closing report; a folder it cannot write is
+    passed over."""
+    with contextlib.suppress(OSError), open(Path(run_dir) / C.TRAIN_LOG, "a") as f:
+        f.write(f"{before}error: {said}\n")
+
+
 def last_error(run_dir: str | Path) -> str:
     """The error line its last trainer process printed near its end ("error: ..."; a
     packed run's log points to its pack's): why a run that is neither done nor failed
@@ -489,8 +497,7 @@ class Scheduler(Generic[S]):
             said = (f"{killed}, {n} times in this launch; it is left unfinished: the same command resumes it from "
                     "its last checkpoint (if the kernel's OOM killer killed it, give it more memory or pack fewer "
                     "runs per slot)")
-        with contextlib.suppress(OSError), open(Path(r.run_dir) / C.TRAIN_LOG, "a") as f:
-            f.write(f"error: {said}\n")
+        log_error(r.run_dir, said)
         log.warning("%s: %s", r.key, said)  # (as a hang: the launch's own output says it)
         return "pending" if n < MAX_KILLS else "running"
 
@@ -505,9 +512,8 @@ class Scheduler(Generic[S]):
             self.todo.remove(r)
         self.held[r.key] = r
         self.states[r.key] = "pending"
-        with contextlib.suppress(OSError), open(Path(r.run_dir) / C.TRAIN_LOG, "a") as f:  # (what last_error says)
-            f.write(start_line("not started") + f"error: its folder is in use by {holder}; it starts once that "
-                    "process ends (a trainer left on a lost node ends with it; another launch's, with that launch)\n")
+        log_error(r.run_dir, f"its folder is in use by {holder}; it starts once that process ends (a trainer left on "
+                  "a lost node ends with it; another launch's, with that launch)", before=start_line("not started"))
         log.warning("%s: its folder is in use by %s; it waits until that process ends", r.key, holder)
         return True
 

@@ -5,7 +5,6 @@ preemption or time-out resumes every run from its last.pt."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 import time
@@ -17,10 +16,9 @@ from typing import Any, Callable
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_EXIT
-from ..trainer.checkpoint import TRAIN_LOG
 from .common import Decision, LaunchError, read_json, runs_view, will_run
 from .job import RunJob, hangs
-from .schedule import MAX_KILLS, MAX_STALLS, mark_cancelled, signal_name
+from .schedule import MAX_KILLS, MAX_STALLS, log_error, mark_cancelled, signal_name
 
 JOB_FILE = "slurm-job.json"
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
@@ -448,7 +446,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
         if status in ("failed", "cancelled"):
             return f"its stage-1 run {parent} {status}"
         job = jobs.get(parent)
-        end = None if not job else gone.get(job) or end_of(job)
+        end = end_of(job) if job else None
         how = "" if end is None else (f" (its job {job} found no space left to write its run folder)"
                                       if end.exit_code == NO_SPACE_EXIT else f" (its job {job} ended {end}"
                                       + (f", {kills[parent]} times in this launch" if kills.get(parent, 0) > 1
@@ -503,8 +501,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
             if r.key in said:
                 line = said[r.key] + (f"; job {new[r.key]} resumes it from its last checkpoint" if r.key in new
                                       else "")
-                with contextlib.suppress(OSError), open(Path(r.run_dir) / TRAIN_LOG, "a") as f:
-                    f.write(f"error: {line}\n")  # (what last_error and the closing report read)
+                log_error(r.run_dir, line)
                 console.print(f"[yellow]{r.key}[/]: {line}")
             elif r.key in new:
                 console.print(f"{r.key}: submitted again as job {new[r.key]}, waiting on its stage-1 run")
