@@ -114,6 +114,12 @@ def sacct_count() -> int:
     return len(out.stdout.split())
 
 
+def sbatch(out: Path, script: str, *options: str) -> str:
+    """Submit a one-CPU batch script (its output to ``out``); its job id."""
+    return subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(out), *options, "--wrap", script],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
+
+
 def test_modes_and_plan(tmp_path: Path) -> None:
     assert len(expand_modes(["all"])) == 8 and parse_mode("m+DA") == ("da", "m")
     with pytest.raises(Exception, match="unknown regulariser 'wd'"):
@@ -721,11 +727,6 @@ def test_a_per_run_job_killed_at_every_try_is_left_unfinished_and_its_dependents
     from fastbgm.launch.schedule import MAX_KILLS
     from fastbgm.launch.slurm import wait
 
-    def sbatch(script: str, after: str = "") -> str:
-        deps = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
-        return subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), *deps, "--wrap", script],
-                              capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
-
     exp = load(ExperimentConfig, write_experiment(tmp_path, tiny_dir, name="kk", modes='["vanilla"]',
                                                   inits='["adversarial"]'))
     stage1, adv = runs = plan(exp)
@@ -735,8 +736,9 @@ def test_a_per_run_job_killed_at_every_try_is_left_unfinished_and_its_dependents
 
     def submit(these: list) -> dict[str, str]:
         assert [r.key for r in these] == [stage1.key, adv.key]
-        first = sbatch("srun sh -c 'kill -9 $$'")
-        submitted.append({stage1.key: first, adv.key: sbatch("true", after=first)})
+        first = sbatch(tmp_path / "out", "srun sh -c 'kill -9 $$'")
+        submitted.append({stage1.key: first, adv.key: sbatch(tmp_path / "out", "true", f"--dependency=afterok:{first}",
+                                                             "--kill-on-invalid-dep=yes")})
         return submitted[-1]
 
     jobs = submit(runs)
@@ -760,9 +762,7 @@ def test_a_job_cancelled_a_moment_ago_is_waited_out_not_counted_as_live(tmp_path
     from fastbgm.launch.slurm import queue, settled_queue
 
     # a batch script that, like a stopping trainer, takes a few seconds over SIGTERM
-    job = subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), "--wrap",
-                          "trap 'sleep 4; exit 0' TERM; sleep 100 & wait; sleep 4"],
-                         capture_output=True, text=True, check=True, timeout=60).stdout.strip().split(";")[0]
+    job = sbatch(tmp_path / "out", "trap 'sleep 4; exit 0' TERM; sleep 100 & wait; sleep 4")
     deadline = time.time() + 60
     while time.time() < deadline and queue([job]).get(job, ("",))[0] != "RUNNING":
         time.sleep(0.2)
@@ -782,10 +782,8 @@ def test_following_says_how_a_job_that_left_runs_unfinished_ended(tiny_dir: Path
 
     from fastbgm.launch.slurm import JobEnd, job_end, queue, wait
 
-    submit = lambda script: subprocess.run(["sbatch", "--parsable", "-c", "1", "-o", str(tmp_path / "out"), "--wrap",
-                                            script], capture_output=True, text=True, check=True,
-                                           timeout=60).stdout.strip().split(";")[0]
-    job, killed = submit("exit 3"), submit("srun sh -c 'kill -9 $$'")  # (a task of a step SIGKILLed: OOM)
+    # (the second: a task of a step SIGKILLed, as by the OOM killer)
+    job, killed = sbatch(tmp_path / "out", "exit 3"), sbatch(tmp_path / "out", "srun sh -c 'kill -9 $$'")
     deadline = time.time() + 60
     while time.time() < deadline and (queue([job, killed]) or "UNKNOWN" in (job_end(job).state,
                                                                             job_end(killed).state)):
@@ -802,9 +800,7 @@ def test_following_says_how_a_job_that_left_runs_unfinished_ended(tiny_dir: Path
 def test_the_live_table_says_what_pending_jobs_wait_for(tmp_path: Path) -> None:
     from fastbgm.launch.slurm import queue, queue_summary
 
-    jobs = [subprocess.run(["sbatch", "--parsable", "--hold", "-c", "1", "-o", str(tmp_path / "out"), "--wrap",
-                            "true"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
-            for _ in range(2)]
+    jobs = [sbatch(tmp_path / "out", "true", "--hold") for _ in range(2)]
     try:
         assert queue_summary(queue(jobs)) == "2 jobs pending (JobHeldUser)"
         assert queue_summary(queue(jobs[:1])) == "1 job pending (JobHeldUser)"
