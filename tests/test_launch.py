@@ -686,23 +686,79 @@ def test_a_hung_per_run_job_requeues_itself_with_no_launch_following_it(tiny_dir
     assert not (adv / "metrics.jsonl").exists() and job_end(jobs[adv]).state.startswith("CANCELLED")
 
 
+def _wait_out(jobs: list[str], timeout_s: float = 400) -> None:
+    """Until none of ``jobs`` is in the queue (no launch follows them)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and queue(jobs):
+        time.sleep(1)
+    assert not queue(jobs), "the jobs did not end"
+
+
+def _batch_script(job: str) -> int:
+    """The pid of the batch script of per-run job ``job`` (an array's task "A_a", or one job)."""
+    array, _, task = job.partition("_")
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if b"slurm_script" not in (environ.parent / "cmdline").read_bytes():
+                continue
+            env = dict(x.split("=", 1) for x in environ.read_bytes().decode(errors="replace").split("\0") if "=" in x)
+        except OSError:
+            continue
+        if (env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")) == (array, task) or (
+                not task and env.get("SLURM_JOB_ID") == job):
+            return int(environ.parent.name)
+    raise AssertionError(f"no batch script of job {job} is running")
+
+
 @needs_slurm
 @pytest.mark.timeout(600)
-def test_a_per_run_job_whose_trainer_is_killed_is_submitted_again_by_the_launch_following_it(
+def test_a_per_run_job_whose_trainer_is_killed_requeues_itself_with_no_launch_following_it(
         tiny_dir: Path, tmp_path: Path) -> None:
-    """A per-run job whose trainer a signal kills (the OOM killer, a segfault) ends FAILED,
-    and Slurm cancels the jobs that wait on it. The launch following it submits it again,
-    with the run waiting on it, as the local scheduler and an allocation's driver start a
-    killed trainer again: every run ends as if uninterrupted, in the same launch."""
+    """A per-run job whose trainer a signal kills (the OOM killer, a segfault) requeues
+    itself from its batch script, as the local scheduler and an allocation's driver start
+    a killed trainer again, whether or not a launch follows it (here none: --no-wait): the
+    job that waits on it (afterok) keeps waiting, and every run ends as if uninterrupted."""
+    from fastbgm.launch.job import KILLS
+    from fastbgm.launch.schedule import MAX_KILLS
+
+    reference = _local_reference(tmp_path, tiny_dir, name="pq")
+    cfg = write_experiment(tmp_path, tiny_dir, name="pq", modes='["vanilla"]', epochs=14)
+    out = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--no-report", "--no-wait")
+    assert out.returncode == 0, out.stdout[-3000:]
+    root = tmp_path / "runs" / "pq"
+    runs = [p.parent for p in root.rglob("slurm-job.json")]
+    job = lambda run: json.loads((run / "slurm-job.json").read_text())["job_id"]
+    jobs = {run: job(run) for run in runs}
+    stage1 = root / "synthetic/small_cnn/seed0/stage1-R2-z0.1"
+    pid = _stop_a_trainer(stage1, sig=signal.SIGKILL)
+    _wait_out(list(jobs.values()))
+    assert _gone(pid) and {run: job(run) for run in runs} == jobs  # the same jobs: nothing submitted again
+    log = (stage1 / "train.log").read_text()
+    assert (f"error: its trainer was killed by signal 9 (SIGKILL) in job {jobs[stage1]} (1 of {MAX_KILLS} in that "
+            "job); the job is requeued and resumes it from its last checkpoint") in log, log[-3000:]
+    assert json.loads((stage1 / KILLS).read_text()) == {jobs[stage1]: 1}
+    _assert_as_uninterrupted(root, reference())
+
+
+@needs_slurm
+@pytest.mark.timeout(600)
+def test_a_per_run_job_killed_with_its_batch_script_is_submitted_again_by_the_launch_following_it(
+        tiny_dir: Path, tmp_path: Path) -> None:
+    """A per-run job killed whole, its batch script with its trainer (nothing of it left to
+    requeue it), ends FAILED, and Slurm cancels the jobs that wait on it. The launch
+    following it submits it again, with the run waiting on it: every run ends as if
+    uninterrupted, in the same launch."""
     reference = _local_reference(tmp_path, tiny_dir, name="pk")
     cfg = write_experiment(tmp_path, tiny_dir, name="pk", modes='["vanilla"]', epochs=14)
     p = launch_in_background("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--no-report",
                              "--timeout", "450")
     root = tmp_path / "runs" / "pk"
     stage1 = root / "synthetic/small_cnn/seed0/stage1-R2-z0.1"
-    pid = _stop_a_trainer(stage1, sig=signal.SIGKILL)
     job = lambda run: json.loads((run / "slurm-job.json").read_text())["job_id"]
+    pid = _stop_a_trainer(stage1, sig=signal.SIGSTOP)
     killed, adv = job(stage1), stage1.parent / "stage2-adversarial-vanilla"
+    os.kill(_batch_script(killed), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     out, _ = p.communicate(timeout=500)
     assert p.returncode == 0, out[-3000:]
     said = " ".join(out.split())
@@ -720,10 +776,12 @@ def test_a_per_run_job_whose_trainer_is_killed_is_submitted_again_by_the_launch_
 def test_a_per_run_job_killed_at_every_try_is_left_unfinished_and_its_dependents_say_why(tiny_dir: Path,
                                                                                        tmp_path: Path) -> None:
     """The same, killed at every try (plain batch jobs here, a task of each SIGKILLed): the
-    launch submits the job, and the job waiting on it, MAX_KILLS - 1 times more; then the
-    run is left unfinished, not failed, and the run waiting on it is cancelled, saying why."""
+    launch submits the job, and the job waiting on it, again until the run's kills, those
+    its first job counted as it requeued itself included, reach MAX_KILLS; then the run is
+    left unfinished, not failed, and the run waiting on it is cancelled, saying why."""
     from rich.console import Console
 
+    from fastbgm.launch.job import KILLS
     from fastbgm.launch.schedule import MAX_KILLS
     from fastbgm.launch.slurm import wait
 
@@ -742,15 +800,18 @@ def test_a_per_run_job_killed_at_every_try_is_left_unfinished_and_its_dependents
         return submitted[-1]
 
     jobs = submit(runs)
+    # (as if the first job had requeued itself after all but one of the kills it may take)
+    (Path(stage1.run_dir) / KILLS).write_text(json.dumps({jobs[stage1.key]: MAX_KILLS - 1}))
     ended = wait(runs, jobs, Console(file=open(os.devnull, "w"), width=200), poll_s=0.2, restart=submit)
-    assert len(submitted) == MAX_KILLS and jobs == submitted[-1]
-    assert [str(ended[s[stage1.key]]) for s in submitted] == ["FAILED (a task killed by SIGKILL)"] * MAX_KILLS
+    assert len(submitted) == 2 and jobs == submitted[-1]
+    assert [str(ended[s[stage1.key]]) for s in submitted] == ["FAILED (a task killed by SIGKILL)"] * 2
     result = json.loads((Path(adv.run_dir) / "result.json").read_text())
     assert result["status"] == "cancelled", result
     assert result["reason"].startswith(f"its stage-1 run {stage1.key} stopped unfinished (its job {jobs[stage1.key]} "
                                        f"ended FAILED (a task killed by SIGKILL), {MAX_KILLS} times in this launch)")
     log = (Path(stage1.run_dir) / "train.log").read_text()
-    assert log.count("error: its job") == MAX_KILLS and "it is left unfinished" in log, log
+    assert log.count("error: its job") == 2 and f"({MAX_KILLS - 1} of {MAX_KILLS} in this launch)" in log, log
+    assert f", {MAX_KILLS} times in this launch; it is left unfinished" in log, log
     assert not (Path(stage1.run_dir) / "result.json").exists()  # unfinished, not failed
 
 

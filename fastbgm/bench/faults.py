@@ -7,8 +7,8 @@ executor (and, with ``--slurm``, by a Slurm allocation):
 
 - ``kill-run``: SIGKILL of one trainer mid-run (the OOM killer, a segfault): the launch
   must start it again from its last checkpoint and finish every run itself, before any
-  re-run (with ``--slurm-jobs per-run`` the kill ends the run's job, and the launch
-  following it submits it again);
+  re-run (with ``--slurm-jobs per-run`` the run's job requeues itself; the launch following
+  it submits it again when the job ended all the same);
 - ``hang``: SIGSTOP of one trainer mid-run (a deadlock, a collective that never returns):
   the launch, run with a stall timeout of :data:`HANG_STALL_S`, must kill it (with
   ``--slurm-jobs per-run``, the run's own job requeues itself) and finish every run

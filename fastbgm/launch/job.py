@@ -57,23 +57,25 @@ def _requeue_ignoring_sigterm(self: Any, countdown: int) -> None:
 
 
 HANGS = "hangs.json"  # in the run folder: {job id: the times its trainer hung in that job}
+KILLS = "kills.json"  # in the run folder: {job id: the times a signal killed its trainer in that job}
 
 
-def hangs(run_dir: str | os.PathLike) -> dict[str, int]:
-    """The times ``run_dir``'s trainer hung, by the per-run job it hung in (a requeued job
-    keeps its id; a new launch's job starts again from none)."""
+def job_counts(run_dir: str | os.PathLike, name: str = HANGS) -> dict[str, int]:
+    """The times ``run_dir``'s trainer hung (``name`` :data:`HANGS`) or was killed
+    (:data:`KILLS`), by the per-run job it happened in (a requeued job keeps its id; a new
+    launch's job starts again from none)."""
     try:
-        return {str(k): int(v) for k, v in json.loads((Path(run_dir) / HANGS).read_text()).items()}
+        return {str(k): int(v) for k, v in json.loads((Path(run_dir) / name).read_text()).items()}
     except (OSError, ValueError, AttributeError):
         return {}
 
 
-def _count_hang(run_dir: str, job: str) -> int:
-    """One more hang of ``run_dir``'s trainer in ``job``: the times it hung in that job,
-    this one included."""
-    counts = hangs(run_dir)
+def _count_in_job(run_dir: str | os.PathLike, name: str, job: str) -> int:
+    """One more of ``name``'s events for ``run_dir``'s trainer in ``job``: how many it has
+    had in that job, this one included."""
+    counts = job_counts(run_dir, name)
     counts[job] = counts.get(job, 0) + 1
-    atomic_write_json(Path(run_dir) / HANGS, counts)
+    atomic_write_json(Path(run_dir) / name, counts)
     return counts[job]
 
 
@@ -102,7 +104,7 @@ def watch_own_run(run_dir: str, key: str, job: str, trainer: int, stall_s: float
         quiet = watch.quiet(job, [run_dir])
         if not quiet or not _alive(trainer):
             continue
-        n = _count_hang(run_dir, job)
+        n = _count_in_job(run_dir, HANGS, job)
         said = f"{key}: no progress for {quiet:.0f} s (stall timeout {stall_s:g} s): "
         if n < MAX_STALLS:
             log.warning("%sits job %s is requeued, taken as hung (%d of %d); the run resumes from its last "

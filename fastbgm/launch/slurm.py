@@ -17,10 +17,11 @@ from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_EXIT
 from .common import Decision, LaunchError, read_json, runs_view, will_run
-from .job import RunJob, hangs
+from .job import HANGS, KILLS, RunJob, _count_in_job, job_counts, scontrol_requeue
 from .schedule import MAX_KILLS, MAX_STALLS, log_error, mark_cancelled, signal_name
 
 JOB_FILE = "slurm-job.json"
+ENDED = ("done", "failed", "cancelled")  # a run's states that no job of it changes
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
           "REQUEUE_FED"}
 
@@ -268,7 +269,8 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
     res = exp.resources
     # a task that dies (killed as hung by its job's watch, out of memory) ends the step: its
     # peers would otherwise wait in their collective until the process group's timeout
-    executor = _executor(exp, **_shape_params(res), slurm_srun_args=["--kill-on-bad-exit=1"])
+    executor = _executor(exp, **_shape_params(res), slurm_srun_args=["--kill-on-bad-exit=1"],
+                         slurm_teardown=requeue_killed_teardown(experiment_dir(exp)))
     job_ids = {d.run.key: read_json(d.run.run_dir / JOB_FILE).get("job_id") for d in decisions
                if d.action == "queued"}
     groups: dict[tuple[int, str], list[Decision]] = {}
@@ -299,6 +301,68 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
                 atomic_write_json(d.run.run_dir / JOB_FILE, {"job_id": job.job_id, "submitted": time.time(),
                                                              "depends_on": deps})
     return submitted
+
+
+def requeue_killed_teardown(exp_dir: Path) -> list[str]:
+    """The lines a per-run job's batch script runs after its step (submitit's teardown):
+    when a signal killed a task of the step (the exit status of srun is 128 + a signal),
+    :func:`requeue_killed_job` decides whether the job requeues itself. The script then
+    exits with srun's status, so that the job ends as it would have without them."""
+    import shlex
+    import sys
+
+    call = ("import sys; from fastbgm.launch.slurm import requeue_killed_job as f; "
+            "print(f(sys.argv[1], int(sys.argv[2])))")
+    return ["fastbgm_step_rc=$?",
+            'if [ "$fastbgm_step_rc" -gt 128 ]; then',
+            f"  {shlex.quote(sys.executable)} -c {shlex.quote(call)} {shlex.quote(str(exp_dir))} "
+            '"$fastbgm_step_rc" || true',
+            "fi",
+            'exit "$fastbgm_step_rc"']
+
+
+def requeue_killed_job(exp_dir: str | Path, step_rc: int) -> str:
+    """In a per-run job's batch script, after its step ended with ``step_rc`` (> 128): a
+    job whose trainer a signal killed (the OOM killer, a segfault, a kill from outside)
+    with its run unfinished requeues itself, up to :data:`MAX_KILLS` times, and the run
+    resumes from its last checkpoint in the same job, whether or not a launch follows it
+    (``--no-wait``): the jobs that wait on it (``afterok``) go on waiting. Not when the
+    step's exit says a task exited with an error (its peers then end by signal too), nor
+    when the job is no longer running (cancelled, requeued, out of time: Slurm ends it).
+    Each kill is a line in the run's train.log. Returns what it did, for the job's log."""
+    import os
+
+    from ..fileio import lock_holder
+
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    numeric = os.environ.get("SLURM_JOB_ID", "")
+    job = f"{array}_{task}" if array and task else numeric
+    run_dir = next((p.parent for p in Path(exp_dir).rglob(JOB_FILE) if read_json(p).get("job_id") == job), None)
+    if run_dir is None:
+        return f"job {job}: no run folder of {exp_dir} names it; nothing to requeue"
+    if run_status(run_dir)[0] in ENDED or lock_holder(run_dir) is not None:
+        return f"job {job}: its run is {run_status(run_dir)[0]}, or another process trains it; nothing to requeue"
+    info = subprocess.run(["scontrol", "show", "job", numeric], capture_output=True, text=True, timeout=60).stdout
+    state = next((x.split("=", 1)[1] for x in info.split() if x.startswith("JobState=")), "")
+    number = _step_signal(numeric)
+    if state != "RUNNING" or number is None:
+        return f"job {job}: {state or 'gone'}, its step's exit {step_rc} names no signal; nothing to requeue"
+    n = _count_in_job(run_dir, KILLS, job)
+    killed = f"its trainer was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")
+    if n >= MAX_KILLS:
+        said = (f"{killed} in job {job}, {n} times in that job; it is left unfinished: the same command resumes it "
+                "from its last checkpoint (if an OOM killer ended it, give it more memory: --mem-gb)")
+        log_error(run_dir, said)
+        return said
+    said = (f"{killed} in job {job} ({n} of {MAX_KILLS} in that job); the job is requeued and resumes it from its "
+            "last checkpoint")
+    log_error(run_dir, said)
+    try:
+        scontrol_requeue(numeric)
+    except (subprocess.SubprocessError, OSError) as e:
+        log_error(run_dir, f"job {job} could not requeue itself ({e}); the same command resumes the run")
+        return f"could not requeue job {job}: {e}"
+    return said
 
 
 def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, int, str]:
@@ -401,8 +465,6 @@ def shrink_pending(job: str, res: Any) -> str:
             f"(--min-nodes {res.least_nodes})")
 
 
-ENDED = ("done", "failed", "cancelled")
-
 
 def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float = 2.0,
          timeout_s: float | None = None, res: Any = None,
@@ -413,11 +475,13 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
     allocation pending for nodes that are down asks for fewer when ``res.min_nodes``
     lets it (:func:`shrink_pending`). Hung runs are not this function's: the allocation's
     driver watches its steps, and a per-run job its own run (job.watch_own_run), whether
-    or not a launch follows them. A per-run job killed by a signal with its run
-    unfinished (:attr:`JobEnd.killed`) is submitted again through ``restart``, with the
-    unfinished runs that wait on it (Slurm cancels their jobs), up to :data:`MAX_KILLS`
-    times a run, as the local scheduler and an allocation's driver start a killed
-    trainer again; ``jobs`` is updated in place. Returns how each job that left the
+    or not a launch follows them. A per-run job whose trainer a signal kills requeues
+    itself too (:func:`requeue_killed_job`); one that ends killed all the same, with its
+    run unfinished (:attr:`JobEnd.killed`: its batch script was killed with it, say), is
+    submitted again through ``restart``, with the unfinished runs that wait on it (Slurm
+    cancels their jobs), up to :data:`MAX_KILLS` kills a run, the job's own counted, as
+    the local scheduler and an allocation's driver start a killed trainer again; ``jobs``
+    is updated in place. Returns how each job that left the
     queue with a run unfinished ended (sacct's state and exit code)."""
 
     start = time.time()
@@ -426,17 +490,20 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
     gone: dict[str, JobEnd] = {}
     by_key = {r.key: r for r in runs}
     per_run = {j for j, n in Counter(jobs.values()).items() if j and n == 1}  # (not the allocation all share)
-    said_hangs: dict[str, int] = {}  # per run: the hangs of its job said so far
+    said_counts: dict[tuple[str, str], int] = {}  # per run and counter: what its jobs' counts were when last said
 
-    def say_hangs(r: RunSpec, job: str) -> None:
-        """Say it when a per-run job has requeued itself, or failed its run, as hung (the
-        job watches its own run: job.watch_own_run)."""
-        n = hangs(r.run_dir).get(job, 0)
-        if n > said_hangs.setdefault(r.key, n):
-            said_hangs[r.key] = n
-            console.print(f"{r.key}: its job {job} found it hung ({n} of {MAX_STALLS}) and "
-                          + ("requeued itself; the run resumes from its last checkpoint" if n < MAX_STALLS
-                             else "failed the run"))
+    def say_requeues(r: RunSpec, job: str) -> None:
+        """Say it when a per-run job has requeued itself, or given its run up, because its
+        trainer hung (job.watch_own_run) or a signal killed it (:func:`requeue_killed_job`):
+        the job watches its own run, whether or not a launch follows it."""
+        for name, what, most in ((HANGS, "found it hung", MAX_STALLS),
+                                 (KILLS, "found its trainer killed by a signal", MAX_KILLS)):
+            n = job_counts(r.run_dir, name).get(job, 0)
+            if n > said_counts.setdefault((r.key, name), n):
+                said_counts[r.key, name] = n
+                end = (("failed the run" if name == HANGS else "left the run unfinished") if n >= most
+                       else "requeued itself; the run resumes from its last checkpoint")
+                console.print(f"{r.key}: its job {job} {what} ({n} of {most}) and {end}")
 
     def parent_why(parent: str) -> str:
         """Why a run whose job waited on its stage-1 run's job can never start: that run
@@ -476,7 +543,8 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
             if not end.killed:
                 continue
             gone[job] = end
-            n = kills[r.key] = kills.get(r.key, 0) + 1
+            # (a job that requeued itself after kills, up to MAX_KILLS: job.KILLS, counts them all)
+            n = kills[r.key] = kills.get(r.key, 0) + max(1, job_counts(r.run_dir, KILLS).get(job, 0))
             said[r.key] = f"its job {job} ended {end} with the run unfinished" + (
                 f" ({n} of {MAX_KILLS} in this launch)" if n < MAX_KILLS else
                 f", {n} times in this launch; it is left unfinished: the same command resumes it from its last "
@@ -518,7 +586,7 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
                 st = run_status(r.run_dir)[0]
                 job = jobs.get(r.key)
                 if job in per_run:
-                    say_hangs(r, job)
+                    say_requeues(r, job)
                 parent_job = jobs.get(next(iter(r.depends_on), ""))
                 if job in per_run and parent_job in q and st not in ENDED \
                         and (job not in q or q[job][1].startswith("Dependency")):
