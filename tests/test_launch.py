@@ -602,14 +602,27 @@ def _local_reference(tmp_path: Path, tiny_dir: Path, name: str, **kw: Any) -> Ca
 
 @needs_multinode
 @pytest.mark.timeout(600)
-def test_requeued_allocation_resumes_every_run_exactly(tiny_dir: Path, tmp_path: Path) -> None:
+def test_an_allocation_whose_driver_is_killed_requeues_itself_and_resumes_every_run_exactly(tiny_dir: Path,
+                                                                                          tmp_path: Path) -> None:
+    """The allocation's driver killed by a signal (the OOM killer, say; its steps go on
+    without it): its batch script requeues the job, as an admin's ``scontrol requeue``
+    or a preemption would, and every run resumes from its last checkpoint, with the
+    numbers of an uninterrupted run."""
+    from fastbgm.bench.faults import job_process
+
     reference = _local_reference(tmp_path, tiny_dir, name="rq")
-    args, root, job, run = _allocation_three_epochs_in(tmp_path, tiny_dir, name="rq")
-    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    args, root, job, _ = _allocation_three_epochs_in(tmp_path, tiny_dir, name="rq")
+    os.kill(job_process(job, b"submitit.core._submit"), signal.SIGKILL)
     follow = launch(*args, "--timeout", "450", timeout=500)  # follows the same job, submits nothing
     assert follow.returncode == 0, follow.stdout[-3000:]
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
-    assert "resuming" in (run / "train.log").read_text()
+    # (its steps train on without the driver for the seconds the batch script takes to
+    # requeue the job: the runs it found unfinished say so; the driver starts again in it)
+    logs = "".join(p.read_text() for p in root.rglob("train.log"))
+    assert f"allocation {job} (restart 1)" in (root / ".submitit" / job / f"{job}_0_log.err").read_text()
+    assert (f"error: its driver was killed by signal 9 (SIGKILL) in job {job} (1 of 3 in that job); the job is "
+            "requeued and resumes every unfinished run from its last checkpoint") in logs, logs[-3000:]
+    assert json.loads((root / "kills.json").read_text()) == {job: 1}
     ref = reference()
     for key, r in results(root).items():
         assert r["status"] == "done"
@@ -694,22 +707,6 @@ def _wait_out(jobs: list[str], timeout_s: float = 400) -> None:
     assert not queue(jobs), "the jobs did not end"
 
 
-def _batch_script(job: str) -> int:
-    """The pid of the batch script of per-run job ``job`` (an array's task "A_a", or one job)."""
-    array, _, task = job.partition("_")
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if b"slurm_script" not in (environ.parent / "cmdline").read_bytes():
-                continue
-            env = dict(x.split("=", 1) for x in environ.read_bytes().decode(errors="replace").split("\0") if "=" in x)
-        except OSError:
-            continue
-        if (env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")) == (array, task) or (
-                not task and env.get("SLURM_JOB_ID") == job):
-            return int(environ.parent.name)
-    raise AssertionError(f"no batch script of job {job} is running")
-
-
 @needs_slurm
 @pytest.mark.timeout(600)
 def test_a_per_run_job_whose_trainer_is_killed_requeues_itself_with_no_launch_following_it(
@@ -748,6 +745,8 @@ def test_a_per_run_job_killed_with_its_batch_script_is_submitted_again_by_the_la
     requeue it), ends FAILED, and Slurm cancels the jobs that wait on it. The launch
     following it submits it again, with the run waiting on it: every run ends as if
     uninterrupted, in the same launch."""
+    from fastbgm.bench.faults import job_process
+
     reference = _local_reference(tmp_path, tiny_dir, name="pk")
     cfg = write_experiment(tmp_path, tiny_dir, name="pk", modes='["vanilla"]', epochs=14)
     p = launch_in_background("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--no-report",
@@ -757,7 +756,7 @@ def test_a_per_run_job_killed_with_its_batch_script_is_submitted_again_by_the_la
     job = lambda run: json.loads((run / "slurm-job.json").read_text())["job_id"]
     pid = _stop_a_trainer(stage1, sig=signal.SIGSTOP)
     killed, adv = job(stage1), stage1.parent / "stage2-adversarial-vanilla"
-    os.kill(_batch_script(killed), signal.SIGKILL)
+    os.kill(job_process(killed, b"slurm_script"), signal.SIGKILL)
     os.kill(pid, signal.SIGKILL)
     out, _ = p.communicate(timeout=500)
     assert p.returncode == 0, out[-3000:]

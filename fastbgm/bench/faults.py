@@ -20,6 +20,10 @@ executor (and, with ``--slurm``, by a Slurm allocation):
 - ``corrupt-beton``: the training .beton overwritten (the runs cannot finish: they must say why);
 - ``nan-stage1``: stage 1 diverges (its dependents must be cancelled with the reason);
 - ``preempt`` (Slurm): ``scontrol requeue`` of the allocation;
+- ``kill-job`` (Slurm): SIGKILL of what a job runs beside its trainers: the allocation's
+  driver (its batch script then requeues the job), or, with ``--slurm-jobs per-run``, a
+  run's job whole, its batch script with its trainer (the launch following it submits it
+  again); either way the launch it hit must finish every run itself, before any re-run;
 - ``node-fail`` (Slurm): a node of the allocation set DOWN mid-run, then back to service.
   Slurm takes it from the job, whose driver restarts the runs that were on it on the
   nodes left; if it was the driver's own node, Slurm ends the job, and the launch
@@ -63,7 +67,7 @@ from .common import print_table, write_json
 
 LOCAL_KINDS = ("kill-run", "hang", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
                "corrupt-cache", "corrupt-beton", "nan-stage1", "disk-full")
-SLURM_KINDS = ("preempt", "node-fail")
+SLURM_KINDS = ("preempt", "node-fail", "kill-job")
 # kinds that need root (they mount a small tmpfs); on Slurm only where the cluster's nodes
 # see a mount made after they started (nodes_see_new_mounts)
 ROOT_KINDS = ("disk-full",)
@@ -198,6 +202,25 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60)
             proc.wait(timeout=600)
             return f"requeued job {job} after {target_rows} epoch(s) of a run"
+        if kind == "kill-job":
+            _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
+            run = some_run_at(target_rows)
+            job = _job_of(root, run)
+            per_run = not (root / "slurm-allocation.json").exists()
+            try:  # an allocation's driver; a per-run job's batch script, then its trainer
+                pids = [job_process(job, b"slurm_script" if per_run else b"submitit.core._submit")] if job else []
+            except LookupError:
+                pids = []
+            holder = (lock_holder(run) or "") if run is not None and per_run else ""
+            pids += [int(holder.split()[1])] if holder.startswith("pid ") else []
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=600)
+            if not pids:
+                return "no job was training a run: nothing to kill"
+            return (f"SIGKILL of job {job}'s " + ("batch script and the trainer of " + run.name if per_run else "driver")
+                    + f" after {target_rows} epoch(s) of a run")
         if kind == "node-fail":
             _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
             job = _job_of(root, some_run_at(target_rows))
@@ -276,6 +299,24 @@ def _job_of(root: Path, run: Path | None) -> str | None:
         if f is not None and f.exists():
             return json.loads(f.read_text())["job_id"]
     return None
+
+
+def job_process(job: str, command: bytes) -> int:
+    """The pid of the process of Slurm job ``job`` (an array's task "A_a", or one job)
+    whose command line holds ``command`` (``b"slurm_script"``: its batch script), on this
+    machine (the local cluster's nodes are all here). Raises LookupError when none runs."""
+    array, _, task = job.partition("_")
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if command not in (environ.parent / "cmdline").read_bytes():
+                continue
+            env = dict(x.split("=", 1) for x in environ.read_bytes().decode(errors="replace").split("\0") if "=" in x)
+        except OSError:
+            continue  # (ended meanwhile)
+        if (env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")) == (array, task) or (
+                not task and env.get("SLURM_JOB_ID") == job):
+            return int(environ.parent.name)
+    raise LookupError(f"no process of job {job} runs {command!r} here")
 
 
 def _set_node(node: str, state: str, reason: str = "") -> None:
@@ -376,7 +417,7 @@ def run(out: Path, faults: int, seed: int, slurm: bool = False, kinds: list[str]
             # a hang, and a killed trainer, must be undone by the launch it hit, not by a
             # re-run; a full disk must fail no run (the launch stops, and says so)
             in_launch = True
-            if kind in ("hang", "kill-run"):
+            if kind in ("hang", "kill-run", "kill-job"):
                 in_launch = all(v["status"] == "done" for k, v in _outcome(work / "runs" / mini.NAME).items()
                                 if reference[executor].get(k, {}).get("status") == "done")
             elif kind == "disk-full":  # (with one Slurm job a run, Slurm cancels the runs that wait

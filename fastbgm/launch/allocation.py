@@ -19,7 +19,10 @@ the runs that were on it again from their last.pt on the nodes left, and starts 
 more on the lost slots; it waits for no node to come back. A run that needs more nodes
 than are left waits for the end, when the driver requeues the allocation at its first
 size. The node the driver itself runs on failing ends the job (Slurm fails it): the same
-launch command then submits a new allocation, which resumes every unfinished run.
+launch command then submits a new allocation, which resumes every unfinished run. A
+driver killed by a signal (the OOM killer, say) leaves its batch script, which requeues
+the job (slurm.requeue_killed_job, up to MAX_KILLS times a job): every unfinished run
+resumes, followed or not.
 
 A step whose runs make no progress for the stall timeout (``resources.stall_timeout_s``:
 their heartbeats stand still) is taken as hung: the driver SIGKILLs its tasks (``scancel``

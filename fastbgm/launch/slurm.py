@@ -304,10 +304,11 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
 
 
 def requeue_killed_teardown(exp_dir: Path) -> list[str]:
-    """The lines a per-run job's batch script runs after its step (submitit's teardown):
-    when a signal killed a task of the step (the exit status of srun is 128 + a signal),
-    :func:`requeue_killed_job` decides whether the job requeues itself. The script then
-    exits with srun's status, so that the job ends as it would have without them."""
+    """The lines a job's batch script runs after its command (submitit's teardown): when
+    the command ended with 128 + a signal (srun's status for a per-run job's step, the
+    driver's own for an allocation), :func:`requeue_killed_job` decides whether the job
+    requeues itself. The script then exits with that status, so that the job ends as it
+    would have without them."""
     import shlex
     import sys
 
@@ -321,46 +322,72 @@ def requeue_killed_teardown(exp_dir: Path) -> list[str]:
             'exit "$fastbgm_step_rc"']
 
 
-def requeue_killed_job(exp_dir: str | Path, step_rc: int) -> str:
-    """In a per-run job's batch script, after its step ended with ``step_rc`` (> 128): a
-    job whose trainer a signal killed (the OOM killer, a segfault, a kill from outside)
-    with its run unfinished requeues itself, up to :data:`MAX_KILLS` times, and the run
-    resumes from its last checkpoint in the same job, whether or not a launch follows it
-    (``--no-wait``): the jobs that wait on it (``afterok``) go on waiting. Not when the
-    step's exit says a task exited with an error (its peers then end by signal too), nor
-    when the job is no longer running (cancelled, requeued, out of time: Slurm ends it).
-    Each kill is a line in the run's train.log. Returns what it did, for the job's log."""
+def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
+    """In a job's batch script, after its command ended with ``rc`` (> 128): a job that a
+    signal cut short (the OOM killer, a segfault, a kill from outside) with runs
+    unfinished requeues itself, up to :data:`MAX_KILLS` kills a job, and they resume from
+    their last checkpoints in the same job, whether or not a launch follows it
+    (``--no-wait``); the jobs that wait on it (``afterok``) go on waiting.
+
+    - A per-run job: when a task of its step was killed. srun's status cannot say (a task
+      that exits with an error ends its peers by signal, through ``--kill-on-bad-exit``):
+      the step's exit code in sacct does ("0:9", not "1:0"). Each kill is a line in the
+      run's train.log; its count is in the run's ``kills.json``.
+    - An allocation: when its driver was killed (the batch script's own child: ``rc`` is
+      128 + the signal; SIGTERM is the driver's own exit as Slurm ends the job). Its
+      steps are ended by the requeue, and every unfinished run resumes; the count is in
+      the experiment folder's ``kills.json``.
+
+    Never when the job no longer runs (cancelled, requeued, out of time: Slurm ends it).
+    Returns what it did, for the job's log."""
     import os
+    import signal
 
     from ..fileio import lock_holder
+    from .allocation import ALLOCATION_FILE
 
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     numeric = os.environ.get("SLURM_JOB_ID", "")
     job = f"{array}_{task}" if array and task else numeric
-    run_dir = next((p.parent for p in Path(exp_dir).rglob(JOB_FILE) if read_json(p).get("job_id") == job), None)
-    if run_dir is None:
-        return f"job {job}: no run folder of {exp_dir} names it; nothing to requeue"
-    if run_status(run_dir)[0] in ENDED or lock_holder(run_dir) is not None:
-        return f"job {job}: its run is {run_status(run_dir)[0]}, or another process trains it; nothing to requeue"
+    exp_dir = Path(exp_dir)
+    allocation = read_json(exp_dir / ALLOCATION_FILE)
+    if allocation.get("job_id") == job:
+        number: int | None = rc - 128 if rc - 128 != signal.SIGTERM else None
+        keys = allocation.get("runs") or []
+        unfinished = [k for k in keys if run_status(exp_dir / k)[0] not in ENDED]
+        where, what, them = exp_dir, "its driver", "every unfinished run"
+        logs = [exp_dir / k for k in unfinished if (exp_dir / k).is_dir()]
+        if not unfinished:
+            return f"allocation {job}: every run has ended; nothing to requeue"
+    else:
+        run_dir = next((p.parent for p in exp_dir.rglob(JOB_FILE) if read_json(p).get("job_id") == job), None)
+        if run_dir is None:
+            return f"job {job}: no run folder of {exp_dir} names it; nothing to requeue"
+        if run_status(run_dir)[0] in ENDED or lock_holder(run_dir) is not None:
+            return f"job {job}: its run is {run_status(run_dir)[0]}, or another process trains it; nothing to requeue"
+        number = _step_signal(numeric)
+        where, what, them, logs = run_dir, "its trainer", "it", [run_dir]
     info = subprocess.run(["scontrol", "show", "job", numeric], capture_output=True, text=True, timeout=60).stdout
     state = next((x.split("=", 1)[1] for x in info.split() if x.startswith("JobState=")), "")
-    number = _step_signal(numeric)
     if state != "RUNNING" or number is None:
-        return f"job {job}: {state or 'gone'}, its step's exit {step_rc} names no signal; nothing to requeue"
-    n = _count_in_job(run_dir, KILLS, job)
-    killed = f"its trainer was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")
+        return f"job {job}: {state or 'gone'}, its exit {rc} names no kill; nothing to requeue"
+    n = _count_in_job(where, KILLS, job)
+    killed = f"{what} was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")
     if n >= MAX_KILLS:
-        said = (f"{killed} in job {job}, {n} times in that job; it is left unfinished: the same command resumes it "
-                "from its last checkpoint (if an OOM killer ended it, give it more memory: --mem-gb)")
-        log_error(run_dir, said)
+        said = (f"{killed} in job {job}, {n} times in that job; {them} is left unfinished: the same command resumes "
+                f"{them} from its last checkpoint (if an OOM killer ended it, give it more memory: --mem-gb)")
+    else:
+        said = (f"{killed} in job {job} ({n} of {MAX_KILLS} in that job); the job is requeued and resumes {them} from "
+                "its last checkpoint")
+    for d in logs:
+        log_error(d, said)
+    if n >= MAX_KILLS:
         return said
-    said = (f"{killed} in job {job} ({n} of {MAX_KILLS} in that job); the job is requeued and resumes it from its "
-            "last checkpoint")
-    log_error(run_dir, said)
     try:
         scontrol_requeue(numeric)
     except (subprocess.SubprocessError, OSError) as e:
-        log_error(run_dir, f"job {job} could not requeue itself ({e}); the same command resumes the run")
+        for d in logs:
+            log_error(d, f"job {job} could not requeue itself ({e}); the same command resumes the run")
         return f"could not requeue job {job}: {e}"
     return said
 
@@ -376,6 +403,7 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, 
     nodes, why = allocation_size(res)
     executor = _executor(exp, **{**_shape_params(res), "nodes": nodes},
                          slurm_use_srun=False,  # the driver runs in the batch script and starts steps
+                         slurm_teardown=requeue_killed_teardown(experiment_dir(exp)),  # (a killed driver)
                          # a failed node leaves the job, which goes on (the driver restarts
                          # the runs that were on it), instead of ending it
                          slurm_additional_parameters={"requeue": True, "no-kill": True})
@@ -490,20 +518,28 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
     gone: dict[str, JobEnd] = {}
     by_key = {r.key: r for r in runs}
     per_run = {j for j, n in Counter(jobs.values()).items() if j and n == 1}  # (not the allocation all share)
-    said_counts: dict[tuple[str, str], int] = {}  # per run and counter: what its jobs' counts were when last said
+    said_counts: dict[tuple[str, str], int] = {}  # per folder and counter: its job's count when last said
+    # (the experiment folder, where an allocation counts the kills of its driver: runs live at root / key)
+    root = Path(runs[0].run_dir).parents[len(Path(runs[0].key).parts) - 1] if runs else None
 
-    def say_requeues(r: RunSpec, job: str) -> None:
-        """Say it when a per-run job has requeued itself, or given its run up, because its
-        trainer hung (job.watch_own_run) or a signal killed it (:func:`requeue_killed_job`):
-        the job watches its own run, whether or not a launch follows it."""
-        for name, what, most in ((HANGS, "found it hung", MAX_STALLS),
-                                 (KILLS, "found its trainer killed by a signal", MAX_KILLS)):
-            n = job_counts(r.run_dir, name).get(job, 0)
-            if n > said_counts.setdefault((r.key, name), n):
-                said_counts[r.key, name] = n
-                end = (("failed the run" if name == HANGS else "left the run unfinished") if n >= most
-                       else "requeued itself; the run resumes from its last checkpoint")
-                console.print(f"{r.key}: its job {job} {what} ({n} of {most}) and {end}")
+    def say_requeues(folder: Path, who: str, job: str) -> None:
+        """Say it when a job has requeued itself, or given up, because a per-run job's
+        trainer hung (job.watch_own_run) or a signal killed it, or an allocation's driver
+        was killed (:func:`requeue_killed_job`): jobs watch themselves, whether or not a
+        launch follows them. ``folder``: the run's, or the experiment's (an allocation)."""
+        if folder == root:
+            counters = [(KILLS, "found its driver killed by a signal", MAX_KILLS, "left the runs unfinished",
+                         "every unfinished run resumes")]
+        else:
+            counters = [(HANGS, "found it hung", MAX_STALLS, "failed the run", "the run resumes"),
+                        (KILLS, "found its trainer killed by a signal", MAX_KILLS, "left the run unfinished",
+                         "the run resumes")]
+        for name, what, most, given_up, resumes in counters:
+            n = job_counts(folder, name).get(job, 0)
+            if n > said_counts.setdefault((str(folder), name), n):
+                said_counts[str(folder), name] = n
+                end = given_up if n >= most else f"requeued itself; {resumes} from its last checkpoint"
+                console.print(f"{who}: its job {job} {what} ({n} of {most}) and {end}")
 
     def parent_why(parent: str) -> str:
         """Why a run whose job waited on its stage-1 run's job can never start: that run
@@ -582,11 +618,13 @@ def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float 
             if restart is not None and restart_killed(q):
                 q = queue(list(jobs.values()))
             states = {}
+            for job in {j for j in jobs.values() if j and j not in per_run} if root is not None else ():
+                say_requeues(root, "the allocation", job)
             for r in runs:
                 st = run_status(r.run_dir)[0]
                 job = jobs.get(r.key)
                 if job in per_run:
-                    say_requeues(r, job)
+                    say_requeues(Path(r.run_dir), r.key, job)
                 parent_job = jobs.get(next(iter(r.depends_on), ""))
                 if job in per_run and parent_job in q and st not in ENDED \
                         and (job not in q or q[job][1].startswith("Dependency")):
