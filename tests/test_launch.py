@@ -714,12 +714,13 @@ def test_a_per_run_job_whose_trainer_is_killed_requeues_itself_with_no_launch_fo
     """A per-run job whose trainer a signal kills (the OOM killer, a segfault) requeues
     itself from its batch script, as the local scheduler and an allocation's driver start
     a killed trainer again, whether or not a launch follows it (here none: --no-wait): the
-    job that waits on it (afterok) keeps waiting, and every run ends as if uninterrupted."""
+    job that waits on it (afterok) keeps waiting, and every run ends as if uninterrupted.
+    Two seeds: the stage-1 jobs are the tasks of one job array, as a real grid's are."""
     from fastbgm.launch.job import KILLS
     from fastbgm.launch.schedule import MAX_KILLS
 
-    reference = _local_reference(tmp_path, tiny_dir, name="pq")
-    cfg = write_experiment(tmp_path, tiny_dir, name="pq", modes='["vanilla"]', epochs=14)
+    reference = _local_reference(tmp_path, tiny_dir, name="pq", seeds="[0, 1]")
+    cfg = write_experiment(tmp_path, tiny_dir, name="pq", modes='["vanilla"]', epochs=14, seeds="[0, 1]")
     out = launch("--config", str(cfg), "--executor", "slurm", "--jobs", "per-run", "--no-report", "--no-wait")
     assert out.returncode == 0, out.stdout[-3000:]
     root = tmp_path / "runs" / "pq"
@@ -727,6 +728,7 @@ def test_a_per_run_job_whose_trainer_is_killed_requeues_itself_with_no_launch_fo
     job = lambda run: json.loads((run / "slurm-job.json").read_text())["job_id"]
     jobs = {run: job(run) for run in runs}
     stage1 = root / "synthetic/small_cnn/seed0/stage1-R2-z0.1"
+    assert "_" in jobs[stage1] and len(jobs) == 6, jobs  # (an array's task: "A_a")
     pid = _stop_a_trainer(stage1, sig=signal.SIGKILL)
     _wait_out(list(jobs.values()))
     assert _gone(pid) and {run: job(run) for run in runs} == jobs  # the same jobs: nothing submitted again

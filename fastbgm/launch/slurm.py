@@ -351,7 +351,8 @@ def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
     job = f"{array}_{task}" if array and task else numeric
     exp_dir = Path(exp_dir)
     allocation = read_json(exp_dir / ALLOCATION_FILE)
-    if allocation.get("job_id") == job:
+    per_run = allocation.get("job_id") != job
+    if not per_run:
         number: int | None = rc - 128 if rc - 128 != signal.SIGTERM else None
         keys = allocation.get("runs") or []
         unfinished = [k for k in keys if run_status(exp_dir / k)[0] not in ENDED]
@@ -365,9 +366,13 @@ def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
             return f"job {job}: no run folder of {exp_dir} names it; nothing to requeue"
         if run_status(run_dir)[0] in ENDED or lock_holder(run_dir) is not None:
             return f"job {job}: its run is {run_status(run_dir)[0]}, or another process trains it; nothing to requeue"
-        number = _step_signal(numeric)
         where, what, them, logs = run_dir, "its trainer", "it", [run_dir]
-    info = subprocess.run(["scontrol", "show", "job", numeric], capture_output=True, text=True, timeout=60).stdout
+    try:  # (a cluster without accounting has no sacct: then nothing tells a kill from an error)
+        if per_run:
+            number = _step_signal(numeric)
+        info = subprocess.run(["scontrol", "show", "job", numeric], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"job {job}: cannot ask Slurm how its step ended ({e}); nothing to requeue"
     state = next((x.split("=", 1)[1] for x in info.split() if x.startswith("JobState=")), "")
     if state != "RUNNING" or number is None:
         return f"job {job}: {state or 'gone'}, its exit {rc} names no kill; nothing to requeue"
