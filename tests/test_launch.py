@@ -651,6 +651,14 @@ def test_a_hung_step_of_an_allocation_is_killed_and_its_run_resumes_in_the_same_
     assert "resuming" in (run / "train.log").read_text()
 
 
+def _wait_out(jobs: list[str], timeout_s: float = 400) -> None:
+    """Until none of ``jobs`` is in the queue (no launch follows them)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and queue(jobs):
+        time.sleep(1)
+    assert not queue(jobs), "the jobs did not end"
+
+
 @needs_slurm
 @pytest.mark.timeout(600)
 def test_a_hung_per_run_job_requeues_itself_with_no_launch_following_it(tiny_dir: Path, tmp_path: Path) -> None:
@@ -677,10 +685,7 @@ def test_a_hung_per_run_job_requeues_itself_with_no_launch_following_it(tiny_dir
     (stage1 / HANGS).write_text(json.dumps({jobs[stage1]: MAX_STALLS - 1}))
     with ThreadPoolExecutor(2) as pool:  # both stopped 3 epochs in, neither near its end
         pids = list(pool.map(_stop_a_trainer, [stage1, run]))
-    deadline = time.time() + 400
-    while time.time() < deadline and queue(list(jobs.values())):
-        time.sleep(1)
-    assert not queue(list(jobs.values())), "the jobs did not end"
+    _wait_out(list(jobs.values()))
     assert all(_gone(pid) for pid in pids)
     log = "".join(p.read_text() for p in (tmp_path / "runs" / "hp" / ".submitit").rglob(f"{jobs[run]}_*_log.*"))
     assert f"its job {jobs[run]} is requeued, taken as hung (1 of {MAX_STALLS})" in log, log[-3000:]
@@ -697,14 +702,6 @@ def test_a_hung_per_run_job_requeues_itself_with_no_launch_following_it(tiny_dir
     assert failed["status"] == "failed" and f"{MAX_STALLS} times" in failed["reason"], failed
     assert "stall_timeout_s" in failed["reason"], failed
     assert not (adv / "metrics.jsonl").exists() and job_end(jobs[adv]).state.startswith("CANCELLED")
-
-
-def _wait_out(jobs: list[str], timeout_s: float = 400) -> None:
-    """Until none of ``jobs`` is in the queue (no launch follows them)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and queue(jobs):
-        time.sleep(1)
-    assert not queue(jobs), "the jobs did not end"
 
 
 @needs_slurm

@@ -70,7 +70,7 @@ def job_counts(run_dir: str | os.PathLike, name: str = HANGS) -> dict[str, int]:
         return {}
 
 
-def _count_in_job(run_dir: str | os.PathLike, name: str, job: str) -> int:
+def count_in_job(run_dir: str | os.PathLike, name: str, job: str) -> int:
     """One more of ``name``'s events for ``run_dir``'s trainer in ``job``: how many it has
     had in that job, this one included."""
     counts = job_counts(run_dir, name)
@@ -104,7 +104,7 @@ def watch_own_run(run_dir: str, key: str, job: str, trainer: int, stall_s: float
         quiet = watch.quiet(job, [run_dir])
         if not quiet or not _alive(trainer):
             continue
-        n = _count_in_job(run_dir, HANGS, job)
+        n = count_in_job(run_dir, HANGS, job)
         said = f"{key}: no progress for {quiet:.0f} s (stall timeout {stall_s:g} s): "
         if n < MAX_STALLS:
             log.warning("%sits job %s is requeued, taken as hung (%d of %d); the run resumes from its last "

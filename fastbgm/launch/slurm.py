@@ -17,7 +17,7 @@ from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_EXIT
 from .common import Decision, LaunchError, read_json, runs_view, will_run
-from .job import HANGS, KILLS, RunJob, _count_in_job, job_counts, scontrol_requeue
+from .job import HANGS, KILLS, RunJob, count_in_job, job_counts, scontrol_requeue
 from .schedule import MAX_KILLS, MAX_STALLS, log_error, mark_cancelled, signal_name
 
 JOB_FILE = "slurm-job.json"
@@ -353,7 +353,6 @@ def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
     allocation = read_json(exp_dir / ALLOCATION_FILE)
     per_run = allocation.get("job_id") != job
     if not per_run:
-        number: int | None = rc - 128 if rc - 128 != signal.SIGTERM else None
         keys = allocation.get("runs") or []
         unfinished = [k for k in keys if run_status(exp_dir / k)[0] not in ENDED]
         where, what, them = exp_dir, "its driver", "every unfinished run"
@@ -370,13 +369,14 @@ def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
     try:  # (a cluster without accounting has no sacct: then nothing tells a kill from an error)
         if per_run:
             number = _step_signal(numeric)
-        info = subprocess.run(["scontrol", "show", "job", numeric], capture_output=True, text=True, timeout=60).stdout
+        else:  # (the driver is the script's own child: its status is the signal's)
+            number = rc - 128 if rc - 128 != signal.SIGTERM else None
+        state = job_fields(numeric).get("JobState", "")
     except (OSError, subprocess.SubprocessError) as e:
         return f"job {job}: cannot ask Slurm how its step ended ({e}); nothing to requeue"
-    state = next((x.split("=", 1)[1] for x in info.split() if x.startswith("JobState=")), "")
     if state != "RUNNING" or number is None:
         return f"job {job}: {state or 'gone'}, its exit {rc} names no kill; nothing to requeue"
-    n = _count_in_job(where, KILLS, job)
+    n = count_in_job(where, KILLS, job)
     killed = f"{what} was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")
     if n >= MAX_KILLS:
         said = (f"{killed} in job {job}, {n} times in that job; {them} is left unfinished: the same command resumes "
@@ -474,12 +474,18 @@ NEVER = ("DependencyNeverSatisfied", "PartitionNodeLimit", "PartitionTimeLimit",
 NODES_OUT = ("ReqNodeNotAvail", "Nodes required for job are DOWN")
 
 
+def job_fields(job: str) -> dict[str, str]:
+    """``scontrol show job JOB`` as {field: value} (JobState, NumNodes, ...; empty when Slurm
+    no longer knows it)."""
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
+    return dict(x.split("=", 1) for x in info.split() if "=" in x)
+
+
 def shrink_pending(job: str, res: Any) -> str:
     """A pending allocation that waits for nodes which are down or drained (requeued
     after one failed for good): ask for only the nodes up, down to ``min_nodes``. Says
     what it did ("" when nothing)."""
-    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
-    fields = dict(x.split("=", 1) for x in info.split() if "=" in x)
+    fields = job_fields(job)
     # (a job that lost a node shows fewer NumNodes, but its tasks, one a slot, still
     # need every node it first had)
     asked = max(int(fields.get("NumNodes", "0").split("-")[0] or 0),
@@ -496,7 +502,6 @@ def shrink_pending(job: str, res: Any) -> str:
         return f"could not shrink allocation {job} to the {n} node(s) up: {(r.stderr or r.stdout).strip()}"
     return (f"allocation {job} waited for {asked} node(s), {up} are up: it now asks for {n} "
             f"(--min-nodes {res.least_nodes})")
-
 
 
 def wait(runs: list[RunSpec], jobs: dict[str, str], console: Any, poll_s: float = 2.0,
