@@ -617,6 +617,46 @@ def test_step_graphs_are_the_gpu_default_where_they_can_be_captured() -> None:
     assert speed(cpu, step_graph="true") == (True, "default")  # (called, not captured, on a CPU)
 
 
+def test_evaluation_batches_are_sized_for_the_device_and_change_no_number(tiny_dir: Path, tmp_path: Path) -> None:
+    """speed.eval_batch_size = auto: on a GPU the pixels of 1024 CIFAR-size images a batch
+    (evaluation runs eagerly, and eager kernels at batch 128 are bound by their launches),
+    at least the training batch; on a CPU the training batch. Evaluation is in eval mode, so
+    its batch changes how fast the numbers come out, not what they are."""
+    from fastbgm.data import make_loader
+    from fastbgm.trainer import resolve_speed
+    from fastbgm.trainer.config import DataConfig, OptimConfig, SpeedConfig
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def batch(device: torch.device, hw: tuple[int, int] | None, eval_batch_size: int = 0, train: int = 128) -> int:
+        cfg = RunConfig(data=DataConfig(train="train.beton"), optim=OptimConfig(batch_size=train),
+                        speed=SpeedConfig(eval_batch_size=eval_batch_size))
+        return resolve_speed(cfg, device, 1, hw).eval_batch_size
+
+    assert batch(gpu, (32, 32)) == 1024 and batch(gpu, (64, 64)) == 256
+    assert batch(gpu, (224, 224)) == 128 and batch(gpu, (32, 32), train=2048) == 2048  # never below training's
+    assert batch(gpu, None) == 128 and batch(cpu, (32, 32)) == 128
+    assert batch(gpu, (32, 32), eval_batch_size=300) == 300 == batch(cpu, (32, 32), eval_batch_size=300)
+    with pytest.raises(ConfigError, match="speed.eval_batch_size"):
+        run_config(tiny_dir, **{"speed.eval_batch_size": -1})
+
+    train = make_loader(str(tiny_dir / "train.beton"), batch_size=64, device=cpu, augment=True, train=True)
+    view = train.eval_view(batch_size=100)
+    assert [len(y) for _, y, _ in view] == [100, 100, 56] and len(train) == 4  # (the loader keeps its own)
+
+    rows = {}
+    for eb in (0, 100):
+        run = tmp_path / f"eval{eb}"
+        Trainer(run_config(tiny_dir, **{"speed.eval_batch_size": eb}), run).run()
+        assert json.loads((run / C.CONFIG).read_text())["speed"]["eval_batch_size"] == (eb or 64)  # resolved
+        rows[eb] = [r for r in read_jsonl(run / C.METRICS) if "test_acc" in r]
+    assert len(rows[0]) == 2
+    for a, b in zip(rows[0], rows[100]):
+        assert (a["train_eval_acc"], a["test_acc"], a["train_loss"]) == (b["train_eval_acc"], b["test_acc"], b["train_loss"])
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+        assert a["train_eval_loss"] == pytest.approx(b["train_eval_loss"], rel=1e-5)
+
+
 def test_an_old_torch_never_compiles_packed_runs_from_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch 2.4 cannot compile from several threads at once (each packed run failed with
     "using FX to symbolically trace a dynamo-optimized function"): the default is then a

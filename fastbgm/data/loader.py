@@ -144,11 +144,13 @@ class DeviceLoader:
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
 
-    def eval_view(self) -> "DeviceLoader":
+    def eval_view(self, batch_size: int | None = None) -> "DeviceLoader":
         """The same samples and labels in file order, without augmentation, sharing
-        this loader's device memory (e.g. stage 1's accuracy check on its own set)."""
+        this loader's device memory (e.g. stage 1's accuracy check on its own set), in
+        batches of ``batch_size`` (default: this loader's)."""
         view = copy.copy(self)
-        view.order = dataclasses.replace(self.order, shuffle=False, drop_last=False)
+        view.batch_size = batch_size or self.batch_size
+        view.order = dataclasses.replace(self.order, shuffle=False, drop_last=False, batch_size=view.batch_size)
         view.steps = dataclasses.replace(self.steps, augment=False)
         view.epoch = 0
         return view
@@ -217,8 +219,8 @@ class ResidentLoader(DeviceLoader):
                                       self.labels_spec.zero_ratio)
         return out
 
-    def eval_view(self) -> "ResidentLoader":
-        view = super().eval_view()
+    def eval_view(self, batch_size: int | None = None) -> "ResidentLoader":
+        view = super().eval_view(batch_size)
         view._windows = None
         return view
 
@@ -301,7 +303,7 @@ class StreamLoader(DeviceLoader):
             )
         torch.set_num_threads(threads)
 
-    def eval_view(self) -> "DeviceLoader":
+    def eval_view(self, batch_size: int | None = None) -> "DeviceLoader":
         raise NotImplementedError("a stream loader's decode pipeline is fixed: open an eval loader with make_loader")
 
     def _rank_order(self, epoch: int) -> torch.Tensor:

@@ -132,10 +132,17 @@ class SpeedConfig:
     # much training (a resumed run recomputes it exactly); a GPU epoch of CIFAR-10 takes
     # about as long as writing ResNet18's checkpoint every epoch would cost
     checkpoint_every_s: float = 60.0
+    # images a batch of evaluation (eval mode, no gradients: the batch changes only how fast
+    # the same per-image numbers come out). 0 = auto: on a GPU about 1024 images of 32x32
+    # (fewer at larger resolutions), at least the training batch, as eager evaluation at
+    # batch 128 pays a launch per kernel per batch; on a CPU the training batch
+    eval_batch_size: int = 0
 
     def __post_init__(self) -> None:
         check(self.step_graph in ("auto", "true", "false"), "speed.step_graph",
               f"must be auto, true or false, got {self.step_graph!r}")
+        check(self.eval_batch_size >= 0, "speed.eval_batch_size",
+              f"must be >= 0 (0: auto), got {self.eval_batch_size}")
         check(self.checkpoint_every_s >= 0, "speed.checkpoint_every_s",
               f"must be >= 0 (0: a checkpoint every epoch), got {self.checkpoint_every_s}")
         for k in ("compile", "channels_last", "cudnn_benchmark"):

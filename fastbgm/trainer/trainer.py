@@ -99,6 +99,7 @@ class Speed:
     cudnn_benchmark: bool
     threads: int
     step_graph: bool = False
+    eval_batch_size: int = 0  # (0: the training batch)
 
     @property
     def torch_graphs(self) -> bool:
@@ -110,8 +111,26 @@ class Speed:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
 
 
-def resolve_speed(cfg: RunConfig, device: torch.device, world: int = 1) -> Speed:
-    """The speed switches of ``cfg`` resolved for ``device`` and a run of ``world`` ranks."""
+EVAL_PIXELS = 1024 * 32 * 32  # an evaluation batch on a GPU: about 1024 CIFAR-size images
+
+
+def eval_batch_size(cfg: RunConfig, gpu: bool, image_hw: tuple[int, int] | None) -> int:
+    """The batch of evaluation: ``speed.eval_batch_size``, or for 0 (auto) on a GPU as many
+    images of ``image_hw`` as have the pixels of 1024 at 32x32 (evaluation runs eagerly, and
+    an eager step at batch 128 is bound by the host's kernel launches: stepgraph.py), never
+    below the training batch; the training batch on a CPU or when the size is unknown."""
+    batch = cfg.optim.batch_size
+    if cfg.speed.eval_batch_size:
+        return cfg.speed.eval_batch_size
+    if gpu and image_hw and image_hw[0] * image_hw[1] > 0:
+        return max(batch, EVAL_PIXELS // (image_hw[0] * image_hw[1]))
+    return batch
+
+
+def resolve_speed(cfg: RunConfig, device: torch.device, world: int = 1,
+                  image_hw: tuple[int, int] | None = None) -> Speed:
+    """The speed switches of ``cfg`` resolved for ``device``, a run of ``world`` ranks and
+    images of ``image_hw`` (H, W; what the evaluation batch is sized by)."""
     gpu = device.type == "cuda"
 
     def flag(v: str) -> bool:
@@ -131,7 +150,8 @@ def resolve_speed(cfg: RunConfig, device: torch.device, world: int = 1) -> Speed
         # GPU: torch.compile's around forward and backward, unless the whole step is one
         mode = "reduce-overhead" if gpu and not step_graph else "default"
     return Speed(device.type, flag(cfg.speed.compile), mode, flag(cfg.speed.channels_last), precision,
-                 flag(cfg.speed.cudnn_benchmark), cfg.speed.threads or torch.get_num_threads(), step_graph)
+                 flag(cfg.speed.cudnn_benchmark), cfg.speed.threads or torch.get_num_threads(), step_graph,
+                 eval_batch_size(cfg, gpu, image_hw))
 
 
 def autocast(speed: Speed) -> contextlib.AbstractContextManager:
@@ -147,6 +167,27 @@ def on_stream(stream: Any) -> contextlib.AbstractContextManager:
 
 
 COMPILED_VARIANTS = 64  # what torch.compile may keep of one function (torch's default: 8)
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``module`` in eval mode over ``loader``, summed over the
+    ranks: eager (no compile, no graphs), in ``loader``'s batches."""
+    was_training = module.training
+    module.eval()
+    dev = next(module.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    for x, y, _ in loader:
+        if len(y) == 0:
+            continue
+        with autocast(speed):
+            out = module(x)
+        sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
+                             (out.argmax(1) == y).sum().double(),
+                             torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
+    D.all_reduce_sum(sums)
+    module.train(was_training)
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
 def compile_model(model: nn.Module, mode: str) -> nn.Module:
@@ -225,7 +266,7 @@ class Trainer:
     def check(self, env: D.DistEnv) -> Speed:
         """The resolved speed switches, once this config may run in this folder (identity
         first: a finished run must not stand for a config it was not trained with)."""
-        speed = resolve_speed(self.cfg, env.device, env.world)
+        speed = resolve_speed(self.cfg, env.device, env.world, self._image_hw())
         problem = self._config_problem(speed, env) if env.is_main else None
         problem = D.broadcast_object(problem)
         if problem:
@@ -297,10 +338,10 @@ class Trainer:
         # evaluates (and final.pt holds) rank 0's model
         D.broadcast_buffers(s.module)
         if (epoch + 1) % cfg.stop.train_eval_every == 0 or last:
-            row["train_eval_loss"], row["train_eval_acc"] = self._evaluate(s.module, s.train_eval, s.speed)
+            row["train_eval_loss"], row["train_eval_acc"] = evaluate(s.module, s.train_eval, s.speed)
             stop = cfg.stop.target_train_acc > 0 and row["train_eval_acc"] >= cfg.stop.target_train_acc
         if s.test is not None and ((epoch + 1) % cfg.stop.test_eval_every == 0 or last or stop):
-            row["test_loss"], row["test_acc"] = self._evaluate(s.module, s.test, s.speed)
+            row["test_loss"], row["test_acc"] = evaluate(s.module, s.test, s.speed)
         row["eval_seconds"] = time.perf_counter() - t0  # the measures and the evaluations
         if env.is_main:
             # the checkpoint carries its epoch's row, so that its seconds can be in the row: a
@@ -410,7 +451,7 @@ class Trainer:
                                 compile_mode=speed.compile_mode,
                                 channels_last=b(speed.channels_last), precision=speed.precision,
                                 cudnn_benchmark=b(speed.cudnn_benchmark), threads=speed.threads,
-                                step_graph=b(speed.step_graph))
+                                step_graph=b(speed.step_graph), eval_batch_size=speed.eval_batch_size)
         dist = dataclasses.replace(self.cfg.dist, world=env.world,
                                    per_rank_batch=-(-self.cfg.optim.batch_size // env.world))
         model = dataclasses.replace(self.cfg.model, sync_bn=b(self._sync_bn(env)))
@@ -429,8 +470,19 @@ class Trainer:
             return False
         return True
 
+    def _image_hw(self) -> tuple[int, int] | None:
+        """(H, W) of the training images as the loaders will give them (a stream loader makes
+        images of mixed sizes 224 px square); None when the manifest cannot be read (the
+        loaders then say why)."""
+        try:
+            res = Manifest.for_beton(self.cfg.data.train).resolution
+        except Exception:
+            return None
+        return (int(res[0]), int(res[1])) if res else (224, 224)
+
     def _loaders(self, env: D.DistEnv, speed: Speed) -> tuple[DeviceLoader, DeviceLoader, DeviceLoader | None]:
         d = self.cfg.data
+        eval_batch = speed.eval_batch_size or self.cfg.optim.batch_size
         spec = LabelSpec(d.labels, seed=d.label_seed, fraction=d.noise_fraction,
                          copies=d.copies if d.labels == "confusion" else 1,
                          zero_ratio=d.zero_ratio if d.labels == "confusion" else 0.0)
@@ -440,13 +492,13 @@ class Trainer:
         train = make_loader(d.train, batch_size=self.cfg.optim.batch_size, labels=spec, augment=d.augment,
                             train=True, seed=d.seed, pad=d.crop_padding, **common)
         try:
-            train_eval = train.eval_view()
+            train_eval = train.eval_view(batch_size=eval_batch)
         except NotImplementedError:
-            train_eval = make_loader(d.train, batch_size=self.cfg.optim.batch_size, labels=spec, train=False, **common)
+            train_eval = make_loader(d.train, batch_size=eval_batch, labels=spec, train=False, **common)
         test = None
         if d.test:
             norm = train.manifest.normalization  # the training split's statistics, always
-            test = make_loader(d.test, batch_size=max(self.cfg.optim.batch_size, 256), train=False,
+            test = make_loader(d.test, batch_size=max(eval_batch, 256), train=False,
                                normalization=norm, **{**common, "subset": None})
         return train, train_eval, test
 
@@ -532,24 +584,6 @@ class Trainer:
         if speed.compile:
             model = compile_model(model, speed.compile_mode)
         return model
-
-    @torch.no_grad()
-    def _evaluate(self, module: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[float, float]:
-        was_training = module.training
-        module.eval()
-        dev = next(module.parameters()).device
-        sums = torch.zeros(3, dtype=torch.float64, device=dev)
-        for x, y, _ in loader:
-            if len(y) == 0:
-                continue
-            with autocast(speed):
-                out = module(x)
-            sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
-                                 (out.argmax(1) == y).sum().double(),
-                                 torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
-        D.all_reduce_sum(sums)
-        module.train(was_training)
-        return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
     def _save_last(self, module, optimizer, scheduler, scaler, train: DeviceLoader, epoch: int,
                    stopped: bool, row: dict[str, Any]) -> None:
