@@ -261,6 +261,10 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     assert [(p["pack_mode"], p["max_abs_diff"] == 0) for p in out["packed_vs_alone"]] == \
         [("auto", True), ("auto", True)]
     assert set(out["trainer_over_bare"]) == {"compiled (reduce-overhead)", "step graphs"}
+    # the Trainer's evaluation at the training batch (auto on a CPU) and at 8 x it
+    evals = [r for r in rows if r[0] == "eval"]
+    assert [r[1].split("batch ")[1] for r in evals] == [f"{SMOKE.batch} (auto here)", str(8 * SMOKE.batch)], evals
+    assert all(r[2] > 0 for r in evals)
     # the paper through the launcher (configs/cifar10-gpu.toml at toy size): every run done,
     # the report's claims beside the table, the report and the runs' records archived
     paper = out["paper"]

@@ -17,6 +17,9 @@ for the sections asked for after them (:attr:`Scale.reserve_s`, :attr:`Scale.pap
   prepared CIFAR-10, ``<data>/cifar10/train.beton`` or its resident cache, or the JPEG
   archive ``<data>/cifar10-jpeg.tar.xz``, decoded here without ffcv);
 - ``trainer/bare``: the Trainer's images/s over the bare step's (goal: >= 90%);
+- ``eval``: the Trainer's evaluation (eager, eval mode) of ResNet18 over 20,000
+  CIFAR-size images at batch 128 and at the batch ``speed.eval_batch_size = auto`` gives
+  on this device (and 8 x 128): what evaluating at the training batch cost;
 - ``pack-ceiling``: for each of the paper's four models, K = 1, 2, 4, 8 runs packed as the
   trainer packs them by default (step graphs, streams), each K beside one run at batch
   K x 128: what the packs reach of the rate that packing at no cost would give;
@@ -84,6 +87,7 @@ class Scale:
     epochs: int = 8  # each two-stage run
     per_class: tuple[int, int] = (1000, 200)  # train / test images per class from the JPEG archive
     loader_images: int = 20000
+    eval_images: int = 20000  # the ``eval`` section
     overhead_steps: int = 100
     loader_seconds: float | None = None  # the loader's timing (None: ``--seconds``)
     reserve_s: float = 150.0  # budget the paper and pack sections keep for the asked-for sections after them
@@ -97,12 +101,60 @@ class Scale:
 FULL = Scale()
 SMOKE = Scale(models=("small_cnn",), paper_models=("small_cnn",), model_kw=(("width", 8), ("depth", 2)), batch=32, big_batch=64,
               pack_ks=(1, 2), graph_ks=(1, 2), process_ks=(1, 2), unsafe_ks=(1, 2), pack_steps=2, train_steps=2, big_steps=2,
-              trainer_model="small_cnn", epochs=2, per_class=(12, 4), loader_images=512, overhead_steps=4,
+              trainer_model="small_cnn", epochs=2, per_class=(12, 4), loader_images=512, eval_images=256, overhead_steps=4,
               loader_seconds=0.2, reserve_s=0.0, paper_s=0.0, paper_per_class=(13, 5),
               paper_overrides=("--models=[small_cnn]", "--model.width=8", "--model.depth=2", "--stage1.max_epochs=2",
                                "--stage1.milestones=[]", "--stage1.check_every=1", "--stage2.max_epochs=2",
                                "--stage2.milestones=[]", "--stage2.eval_every=1", "--stage2.check_every=1",
                                "--cpus-per-task=1", "--runs-per-gpu=2"))
+
+
+def _eval_section(device: torch.device, scale: Scale = FULL, deadline: float | None = None) -> list[list[Any]]:
+    """images/s of the Trainer's evaluation (trainer.evaluate: eager, eval mode) of
+    ``scale.trainer_model`` over ``scale.eval_images`` images at batch ``scale.batch``, at
+    the batch ``speed.eval_batch_size = auto`` resolves to here, and at 8 x ``scale.batch``;
+    each after one pass that lets cuDNN pick its kernels for the shapes, as a run's first
+    evaluation does."""
+    from fastbgm.data import loader_from_arrays
+    from fastbgm.models import build_model
+    from fastbgm.trainer.config import DataConfig, OptimConfig, RunConfig
+    from fastbgm.trainer.trainer import eval_batch_size, evaluate
+
+    from .pack import bench_speed
+    from .train import synthetic_arrays
+
+    _, speed = bench_speed("eager", device)
+    torch.backends.cudnn.benchmark = speed.cudnn_benchmark
+    cfg = RunConfig(data=DataConfig(train="-"), optim=OptimConfig(batch_size=scale.batch))
+    auto = eval_batch_size(cfg, device.type == "cuda", (32, 32))
+    images, labels = synthetic_arrays(scale.eval_images)
+    torch.manual_seed(0)
+    module = build_model(scale.trainer_model, 10, **dict(scale.model_kw)).to(device)
+    module = module.to(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if speed.precision == "bf16" else torch.float32
+    rows, base = [], None
+    for batch in sorted({scale.batch, auto, 8 * scale.batch}):
+        if deadline is not None and time.time() > deadline:
+            rows.append(["eval", f"batch {batch}", float("nan"), "skipped: time budget spent"])
+            continue
+        loader = loader_from_arrays(images, labels, batch_size=batch, device=device, train=False, dtype=dtype,
+                                    channels_last=True)
+        first = time.perf_counter()
+        evaluate(module, loader, speed)  # (cuDNN's choice of kernels for these shapes)
+        first = time.perf_counter() - first
+
+        def once(loader: Any = loader) -> int:
+            evaluate(module, loader, speed)
+            return len(labels)
+
+        ips = time_images(once, device, 0.5, warmup=0)
+        base = base or ips
+        rows.append(["eval", f"{scale.trainer_model} eval mode, {speed.precision}, batch {batch}"
+                     + (" (auto here)" if batch == auto else ""), ips,
+                     f"x{ips / base:.2f} of batch {scale.batch}; {len(labels):,} images in {len(labels) / ips:.2f} s "
+                     f"(the first pass {first:.2f} s)"])
+        del loader
+    return rows
 
 
 def _loader_section(device: torch.device, seconds: float, scale: Scale = FULL) -> list[list[Any]]:
@@ -351,7 +403,7 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     return rows
 
 
-SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "pack-ceiling", "paper",
+SECTIONS = ("train128", "pack", "pack-stepgraph", "two-stage", "trainer/bare", "eval", "pack-ceiling", "paper",
             "pack-unsafe", "pack-processes", "pack-fused", "loader", "train", "ddp", "overhead")
 
 
@@ -483,6 +535,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
                 ("streams", "threads"))
         section("two-stage", _trainer_section, device, data, work, results, deadline, scale)
         section("trainer/bare", _trainer_vs_bare, results, scale)
+        # what the Trainer's evaluation costs at batch 128 and at its auto batch
+        section("eval", lambda: _eval_section(device, scale, deadline - reserve()))
         # the trainer's default packing of every paper model, beside one run at K x the batch
         section("pack-ceiling", pack_rows, "pack_ceiling", scale.paper_models, scale.pack_ks, "stepgraph",
                 ("streams",), lambda r: True, True)

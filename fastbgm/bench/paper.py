@@ -183,13 +183,15 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
     for r in results:
         rows_of = metrics.get(r["key"], [])
         seconds = sum(m.get("epoch_seconds", 0.0) for m in rows_of)
+        extras = sum(m.get("eval_seconds", 0.0) + m.get("checkpoint_seconds", 0.0) for m in rows_of)
         images += sum(m.get("images_per_s", 0.0) * m.get("epoch_seconds", 0.0) for m in rows_of)
         what = f"{r['key'].split('/')[-1]}: {r['status']}, {r['epochs'] or len(rows_of)} epochs"
         if r["status"] in ("running", "pending") and code != 0:
             what += " (the launch was stopped at the time budget)"
         rows.append(["paper", what, float("nan"),
                      f"train acc {_pct(r['train_acc'])}, test acc {_pct(r['test_acc'])}, "
-                     f"{seconds:.0f} s training" + (f"; {r['reason']}" if r.get("reason") else "")])
+                     f"{seconds:.0f} s training, {extras:.0f} s evaluating, measuring and checkpointing"
+                     + (f"; {r['reason']}" if r.get("reason") else "")])
     for c in rep["claims"]:
         rows.append(["paper", "claim", float("nan"), {True: "PASS", False: "FAIL", None: "N/A"}[c.passed] + f": {c.text}"])
     rows.append(["paper", f"launch ({'exit ' + str(code) if code is not None else 'killed'}; "
