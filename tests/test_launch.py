@@ -1219,18 +1219,27 @@ def _paper_grid(tmp_path: Path, *over: str) -> tuple[ExperimentConfig, list]:
 
 
 def test_estimate_counts_packing_only_as_measured_and_only_what_is_left(tmp_path: Path) -> None:
-    from fastbgm.launch.estimate import _between, estimate, throughput_table
+    from fastbgm.launch.estimate import _between, estimate, evaluations_left, throughput_table
 
     table = [r for r in throughput_table() if r["kind"] != "pack"]  # (as if no pack were measured)
     one = estimate(*_paper_grid(tmp_path, "--resources.gpus=2"), table=table)  # 17 runs on 2 GPUs
     assert one["complete"] and one["runs_per_gpu"] == 1 and one["packed_speedup"] == {}
+    # evaluation counted: with no eval row an evaluated image is a third of a trained one, and said
+    assert 0 < one["eval_share"] < 0.5 and "resnet18: no measured images/s of evaluation" in one["assumed"][0]
+    assert [evaluations_left(*a) for a in ((3, 30, 0), (3, 31, 0), (3, 30, 15), (3, 30, 30), (25, 350, 0))] == \
+        [10, 11, 5, 0, 14]
+    alone = next(r for r in table if r["model"] == "resnet18" and r["batch"] == 128)
+    for x, share in ((3.0, one["eval_share"]), (1e9, 0.0)):  # measured at 3x (the assumption) and as free
+        ev = estimate(*_paper_grid(tmp_path, "--resources.gpus=2"),
+                      table=table + [{**alone, "kind": "eval", "batch": 1024, "images_per_s": x * alone["images_per_s"]}])
+        assert ev["assumed"] == [] and ev["eval_share"] == pytest.approx(share, abs=1e-3)
+        assert ev["gpu_hours"] == pytest.approx(one["gpu_hours"] * (1 - one["eval_share"] + share), abs=0.02)
     # K = 4 with no packed measurement: no gain counted, and said
     four = estimate(*_paper_grid(tmp_path, "--resources.gpus=2", "--resources.runs_per_gpu=4"), table=table)
     assert four["gpu_hours"] == pytest.approx(one["gpu_hours"], rel=1e-3)
     assert not four["complete"] and "no measured images/s of packed resnet18" in four["unmeasured"][0]
     assert four["wall_hours"] >= one["wall_hours"]  # runs that share a GPU at no gain only wait on each other
     # measured: 4 packed runs at 2.5x to 3x one run's images/s, by pack mode
-    alone = next(r for r in table if r["model"] == "resnet18" and r["batch"] == 128)
     packed = [{**alone, "runs_per_gpu": 4, "kind": "pack", "pack_mode": mode, "images_per_s": x * alone["images_per_s"]}
               for mode, x in (("threads", 2.5), ("streams", 2.8), ("fused", 3.0))]
     fast = estimate(*_paper_grid(tmp_path, "--resources.gpus=2", "--resources.runs_per_gpu=4"), table=table + packed)

@@ -292,14 +292,16 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     # the rates, as rows of the launcher's estimate table: every exact pack mode's K = 2
     # (never the unsafe one, nor fused: refused on a GPU), with its ratio to K = 1 measured beside it
     rates = json.loads((tmp_path / "out" / "throughput-rows.json").read_text())["rows"]
-    assert [(r["kind"], r["model"], r["batch"]) for r in rates[:2]] == [("step", "small_cnn", 32),
-                                                                         ("trainer", "small_cnn", 32)]
-    packed = [r for r in rates[2:] if r["kind"] == "pack"]
+    # (and the Trainer's evaluation at its auto batch, the estimate's cost of an evaluated image)
+    assert [(r["kind"], r["model"], r["batch"]) for r in rates[:3]] == [("step", "small_cnn", 32),
+                                                                         ("trainer", "small_cnn", 32),
+                                                                         ("eval", "small_cnn", 32)]
+    packed = [r for r in rates[3:] if r["kind"] == "pack"]
     assert sorted((r["step"], r["pack_mode"]) for r in packed) == [
         ("cudagraphs", "serial"), ("stepgraph", "streams"), ("stepgraph", "streams"), ("stepgraph", "threads")]
     assert all(r["runs_per_gpu"] == 2 and r["x_alone"] > 0 and r["images_per_s"] > 0 for r in packed)
     # and pack-ceiling's one run at K x the batch, as a step row of that batch
-    assert [(r["kind"], r["batch"], r["step"]) for r in rates[2:] if r not in packed] == [
+    assert [(r["kind"], r["batch"], r["step"]) for r in rates[3:] if r not in packed] == [
         ("step", 2 * SMOKE.batch, "stepgraph")]
 
 

@@ -109,7 +109,8 @@ SMOKE = Scale(models=("small_cnn",), paper_models=("small_cnn",), model_kw=(("wi
                                "--cpus-per-task=1", "--runs-per-gpu=2"))
 
 
-def _eval_section(device: torch.device, scale: Scale = FULL, deadline: float | None = None) -> list[list[Any]]:
+def _eval_section(device: torch.device, scale: Scale = FULL, deadline: float | None = None,
+                  results: dict[str, Any] | None = None) -> list[list[Any]]:
     """images/s of the Trainer's evaluation (trainer.evaluate: eager, eval mode) of
     ``scale.trainer_model`` over ``scale.eval_images`` images at batch ``scale.batch``, at
     the batch ``speed.eval_batch_size = auto`` resolves to here, and at 8 x ``scale.batch``;
@@ -149,6 +150,9 @@ def _eval_section(device: torch.device, scale: Scale = FULL, deadline: float | N
 
         ips = time_images(once, device, 0.5, warmup=0)
         base = base or ips
+        if results is not None:
+            results.setdefault("eval", []).append({"model": scale.trainer_model, "batch": batch, "auto": batch == auto,
+                                                   "images_per_s": ips, "first_pass_s": first})
         rows.append(["eval", f"{scale.trainer_model} eval mode, {speed.precision}, batch {batch}"
                      + (" (auto here)" if batch == auto else ""), ips,
                      f"x{ips / base:.2f} of batch {scale.batch}; {len(labels):,} images in {len(labels) / ips:.2f} s "
@@ -375,6 +379,7 @@ PACK_TOLERANCE = 1e-2
 def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[str, Any]]:
     """This check's measurements as rows of the launcher's estimate table
     (fastbgm/launch/throughput.json): the bare batch-128 step, the Trainer's images/s,
+    the Trainer's evaluation at its auto batch,
     and for each K > 1 and pack mode that ends where alone ends, the K runs' images/s and
     their ratio to K = 1 measured beside them (``x_alone``, what the estimate reads)."""
     info = results["info"]
@@ -387,6 +392,9 @@ def throughput_rows(results: dict[str, Any], scale: Scale = FULL) -> list[dict[s
     if trainer is not None:
         rows.append({"model": scale.trainer_model, "batch": scale.batch, "kind": "trainer",
                      "images_per_s": round(trainer), **common})
+    # the Trainer's evaluation at its auto batch: what the estimate counts an evaluated image at
+    rows += [{"model": r["model"], "batch": r["batch"], "images_per_s": round(r["images_per_s"]), "kind": "eval",
+              **common} for r in results.get("eval", []) if r["auto"]]
     for key, steps in (("pack", "cudagraphs"), ("pack_stepgraph", "stepgraph"), ("pack_ceiling", "stepgraph")):
         # (fused: refused on a GPU)
         for r in results.get(key, []):
@@ -536,7 +544,7 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
         section("two-stage", _trainer_section, device, data, work, results, deadline, scale)
         section("trainer/bare", _trainer_vs_bare, results, scale)
         # what the Trainer's evaluation costs at batch 128 and at its auto batch
-        section("eval", lambda: _eval_section(device, scale, deadline - reserve()))
+        section("eval", lambda: _eval_section(device, scale, deadline - reserve(), results))
         # the trainer's default packing of every paper model, beside one run at K x the batch
         section("pack-ceiling", pack_rows, "pack_ceiling", scale.paper_models, scale.pack_ks, "stepgraph",
                 ("streams",), lambda r: True, True)

@@ -308,7 +308,7 @@ def _plan_json(exp, runs, est, executor: str) -> dict:
                        "slots": res.slots, "time": res.time},
         "runs": [{"key": r.key, "stage": r.stage, "depends_on": r.depends_on, "nodes": res.run_nodes,
                   "gpus": res.ranks_per_run if res.gpus else 0, "ranks": res.ranks_per_run} for r in runs],
-        "estimate": {k: est[k] for k in ("gpu_hours", "held_gpu_hours", "wall_hours", "measured_on", "unmeasured", "complete",
+        "estimate": {k: est[k] for k in ("gpu_hours", "held_gpu_hours", "wall_hours", "eval_share", "measured_on", "unmeasured", "assumed", "complete",
                                          "runs_per_gpu", "packed_speedup", "by_nodes") if k in est},
     }
 
@@ -342,7 +342,7 @@ def _print_plan(console: Console, exp, decisions, executor: str, est: dict | Non
         console.print(f"estimate of what is left: {est['gpu_hours']:.1f} GPU-hours, {est['wall_hours']:.1f} h "
                       f"wall-clock on {res.slots} slot(s){packed} (images/s measured on {on}"
                       + (f"; packed over alone: {gains}" if gains else "")
-                      + "; stage 1 at its max_epochs, an upper bound)")
+                      + f"; evaluation {est['eval_share']:.0%} of it; stage 1 at its max_epochs, an upper bound)")
         if executor == "slurm" and res.jobs == "allocation" and est["held_gpu_hours"] > 0:
             busy = est["gpu_hours"] / est["held_gpu_hours"]
             console.print(f"  the allocation holds its {res.slots} {'GPU' if res.gpus else 'CPU task'}(s) for all "
@@ -355,6 +355,8 @@ def _print_plan(console: Console, exp, decisions, executor: str, est: dict | Non
                     for x in others))
         for why in est["unmeasured"]:
             console.print(f"  not estimated: {why}")
+        for what in est["assumed"]:
+            console.print(f"  assumed: {what}")
 
 
 if __name__ == "__main__":

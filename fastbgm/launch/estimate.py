@@ -8,6 +8,13 @@ trained some epochs counts only those it has left, a finished one nothing. Wall-
 time is the DAG played out on the allocation's slots by the scheduler's own placement
 rules (schedule.py), as the driver and the local executor place runs.
 
+Evaluation counts too: a run evaluates its training set (stage 1: all R copies) every
+``stop.train_eval_every`` epochs and its test set every ``stop.test_eval_every``, and both
+at its last epoch. An evaluated image costs what the table's ``eval`` row of the model
+says (the Trainer's evaluation, measured by the GPU check's ``eval`` section); without
+one, a third of a trained image (a forward pass, of a step's three passes), and the
+estimate says so.
+
 Packing (``resources.runs_per_gpu`` K > 1): j <= K one-rank runs on one GPU each train
 at ``images/s of j packed runs / j``, from the table's ``runs_per_gpu = j`` rows in the
 experiment's pack mode as the trainer resolves it for the run's speed switches
@@ -26,8 +33,12 @@ from ..trainer.config import RunConfig
 from ..experiment import ExperimentConfig, Resources, RunSpec
 from .schedule import new_packs, partners_for, runs_alone
 
-# Training-set sizes of the paper's datasets, for plans made before the data is prepared.
+# Training- and test-set sizes of the paper's datasets, for plans made before the data is prepared.
 KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cinic10": 90_000}
+KNOWN_TEST_SIZES = {"cifar10": 10_000, "cinic10": 90_000}
+# what an evaluated image costs, in trained images, where no eval row was measured: its
+# forward pass, of a training step's three passes (forward, and backward's two)
+EVAL_COST_UNMEASURED = 1 / 3
 
 
 def throughput_table() -> list[dict[str, Any]]:
@@ -43,6 +54,26 @@ def _train_size(r: RunSpec, exp: ExperimentConfig) -> int | None:
         return Manifest.for_beton(r.config.data.train).num_samples
     except (FileNotFoundError, ValueError, TypeError):
         return KNOWN_TRAIN_SIZES.get(r.dataset.lower())
+
+
+def _test_size(r: RunSpec) -> int:
+    """Images in the run's test set (0 without one, or when its size is unknown)."""
+    if not r.config.data.test:
+        return 0
+    from ..data.manifest import Manifest
+
+    try:
+        return Manifest.for_beton(r.config.data.test).num_samples
+    except (FileNotFoundError, ValueError, TypeError):
+        return KNOWN_TEST_SIZES.get(r.dataset.lower(), 0)
+
+
+def evaluations_left(every: int, max_epochs: int, done: int) -> int:
+    """How many of epochs done+1 .. max_epochs end with an evaluation: every ``every``-th,
+    and the last."""
+    if done >= max_epochs:
+        return 0
+    return max_epochs // every - done // every + (max_epochs % every != 0)
 
 
 def gpu_packing(config: RunConfig, pack_mode: str) -> tuple[str, str]:
@@ -70,39 +101,42 @@ def _row(table: list[dict[str, Any]], model: str, batch: int, packed: int = 1,
     preferring a measurement through the Trainer over the bare step; K > 1: in the pack
     mode of ``packing``, of its step kind where a row names one)."""
     mode, step = packing
-    rows = [x for x in table if x["model"] == model and x.get("runs_per_gpu", 1) == packed
+    rows = [x for x in table if x["model"] == model and x.get("kind") != "eval" and x.get("runs_per_gpu", 1) == packed
             and (packed == 1 or (x.get("pack_mode") == mode and x.get("step", step) == step))]
     return min(rows, key=lambda x: (abs(x["batch"] - batch), x.get("kind") != "trainer", x["images_per_s"]),
                default=None)
 
 
-def _epochs_left(r: RunSpec, status: str, will_run: bool = True) -> int:
-    """Epochs the run has still to train: none when it is done or will not run (kept
-    failed, blocked), its max_epochs less the epochs a resume keeps when it has started."""
+def _epochs_done(r: RunSpec, status: str, will_run: bool = True) -> int:
+    """Epochs of the run that need no training: all when it is done or will not run
+    (kept failed, blocked), those a resume keeps when it has started, else none."""
     from ..trainer.checkpoint import checkpointed_epochs
 
     if status == "done" or not will_run:
-        return 0
+        return r.config.stop.max_epochs
     done = checkpointed_epochs(r.run_dir) if status in ("running", "failed", "cancelled") else 0
-    return max(0, r.config.stop.max_epochs - done)
+    return min(done, r.config.stop.max_epochs)
 
 
 def estimate(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, Any]] | None = None,
              plan: Mapping[str, tuple[str, bool]] | None = None) -> dict[str, Any]:
     """{gpu_hours (busy), held_gpu_hours (slots x wall-clock: what an allocation holds),
-    wall_hours, measured_on, runs: {key: hours alone}, unmeasured: [why], complete,
-    runs_per_gpu, packed_speedup: {model: x}} for what is left of ``runs``.
+    wall_hours, eval_share (evaluation's share of the GPU time), measured_on, runs: {key:
+    hours alone}, unmeasured: [why], assumed: [what was counted without a measurement],
+    complete, runs_per_gpu, packed_speedup: {model: x}} for what is left of ``runs``.
 
     ``plan``: each run's (status on disk, whether this launch trains it), as the launcher
     decided them (``common.decide``), so that the estimate and the plan it prints read
     the run folders once; without it they are read here, every unfinished run counted."""
     res = exp.resources
-    work, unmeasured, cards, speedup = _work(exp, runs, table, plan)
+    work, unmeasured, assumed, cards, speedup = _work(exp, runs, table, plan)
     wall, gpu = _simulate(runs, res, work)
+    trained = sum(w[0] for w in work.values())
     return {**_hours(res, wall, gpu),
+            "eval_share": round(sum(w[2] for w in work.values()) / trained, 3) if trained else 0.0,
             "measured_on": sorted(cards),
             "runs": {key: round(w[0] / w[1][0] / 3600, 3) for key, w in work.items()},
-            "unmeasured": unmeasured, "complete": not unmeasured, "runs_per_gpu": res.runs_per_gpu,
+            "unmeasured": unmeasured, "assumed": assumed, "complete": not unmeasured, "runs_per_gpu": res.runs_per_gpu,
             "packed_speedup": {m: round(x, 2) for m, x in sorted(speedup.items()) if x != 1.0}}
 
 
@@ -114,10 +148,11 @@ def _hours(res: Resources, wall: float, gpu: float) -> dict[str, float]:
 
 def _work(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, Any]] | None,
           plan: Mapping[str, tuple[str, bool]] | None
-          ) -> tuple[dict[str, tuple[float, list[float]]], list[str], set[str], dict[str, float]]:
+          ) -> tuple[dict[str, tuple[float, list[float], float]], list[str], list[str], set[str], dict[str, float]]:
     """What each run has left and how fast it trains, whatever the allocation's size:
-    ({run: (images left, images/s with 1..K runs on its GPU)}, unmeasured: [why], cards,
-    packed speed-up by model)."""
+    ({run: (trained images left, their evaluations included as trained images, images/s
+    with 1..K runs on its GPU, of which evaluation)}, unmeasured: [why], assumed: [what was
+    counted without a measurement], cards, packed speed-up by model)."""
     from ..experiment import run_status
 
     table = list(throughput_table() if table is None else table)
@@ -125,14 +160,21 @@ def _work(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, 
         plan = {r.key: (run_status(r.run_dir)[0], True) for r in runs}
     res = exp.resources
     k = res.runs_per_gpu
-    work: dict[str, tuple[float, list[float]]] = {}  # run: (images left, images/s with 1..K on its GPU)
+    work: dict[str, tuple[float, list[float], float]] = {}  # run: (images left, images/s with 1..K, of which eval)
     unmeasured: list[str] = []
+    assumed: list[str] = []  # what was counted without a measurement
     cards: set[str] = set()
     speedup: dict[str, float] = {}
 
     def note(why: str) -> None:
         if why not in unmeasured:
             unmeasured.append(why)
+
+    def note_assumed(model: str) -> None:
+        why = (f"model {model}: no measured images/s of evaluation; an evaluated image counted as a third of "
+               f"a trained one (its forward pass)")
+        if why not in assumed:
+            assumed.append(why)
 
     for r in runs:
         c = r.config
@@ -143,9 +185,17 @@ def _work(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, 
                  f"the size of dataset {r.dataset} is unknown (prepare it first)")
             continue
         cards.add(row["card"])
-        images = _epochs_left(r, *plan[r.key]) * n * (c.data.copies if c.data.labels == "confusion" else 1)
+        copies = c.data.copies if c.data.labels == "confusion" else 1
+        done, epochs = _epochs_done(r, *plan[r.key]), c.stop.max_epochs
         # ranks split the batch: ideal scaling, the optimistic side of the estimate
         alone = row["images_per_s"] * c.dist.world
+        evaluated = (evaluations_left(c.stop.train_eval_every, epochs, done) * n * copies
+                     + evaluations_left(c.stop.test_eval_every, epochs, done) * _test_size(r))
+        measured_eval = _eval_row(table, c.model.name)
+        if measured_eval is None and evaluated:
+            note_assumed(c.model.name)
+        cost = alone / (measured_eval["images_per_s"] * c.dist.world) if measured_eval else EVAL_COST_UNMEASURED
+        images = (epochs - done) * n * copies + evaluated * cost
         together = [alone]  # the GPU's images/s with j = 1..K runs on it
         if k > 1 and c.dist.world == 1:
             measured = {1: alone}
@@ -160,8 +210,15 @@ def _work(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, 
                      f"{packing[0]}, {packing[1]}); counted as sharing one run's images/s (no gain: an upper bound)")
             speedup[c.model.name] = measured[max(measured)] / alone
             together = [_between(measured, j) for j in range(1, k + 1)]
-        work[r.key] = (images, together)
-    return work, unmeasured, cards, speedup
+        work[r.key] = (images, together, evaluated * cost)
+    return work, unmeasured, assumed, cards, speedup
+
+
+def _eval_row(table: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+    """The model's measured evaluation (a GPU check's ``eval`` row), at its largest batch
+    (the Trainer's auto batch on a GPU)."""
+    rows = [x for x in table if x["model"] == model and x.get("kind") == "eval"]
+    return max(rows, key=lambda x: x["batch"], default=None)
 
 
 def other_sizes(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, Any]] | None = None,
