@@ -264,3 +264,29 @@ def test_resident_cache_of_another_split_is_refused(tmp_path: Path) -> None:
     (out / "train.beton").unlink()
     with pytest.raises(DatasetError, match="does not belong to train.beton.*20 samples, the manifest says 30"):
         make_loader(out / "train.beton", batch_size=8)
+
+
+def test_cache_only_decodes_in_threads_as_in_one_and_names_an_unreadable_image(tmp_path: Path) -> None:
+    """``prepare --cache-only`` (what a GPU box without ffcv runs, all of CIFAR-10 in the
+    GPU check) reads and decodes its images in threads: the same cache as one thread, and
+    an unreadable image is named, with nothing written."""
+    from fastbgm.data.sources import DatasetError, imagefolder_splits
+    from fastbgm.data.writer import prepare_cache_only
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    for c in ("a", "b", "c"):
+        (src / "train" / c).mkdir(parents=True)
+        for i in range(7):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(src / "train" / c / f"{i:04d}.jpg")
+    caches = []
+    for workers in (1, 4):
+        prepare_cache_only(imagefolder_splits(src), tmp_path / f"w{workers}", workers=workers)
+        with np.load(tmp_path / f"w{workers}" / "train.resident.npz") as z:
+            caches.append({k: z[k] for k in ("images", "labels", "indices")})
+    assert caches[0]["images"].shape == (21, 8, 8, 3)
+    assert all(np.array_equal(caches[0][k], caches[1][k]) for k in caches[0])
+    (src / "train" / "b" / "0003.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match=r"b/0003.jpg could not be read"):
+        prepare_cache_only(imagefolder_splits(src), tmp_path / "bad", workers=4)
+    assert not list((tmp_path / "bad").glob("*.npz")) and not list((tmp_path / "bad").glob("*.json"))

@@ -185,6 +185,48 @@ def _write_splits(splits: dict[str, SplitSource], tmp: Path, image_format: str, 
     return built
 
 
+def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std of uint8 ``[N, H, W, 3]`` images in [0, 1],
+    from each channel's histogram of its 256 levels: exact, and fast where a float64 copy
+    of every value cost most of preparing CIFAR-10 (27 s of 40 on 2 cores; this, 0.5 s)."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    flat = images.reshape(-1, images.shape[-1])
+    mean, std = np.empty(flat.shape[1]), np.empty(flat.shape[1])
+    for c in range(flat.shape[1]):
+        counts = np.bincount(np.ascontiguousarray(flat[:, c]), minlength=256).astype(np.float64)
+        mean[c] = counts @ levels / counts.sum()
+        std[c] = np.sqrt(counts @ (levels - mean[c]) ** 2 / counts.sum())
+    return mean, std
+
+
+def _read_block(src: SplitSource, indices: np.ndarray) -> list[np.ndarray]:
+    out = []
+    for i in indices:
+        try:
+            out.append(src.image(int(i)))
+        except Exception as e:
+            raise DatasetError(f"{src.name_of(int(i))} could not be read ({e}); remove or replace it") from None
+    return out
+
+
+def _read_images(src: SplitSource, keep: np.ndarray, workers: int) -> list[np.ndarray]:
+    """``src``'s images ``keep``, in order, read and decoded by ``workers`` processes in
+    blocks (threads do not help: for CIFAR-size images Python's own work per image, under
+    the GIL, outweighs the decoding). Forked, where the platform allows, so that nothing
+    is imported again and ``src`` is not pickled."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    blocks = [b for b in np.array_split(keep, max(1, min(len(keep) // 500, 8 * workers))) if len(b)]
+    if workers <= 1 or len(blocks) <= 1 or "fork" not in mp.get_all_start_methods():
+        return _read_block(src, keep)
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    try:
+        return [im for block in pool.map(_read_block, [src] * len(blocks), blocks) for im in block]
+    finally:  # (an unreadable image: its error at once, not after every other block)
+        pool.shutdown(cancel_futures=True)
+
+
 def prepare_cache_only(
     splits: dict[str, SplitSource],
     out_dir: str | Path,
@@ -192,11 +234,14 @@ def prepare_cache_only(
     normalization: dict[str, list[float]] | None = None,
     overwrite: bool = False,
     limit_per_class: int = 0,
+    workers: int = 0,
 ) -> dict[str, Manifest]:
     """Write each split as manifest + resident cache only, without ffcv: for machines
     where ffcv cannot be built (a GPU box). The resident loader reads these as it
     reads a cache beside a ``.beton``; there is no ``.beton`` (and so no stream placement).
-    ``limit_per_class`` keeps the first N images of each class (0: all)."""
+    ``limit_per_class`` keeps the first N images of each class (0: all). ``workers``:
+    processes that read and decode the images (0: one a core, up to 8; 1: this process),
+    in order, so the cache does not depend on them."""
     import json
 
     from ..fileio import atomic_path
@@ -216,19 +261,13 @@ def prepare_cache_only(
             keep = np.concatenate([np.flatnonzero(src.labels == c)[:limit_per_class]
                                    for c in range(len(src.class_names))])
             keep.sort()
-        images = []
-        for i in keep:
-            try:
-                images.append(src.image(int(i)))
-            except Exception as e:
-                raise DatasetError(f"{src.name_of(int(i))} could not be read ({e}); remove or replace it") from e
+        images = _read_images(src, keep, workers or min(8, os.cpu_count() or 1))
         sizes = {im.shape for im in images}
         if len(sizes) != 1:
             raise DatasetError(f"split {name!r} has images of sizes {sorted(sizes)[:3]}...: pass --resolution")
         arr = np.stack(images)
         labels = src.labels[keep].astype(np.int64)
-        x = arr.reshape(-1, 3).astype(np.float64) / 255.0
-        mean, std = x.mean(0), x.std(0)
+        mean, std = _channel_stats(arr)
         if normalization is None:
             normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
         m = Manifest(split=name, num_samples=len(labels), class_names=list(src.class_names),
