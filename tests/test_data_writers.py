@@ -286,6 +286,10 @@ def test_cache_only_decodes_in_threads_as_in_one_and_names_an_unreadable_image(t
             caches.append({k: z[k] for k in ("images", "labels", "indices")})
     assert caches[0]["images"].shape == (21, 8, 8, 3)
     assert all(np.array_equal(caches[0][k], caches[1][k]) for k in caches[0])
+    # the manifest's channel statistics (from histograms) are those of the images
+    m = Manifest.for_beton(tmp_path / "w4" / "train.beton")
+    x = caches[0]["images"].reshape(-1, 3) / 255.0
+    assert np.allclose(m.mean, x.mean(0), rtol=0, atol=1e-12) and np.allclose(m.std, x.std(0), rtol=0, atol=1e-12)
     (src / "train" / "b" / "0003.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DatasetError, match=r"b/0003.jpg could not be read"):
         prepare_cache_only(imagefolder_splits(src), tmp_path / "bad", workers=4)
