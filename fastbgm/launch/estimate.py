@@ -45,27 +45,28 @@ def throughput_table() -> list[dict[str, Any]]:
     return json.loads(ir.files("fastbgm.launch").joinpath("throughput.json").read_text())["rows"]
 
 
-def _train_size(r: RunSpec, exp: ExperimentConfig) -> int | None:
-    if r.config.data.subset:
-        return r.config.data.subset
+def _split_size(beton: str, known: int | None) -> int | None:
+    """Images in the split of ``beton``, from its manifest; ``known`` (the paper's size of
+    that split) when it is not prepared yet."""
     from ..data.manifest import Manifest
 
     try:
-        return Manifest.for_beton(r.config.data.train).num_samples
+        return Manifest.for_beton(beton).num_samples
     except (FileNotFoundError, ValueError, TypeError):
-        return KNOWN_TRAIN_SIZES.get(r.dataset.lower())
+        return known
+
+
+def _train_size(r: RunSpec, exp: ExperimentConfig) -> int | None:
+    if r.config.data.subset:
+        return r.config.data.subset
+    return _split_size(r.config.data.train, KNOWN_TRAIN_SIZES.get(r.dataset.lower()))
 
 
 def _test_size(r: RunSpec) -> int:
     """Images in the run's test set (0 without one, or when its size is unknown)."""
     if not r.config.data.test:
         return 0
-    from ..data.manifest import Manifest
-
-    try:
-        return Manifest.for_beton(r.config.data.test).num_samples
-    except (FileNotFoundError, ValueError, TypeError):
-        return KNOWN_TEST_SIZES.get(r.dataset.lower(), 0)
+    return _split_size(r.config.data.test, KNOWN_TEST_SIZES.get(r.dataset.lower(), 0)) or 0
 
 
 def evaluations_left(every: int, max_epochs: int, done: int) -> int:
@@ -150,9 +151,10 @@ def _work(exp: ExperimentConfig, runs: list[RunSpec], table: Sequence[dict[str, 
           plan: Mapping[str, tuple[str, bool]] | None
           ) -> tuple[dict[str, tuple[float, list[float], float]], list[str], list[str], set[str], dict[str, float]]:
     """What each run has left and how fast it trains, whatever the allocation's size:
-    ({run: (trained images left, their evaluations included as trained images, images/s
-    with 1..K runs on its GPU, of which evaluation)}, unmeasured: [why], assumed: [what was
-    counted without a measurement], cards, packed speed-up by model)."""
+    ({run: (images left to train, its evaluations counted in as trained images; images/s
+    with 1..K runs on its GPU; how many of those images are its evaluations)}, unmeasured:
+    [why], assumed: [what was counted without a measurement], cards, packed speed-up by
+    model)."""
     from ..experiment import run_status
 
     table = list(throughput_table() if table is None else table)
