@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .slurmenv import slurm_hostnames
+
 log = logging.getLogger(__name__)
 
 
@@ -43,19 +45,6 @@ def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
                               "--speed.device=cpu (or auto)")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(pref)
-
-
-def slurm_hostnames(nodelist: str) -> list[str]:
-    """A Slurm node list (``node[1-2]``) as names; none when Slurm cannot say."""
-    import subprocess
-
-    if not nodelist:
-        return []
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return out.stdout.split() if out.returncode == 0 else []
 
 
 def _export_from_slurm_step() -> None:

@@ -5,6 +5,8 @@ launcher -> report. No library module imports a layer above its own (a command's
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import fastbgm
@@ -12,7 +14,7 @@ import fastbgm
 ROOT = Path(fastbgm.__file__).parent
 # each top-level module or package of fastbgm, by layer; a layer may import only lower ones
 LAYERS = [
-    {"__init__", "config", "fileio", "ui"},  # shared plumbing
+    {"__init__", "config", "fileio", "slurmenv", "ui"},  # shared plumbing
     {"distributed"},
     {"data"},
     {"models"},
@@ -65,3 +67,29 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
                                                and unit != "train"):
                 wrong.append(f"{path.relative_to(ROOT)} imports fastbgm.{target}")
     assert not wrong, "imports against the data flow:\n" + "\n".join(wrong)
+
+
+def test_the_launcher_and_what_slurm_runs_beside_the_trainers_import_no_torch() -> None:
+    """A launch reads configs and run folders, plans and submits; so do its --dry-run, an
+    allocation's driver and a job's batch-script teardown. torch (1-2 s to import on the
+    project's CPU, a few seconds on a cluster's shared disk) is for what trains."""
+    code = """
+import sys
+import fastbgm.launch.__main__, fastbgm.launch.allocation, fastbgm.launch.job, fastbgm.launch.local
+from fastbgm.config import load
+from fastbgm.data import LABEL_MODES, Manifest
+from fastbgm.experiment import ExperimentConfig, plan
+from fastbgm.launch.common import decide
+from fastbgm.launch.estimate import estimate
+from fastbgm.launch.slurm import requeue_killed_job
+from fastbgm.trainer import RunConfig
+exp = load(ExperimentConfig, sys.argv[1], [])
+runs = plan(exp)
+decide(runs, False)
+estimate(exp, runs)
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+    cfg = ROOT.parent / "configs" / "paper-mini.toml"
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]", f"imported: {out.stdout[:500]}"

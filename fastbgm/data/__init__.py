@@ -17,23 +17,37 @@ This package knows nothing of models, trainers or Slurm; ffcv is imported only w
 a ``.beton`` is read or written.
 """
 
-from .labels import LABEL_MODES, LabelSpec, make_label_table
-from .loader import DeviceLoader, ResidentLoader, StreamLoader, balanced_subset, loader_from_arrays, make_loader
-from .manifest import Manifest, beton_path, manifest_path
-from .sources import DatasetError
+from __future__ import annotations
 
-__all__ = [
-    "make_loader",
-    "loader_from_arrays",
-    "LabelSpec",
-    "LABEL_MODES",
-    "make_label_table",
-    "DeviceLoader",
-    "ResidentLoader",
-    "StreamLoader",
-    "balanced_subset",
-    "Manifest",
-    "beton_path",
-    "manifest_path",
-    "DatasetError",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the submodule that defines it, imported on first use (PEP 562): what only reads
+# a label mode or a manifest (a launcher, a config check) does not import torch
+_EXPORTS = {
+    "make_loader": "loader", "loader_from_arrays": "loader", "DeviceLoader": "loader", "ResidentLoader": "loader",
+    "StreamLoader": "loader", "balanced_subset": "loader",
+    "LabelSpec": "labels", "LABEL_MODES": "labels", "make_label_table": "labels",
+    "Manifest": "manifest", "beton_path": "manifest", "manifest_path": "manifest",
+    "DatasetError": "sources",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # what the names are, for readers and type checkers
+    from .labels import LABEL_MODES, LabelSpec, make_label_table  # noqa: F401
+    from .loader import (DeviceLoader, ResidentLoader, StreamLoader, balanced_subset,  # noqa: F401
+                         loader_from_arrays, make_loader)
+    from .manifest import Manifest, beton_path, manifest_path  # noqa: F401
+    from .sources import DatasetError  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -16,10 +16,10 @@ seeded generator, so it is the same on every rank, device and epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from .hashing import STREAM_LABELS, scalar_seed
+if TYPE_CHECKING:
+    import torch
 
 LABEL_MODES = ("true", "random", "noisy", "confusion")
 
@@ -53,6 +53,10 @@ class LabelSpec:
 
 def make_label_table(true_labels: torch.Tensor, num_classes: int, spec: LabelSpec) -> torch.Tensor:
     """Return an int64 table of length ``n * spec.replicas`` (on the CPU)."""
+    import torch  # (here: a config that names a label mode, as a launcher reads it, needs no torch)
+
+    from .hashing import STREAM_LABELS, scalar_seed
+
     y = true_labels.to(torch.int64).cpu()
     n = y.numel()
     g = torch.Generator().manual_seed(scalar_seed(STREAM_LABELS, spec.seed, LABEL_MODES.index(spec.mode)))

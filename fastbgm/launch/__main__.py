@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         executor = "slurm" if slurm_available() else "local"
     following: dict[str, str] = {}
     try:
-        import torch
+        from .local import local_gpus
 
         # (the nodes' GPUs on Slurm; this machine's locally), before data is prepared or anything submitted
         check_pack_mode(runs, exp.resources,
-                        on_gpu=exp.resources.gpus > 0 if executor == "slurm" else torch.cuda.is_available())
+                        on_gpu=exp.resources.gpus > 0 if executor == "slurm" else local_gpus() > 0)
         if not args.dry_run:
             _prepare_missing_data(exp, console)
         if executor == "slurm":

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..distributed import slurm_hostnames
+from ..slurmenv import slurm_hostnames
 from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
 from ..trainer import checkpoint as C
 from .common import read_json

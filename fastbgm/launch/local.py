@@ -12,17 +12,23 @@ import threading
 import time
 from typing import Any, Iterator
 
-import torch
-
 from ..experiment import Resources, RunSpec
 from .common import LaunchError, runs_view, step_run
 from .schedule import Scheduler, StepRun, pack_log, train_command
 
 
+def local_gpus() -> int:
+    """This machine's visible GPUs (torch is imported here, not by the launcher: a launch
+    on Slurm, a dry run of one, and a job's own watch import none)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def local_slots(res: Resources) -> list[str | None]:
     """This machine's slots: its visible GPUs (by index), or on a CPU-only machine
     ``cores // cpus_per_task`` CPU slots (small CPU runs scale poorly across threads)."""
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = local_gpus()
     if n:
         return [str(i) for i in range(n)]
     return [None] * max(1, (os.cpu_count() or 1) // max(1, res.cpus_per_task))

@@ -429,7 +429,7 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, 
 def lost_driver_node(job: str) -> str:
     """The node a finished allocation lost its batch script with (the driver's node, which
     Slurm took from the job when it failed), or "" when it did not."""
-    from ..distributed import slurm_hostnames
+    from ..slurmenv import slurm_hostnames
 
     out = subprocess.run(["sacct", "-n", "-D", "-P", "-o", "JobID,NodeList", "-j", job], capture_output=True,
                          text=True, timeout=60).stdout.splitlines()

@@ -11,34 +11,36 @@ keeps the authors' explicit weight-1 init either way.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch.nn as nn
+if TYPE_CHECKING:
+    import torch.nn as nn
 
-from .densenet import densenet40_bc
-from .resnet import imagenet_resnet18, imagenet_resnet50, resnet18, resnet50
-from .small import small_cnn
-from .vgg import vgg16_bn
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "vgg16_bn": vgg16_bn,
-    "resnet18": resnet18,
-    "resnet50": resnet50,
-    "densenet40_bc": densenet40_bc,
-    "imagenet_resnet18": imagenet_resnet18,
-    "imagenet_resnet50": imagenet_resnet50,
-    "small_cnn": small_cnn,
+# name -> (module, builder), imported when a model is built: a config that names a model
+# (as a launcher checks it) needs no torch
+MODELS: dict[str, tuple[str, str]] = {
+    "vgg16_bn": ("vgg", "vgg16_bn"),
+    "resnet18": ("resnet", "resnet18"),
+    "resnet50": ("resnet", "resnet50"),
+    "densenet40_bc": ("densenet", "densenet40_bc"),
+    "imagenet_resnet18": ("resnet", "imagenet_resnet18"),
+    "imagenet_resnet50": ("resnet", "imagenet_resnet50"),
+    "small_cnn": ("small", "small_cnn"),
 }
 BN_INITS = ("ones", "uniform")
 _EXPLICIT_BN_INIT = {"densenet40_bc"}
 
 
 def build_model(name: str, num_classes: int = 10, bn_init: str = "ones", **kwargs: Any) -> nn.Module:
+    import torch.nn as nn
+
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
     if bn_init not in BN_INITS:
         raise ValueError(f"unknown bn_init {bn_init!r}: choose one of {', '.join(BN_INITS)}")
-    model = MODELS[name](num_classes=num_classes, **kwargs)
+    module, builder = MODELS[name]
+    model = getattr(importlib.import_module(f".{module}", __name__), builder)(num_classes=num_classes, **kwargs)
     if bn_init == "uniform" and name not in _EXPLICIT_BN_INIT:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:

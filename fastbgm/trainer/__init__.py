@@ -1,8 +1,33 @@
 """The training engine: one :class:`Trainer` runs one run from one :class:`RunConfig`."""
 
-from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, SpeedConfig, StopConfig
-from .trainer import NonFiniteLoss, StopRequested, Trainer, lr_factor, request_stop, resolve_speed, stop_requested
+from __future__ import annotations
 
-__all__ = ["Trainer", "RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "StopConfig", "SpeedConfig",
-           "NonFiniteLoss", "StopRequested", "lr_factor", "request_stop", "resolve_speed",
-           "stop_requested"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# name -> the submodule that defines it, imported on first use (PEP 562): a launcher that
+# reads run configs and run folders (config, checkpoint's file names) imports no torch
+_EXPORTS = {
+    "RunConfig": "config", "DataConfig": "config", "ModelConfig": "config", "OptimConfig": "config",
+    "StopConfig": "config", "SpeedConfig": "config",
+    "Trainer": "trainer", "NonFiniteLoss": "trainer", "StopRequested": "trainer", "lr_factor": "trainer",
+    "request_stop": "trainer", "resolve_speed": "trainer", "stop_requested": "trainer",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # what the names are, for readers and type checkers
+    from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, SpeedConfig, StopConfig  # noqa: F401
+    from .trainer import (NonFiniteLoss, StopRequested, Trainer, lr_factor, request_stop,  # noqa: F401
+                          resolve_speed, stop_requested)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

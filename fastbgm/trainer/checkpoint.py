@@ -26,10 +26,14 @@ import random
 from pathlib import Path
 from typing import Any, Iterable
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ..fileio import read_jsonl
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "config.json"
 ENV = "env.json"
@@ -115,6 +119,8 @@ def has_training(run_dir: str | Path) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
+    import torch  # (in the functions that need it: a launcher reads run folders with this module)
+
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -122,6 +128,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -130,6 +138,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except TypeError:  # pragma: no cover - torch without weights_only
