@@ -79,13 +79,13 @@ import fastbgm.launch.__main__, fastbgm.launch.allocation, fastbgm.launch.job, f
 from fastbgm.config import load
 from fastbgm.data import LABEL_MODES, Manifest
 from fastbgm.experiment import ExperimentConfig, plan
-from fastbgm.launch.common import decide
+from fastbgm.launch.common import decide, missing_data
 from fastbgm.launch.estimate import estimate
 from fastbgm.launch.slurm import requeue_killed_job
 from fastbgm.trainer import RunConfig
 exp = load(ExperimentConfig, sys.argv[1], [])
 runs = plan(exp)
-decide(runs, False)
+missing_data(decide(runs, False))
 estimate(exp, runs)
 print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
 """

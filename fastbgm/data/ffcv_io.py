@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +24,8 @@ FFCV_MISSING = (
 
 
 def import_ffcv() -> Any:
+    import torch  # (ffcv imports it anyway; a launcher that only names dataset files does not)
+
     # Importing ffcv calls torch.set_num_threads(1) as a side effect: undo it.
     threads = torch.get_num_threads()
     try:
@@ -150,6 +151,7 @@ def read_beton_arrays(
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
+    import torch
 
     threads = torch.get_num_threads()  # ffcv's Loader resets torch's thread count
     loader = Loader(
