@@ -70,12 +70,13 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
 
 
 def test_the_launcher_and_what_slurm_runs_beside_the_trainers_import_no_torch() -> None:
-    """A launch reads configs and run folders, plans and submits; so do its --dry-run, an
-    allocation's driver and a job's batch-script teardown. torch (1-2 s to import on the
+    """A launch reads configs and run folders, plans, submits and reports; so do its
+    --dry-run, an allocation's driver and a job's batch-script teardown. torch (1-2 s to import on the
     project's CPU, a few seconds on a cluster's shared disk) is for what trains."""
     code = """
 import sys
 import fastbgm.launch.__main__, fastbgm.launch.allocation, fastbgm.launch.job, fastbgm.launch.local
+import fastbgm.report.__main__
 from fastbgm.config import load
 from fastbgm.data import LABEL_MODES, Manifest
 from fastbgm.experiment import ExperimentConfig, plan

@@ -11,7 +11,6 @@ from typing import Any
 
 from ..experiment.plan import parse_run_key, run_status
 from ..trainer import checkpoint as C
-from ..trainer.measures import epochs_to_full_train
 from ..fileio import read_jsonl
 
 
@@ -55,7 +54,7 @@ class Run:
 
     @property
     def epochs_to_100(self) -> int | None:
-        return epochs_to_full_train(self.metrics)
+        return C.epochs_to_full_train(self.metrics)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -111,6 +111,12 @@ def checkpointed_epochs(run_dir: str | Path) -> int:
     return int(saved[-1]) if saved else 0
 
 
+def epochs_to_full_train(rows: list[dict[str, Any]]) -> int | None:
+    """The first epoch whose running (train-mode) training accuracy reached 100%: when
+    SGD first fits the whole training set (the paper's "epochs to 100% train")."""
+    return next((r["epoch"] for r in rows if r.get("train_acc", 0) >= 1.0), None)
+
+
 def has_training(run_dir: str | Path) -> bool:
     """Whether a folder holds anything trained (a checkpoint, or a final model): only
     then does the config it was made with bind whoever starts it again."""

@@ -93,9 +93,3 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
             # fp32 runs on TF32 tensor cores at half the bf16 rate on these parts
             return peak if precision in ("bf16", "fp16") else peak / 2
     return None
-
-
-def epochs_to_full_train(rows: list[dict]) -> int | None:
-    """The first epoch whose running (train-mode) training accuracy reached 100%: when
-    SGD first fits the whole training set (the paper's "epochs to 100% train")."""
-    return next((r["epoch"] for r in rows if r.get("train_acc", 0) >= 1.0), None)

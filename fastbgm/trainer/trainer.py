@@ -33,7 +33,7 @@ from ..fileio import append_line, atomic_torch_save, atomic_write_json, read_jso
 from ..models import build_model, count_parameters
 from . import checkpoint as C
 from .config import RunConfig, identity_changes
-from .measures import complexity, epochs_to_full_train, peak_flops, train_flops_per_image
+from .measures import complexity, peak_flops, train_flops_per_image
 
 if TYPE_CHECKING:
     from .loop import RunState
@@ -599,7 +599,7 @@ class Trainer:
         if env.is_main:
             atomic_torch_save({"model": module.state_dict(), "config": to_dict(self.cfg)}, self.run_dir / C.FINAL)
             last = rows[-1] if rows else {}
-            first_full = epochs_to_full_train(rows)
+            first_full = C.epochs_to_full_train(rows)
             result.update({
                 "epochs": last.get("epoch"),
                 "train_acc": last.get("train_eval_acc", last.get("train_acc")),
