@@ -18,8 +18,8 @@ from .schedule import Scheduler, StepRun, pack_log, train_command
 
 
 def local_gpus() -> int:
-    """This machine's visible GPUs (torch is imported here, not by the launcher: a launch
-    on Slurm, a dry run of one, and a job's own watch import none)."""
+    """This machine's visible GPUs. torch is imported here, not where the launcher is:
+    a launch on Slurm, its dry run, an allocation's driver and a job's teardown import none."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
