@@ -14,7 +14,7 @@ import fastbgm
 ROOT = Path(fastbgm.__file__).parent
 # each top-level module or package of fastbgm, by layer; a layer may import only lower ones
 LAYERS = [
-    {"__init__", "config", "fileio", "slurmenv", "ui"},  # shared plumbing
+    {"__init__", "config", "fileio", "lazy", "slurmenv", "ui"},  # shared plumbing
     {"distributed"},
     {"data"},
     {"models"},

@@ -19,8 +19,9 @@ a ``.beton`` is read or written.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 # name -> the submodule that defines it, imported on first use (PEP 562): what only reads
 # a label mode or a manifest (a launcher, a config check) does not import torch
@@ -41,13 +42,4 @@ if TYPE_CHECKING:  # what the names are, for readers and type checkers
     from .sources import DatasetError  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
