@@ -963,7 +963,7 @@ def _follow_losing(follower: subprocess.Popen, job: str, node: str, run: Path,
     ``run``, the run training on that node, stops where it stands first, as on a node that
     fails: it cannot finish in the seconds Slurm takes to see the node down (a 14-epoch
     stage-2 run had 7 epochs to go then, 2026-11-30). Returns the launch's output."""
-    from fastbgm.bench.faults import _set_node
+    from fastbgm.bench.faults import resume_node
     from fastbgm.fileio import lock_holder
 
     holder = lock_holder(run)
@@ -974,7 +974,7 @@ def _follow_losing(follower: subprocess.Popen, job: str, node: str, run: Path,
         then()
         out, _ = follower.communicate(timeout=450)
     finally:
-        _set_node(node, "resume")
+        resume_node(node)
     assert follower.returncode == 0, out[-3000:]
     return out
 
@@ -1076,7 +1076,7 @@ def test_a_run_wider_than_the_nodes_left_waits_for_the_allocation_at_full_size(t
     """A 2-node DDP run loses a node: it cannot train on the one left, so the driver
     requeues the allocation at its full size, which starts once the node is back, and
     the run resumes from its last.pt: every epoch trained once."""
-    from fastbgm.bench.faults import _set_node
+    from fastbgm.bench.faults import resume_node
 
     cfg = write_experiment(tmp_path, tiny_dir, name="wide", modes='["vanilla"]', inits='["random"]', epochs=10)
     args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--ranks-per-run",
@@ -1096,7 +1096,7 @@ def test_a_run_wider_than_the_nodes_left_waits_for_the_allocation_at_full_size(t
                 root / ".submitit" / job / f"{job}_0_log.err").read_text():
             time.sleep(0.5)
     finally:
-        _set_node(lost, "resume")
+        resume_node(lost)
     out, _ = follower.communicate(timeout=450)
     assert follower.returncode == 0, out[-3000:]
     log = (root / ".submitit" / job / f"{job}_0_log.err").read_text()

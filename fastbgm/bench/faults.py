@@ -233,7 +233,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             try:  # Slurm takes the node from the job (or requeues a per-run job); the node returns after
                 _wait_for(lambda: node not in allocation_nodes(job), 60)
             finally:
-                _set_node(node, "resume")
+                resume_node(node)
             proc.wait(timeout=600)
             return f"node {node} of job {job} set DOWN after {target_rows} epoch(s) of a run, then resumed"
         if kind == "nan-stage1":  # the fault is in the config: the launch itself meets it
@@ -326,6 +326,18 @@ def _set_node(node: str, state: str, reason: str = "") -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if r.returncode != 0 and not (state == "resume" and "Invalid node state" in r.stderr + r.stdout):
         raise RuntimeError(f"{' '.join(cmd)}: {(r.stderr or r.stdout).strip()}")
+
+
+def resume_node(node: str, timeout_s: float = 60.0) -> None:
+    """Return ``node`` to service and wait until Slurm counts it usable again (a resumed
+    node passes through DOWN until its slurmd registers): a launch that starts right after
+    would otherwise see one node fewer, and under --min-nodes start on the others."""
+    from fastbgm.launch.slurm import usable_node_names
+
+    _set_node(node, "resume")
+    deadline = time.time() + timeout_s
+    while node not in usable_node_names() and time.time() < deadline:
+        time.sleep(0.5)
 
 
 def nodes_see_new_mounts() -> bool:

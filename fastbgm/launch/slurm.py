@@ -61,8 +61,13 @@ USABLE = {"idle", "mixed", "allocated", "completing", "reserved", "planned", "po
 
 
 def usable_nodes(partition: str = "") -> int:
-    """Nodes of the partition that could run a job now: not down, drained, failed, or
+    """How many nodes of the partition could run a job now: not down, drained, failed, or
     silent."""
+    return len(usable_node_names(partition))
+
+
+def usable_node_names(partition: str = "") -> set[str]:
+    """The nodes of the partition that could run a job now (:func:`usable_nodes`)."""
     cmd = ["sinfo", "-h", "-N", "-o", "%N %T"] + (["-p", partition] if partition else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     if out.returncode != 0:
@@ -72,7 +77,7 @@ def usable_nodes(partition: str = "") -> int:
         name, state = (line.split() + ["", ""])[:2]
         if "*" not in state and state.rstrip("~#!%$@^-") in USABLE:
             up.add(name)
-    return len(up)
+    return up
 
 
 def nodes_to_ask(res: Any) -> tuple[int, int]:
