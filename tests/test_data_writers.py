@@ -266,10 +266,10 @@ def test_resident_cache_of_another_split_is_refused(tmp_path: Path) -> None:
         make_loader(out / "train.beton", batch_size=8)
 
 
-def test_cache_only_decodes_in_threads_as_in_one_and_names_an_unreadable_image(tmp_path: Path) -> None:
+def test_cache_only_decodes_in_processes_as_in_one_and_names_an_unreadable_image(tmp_path: Path) -> None:
     """``prepare --cache-only`` (what a GPU box without ffcv runs, all of CIFAR-10 in the
-    GPU check) reads and decodes its images in threads: the same cache as one thread, and
-    an unreadable image is named, with nothing written."""
+    GPU check) reads and decodes its images in processes: the same cache as in this
+    process alone, and an unreadable image is named, with nothing written."""
     from fastbgm.data.sources import DatasetError, imagefolder_splits
     from fastbgm.data.writer import prepare_cache_only
 

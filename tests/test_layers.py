@@ -71,8 +71,9 @@ def test_no_module_imports_a_layer_above_its_own() -> None:
 
 def test_the_launcher_and_what_slurm_runs_beside_the_trainers_import_no_torch() -> None:
     """A launch reads configs and run folders, plans, submits and reports; so do its
-    --dry-run, an allocation's driver and a job's batch-script teardown. torch (1-2 s to import on the
-    project's CPU, a few seconds on a cluster's shared disk) is for what trains."""
+    --dry-run, an allocation's driver and a job's batch-script teardown. torch (1-2 s to
+    import on the project's CPU, a few seconds on a cluster's shared disk) is for what
+    trains."""
     code = """
 import sys
 import fastbgm.launch.__main__, fastbgm.launch.allocation, fastbgm.launch.job, fastbgm.launch.local

@@ -335,9 +335,7 @@ def resume_node(node: str, timeout_s: float = 60.0) -> None:
     from fastbgm.launch.slurm import usable_node_names
 
     _set_node(node, "resume")
-    deadline = time.time() + timeout_s
-    while node not in usable_node_names() and time.time() < deadline:
-        time.sleep(0.5)
+    _wait_for(lambda: node in usable_node_names(), timeout_s)
 
 
 def nodes_see_new_mounts() -> bool:
