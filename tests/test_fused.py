@@ -15,7 +15,7 @@ from fastbgm import distributed as D
 from fastbgm.config import ConfigError
 from fastbgm.trainer import Trainer
 from fastbgm.trainer.fused import FusedRuns, fused_epoch
-from fastbgm.trainer.trainer import recompile_limit_name
+from fastbgm.trainer.speed import recompile_limit_name
 
 from .conftest import run_config
 
@@ -91,7 +91,7 @@ def test_fused_runs_match_each_run_alone(tiny_dir: Path, tmp_path: Path) -> None
 
 def _bad_step(s) -> int:
     """The epoch's first step whose loss was not finite; -1 when none was."""
-    from fastbgm.trainer.trainer import NonFiniteLoss
+    from fastbgm.trainer.stops import NonFiniteLoss
 
     try:
         s.check_finite()

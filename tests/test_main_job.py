@@ -328,7 +328,7 @@ def test_gpu_check_says_when_torch_compile_stops_compiling() -> None:
     """Past its recompile limit torch runs a function uncompiled, with one warning: the GPU
     check puts that warning beside its rows; the trainer and the benches raise the limit."""
     from fastbgm.bench.common import RecompileLimitHits
-    from fastbgm.trainer.trainer import COMPILED_VARIANTS, compile_model, recompile_limit_name
+    from fastbgm.trainer.speed import COMPILED_VARIANTS, compile_model, recompile_limit_name
 
     def f(x: torch.Tensor) -> torch.Tensor:
         return (x * 2).sum()

@@ -220,7 +220,8 @@ def test_a_nonfinite_loss_inside_an_epoch_is_found_at_its_step_without_a_wait_ea
     (step 39), and the failure names step 6. The epoch's last step waits for its own
     check: a loss that goes non-finite there fails the epoch before its checkpoint."""
     from fastbgm import distributed as D
-    from fastbgm.trainer.loop import CHECK_EVERY, NonFiniteLoss
+    from fastbgm.trainer.loop import CHECK_EVERY
+    from fastbgm.trainer.stops import NonFiniteLoss
 
     cpu = D.DistEnv(0, 1, 0, torch.device("cpu"))
 
@@ -568,8 +569,7 @@ def test_pack_mode_never_replays_cuda_graphs_of_two_runs_on_two_streams(monkeypa
     """CUDA-graph trees of one thread share one memory pool: graphs of two runs replayed on
     two streams would overwrite each other. Device-independent logic, checked without a GPU."""
     from fastbgm.config import ConfigError
-    from fastbgm.trainer.loop import resolve_pack_mode
-    from fastbgm.trainer.trainer import Speed
+    from fastbgm.trainer.speed import Speed, resolve_pack_mode
 
     monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")  # (a torch that compiles from threads)
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
@@ -662,8 +662,7 @@ def test_an_old_torch_never_compiles_packed_runs_from_threads(monkeypatch: pytes
     "using FX to symbolically trace a dynamo-optimized function"): the default is then a
     mode without threads, and threads asked for by name is refused with the fix."""
     from fastbgm.config import ConfigError
-    from fastbgm.trainer.loop import resolve_pack_mode
-    from fastbgm.trainer.trainer import Speed
+    from fastbgm.trainer.speed import Speed, resolve_pack_mode
 
     gpu = torch.device("cuda", 0)
     graphs = Speed("cuda", True, "reduce-overhead", True, "bf16", True, 1)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "schedule":
         from .schedule import run as run_schedule
 
-        from fastbgm.trainer.loop import PACK_MODES as LOOP_MODES
+        from fastbgm.trainer.config import PACK_MODES as LOOP_MODES
 
         if args.seeds <= 0 or (args.cpus_per_task is not None and args.cpus_per_task <= 0):
             print("error: --seeds and --cpus-per-task must be > 0", file=sys.stderr)

@@ -119,7 +119,8 @@ def _eval_section(device: torch.device, scale: Scale = FULL, deadline: float | N
     from fastbgm.data import loader_from_arrays
     from fastbgm.models import build_model
     from fastbgm.trainer.config import DataConfig, OptimConfig, RunConfig
-    from fastbgm.trainer.trainer import eval_batch_size, evaluate
+    from fastbgm.trainer.measures import evaluate
+    from fastbgm.trainer.speed import eval_batch_size
 
     from .pack import bench_speed
     from .train import synthetic_arrays

@@ -20,10 +20,11 @@ import torch
 from fastbgm import distributed as D
 from fastbgm.data import loader_from_arrays
 from fastbgm.models import build_model
-from fastbgm.trainer.loop import PACK_MODES as LOOP_PACK_MODES, RunState, threaded_compile_ok, train_epoch_together
+from fastbgm.trainer.config import PACK_MODES as LOOP_PACK_MODES
+from fastbgm.trainer.loop import RunState, train_epoch_together
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
 from fastbgm.trainer.stepgraph import StepGraphs
-from fastbgm.trainer.trainer import Speed, compile_model, make_sgd
+from fastbgm.trainer.speed import Speed, compile_model, make_sgd, threaded_compile_ok
 
 from .common import device_info, print_table, synchronize, write_json
 from .train import synthetic_arrays
@@ -173,7 +174,7 @@ def run(device: torch.device, models: list[str], ks: list[int], batch: int, step
                     continue
                 if pm == "threads" and k > 1 and gpu and speed.torch_graphs:
                     log.warning("%s K=%d threads skipped: torch.compile's CUDA graphs cannot be recorded from "
-                                "several threads (the trainer refuses it: trainer/loop.py)", name, k)
+                                "several threads (the trainer refuses it: trainer/speed.py)", name, k)
                     continue
                 if pm == "mps" and k > 1 and not gpu:
                     log.warning("%s K=%d mps skipped: CUDA MPS needs a GPU", name, k)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastbgm.models import build_model
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
-from fastbgm.trainer.trainer import compile_model, make_sgd
+from fastbgm.trainer.speed import compile_model, make_sgd
 
 from .common import device_info, print_table, synchronize, write_json
 

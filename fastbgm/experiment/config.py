@@ -169,7 +169,7 @@ class Resources:
     gpus: int = 1  # GPUs per node (0: CPU-only nodes)
     ranks_per_run: int = 1  # processes (GPUs) one run spans: > 1 is one DDP run
     runs_per_gpu: int = 1  # one-rank runs packed onto one GPU (or CPU slot), in one process
-    pack_mode: str = "auto"  # how they share it: fastbgm.trainer.loop.PACK_MODES (fused: one network)
+    pack_mode: str = "auto"  # how they share it: fastbgm.trainer.config.PACK_MODES (fused: one network)
     ranks_per_node: int = 0  # of one run, on one node (0: as many as a node holds)
     tasks_per_node: int = 0  # CPU-only nodes: rank slots per node (0: 1)
     cpus_per_task: int = 4

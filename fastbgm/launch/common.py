@@ -60,14 +60,13 @@ def check_pack_mode(runs: list[RunSpec], res: Resources, on_gpu: bool) -> None:
     """Refuse, before anything is submitted, a pack mode the trainer would refuse on the
     GPUs the runs will train on (fused; threads or streams with torch.compile's CUDA
     graphs): every pack would fail at its start otherwise. One-rank runs only (those are
-    what ``runs_per_gpu`` packs); the trainer decides the rest (trainer/loop.py)."""
+    what ``runs_per_gpu`` packs); the trainer decides the rest (trainer/speed.py)."""
     if not on_gpu or res.runs_per_gpu == 1 or res.ranks_per_run > 1:
         return
     import torch
 
     from ..config import ConfigError
-    from ..trainer.loop import resolve_pack_mode
-    from ..trainer.trainer import resolve_speed
+    from ..trainer.speed import resolve_pack_mode, resolve_speed
 
     gpu = torch.device("cuda")
     try:

@@ -80,12 +80,11 @@ def evaluations_left(every: int, max_epochs: int, done: int) -> int:
 def gpu_packing(config: RunConfig, pack_mode: str) -> tuple[str, str]:
     """How the trainer packs one-rank runs of ``config`` on a GPU in ``pack_mode``: (the
     pack mode ``auto`` resolves to, and the step kind of the table's pack rows:
-    ``stepgraph`` or ``cudagraphs``), by the trainer's own rules (trainer/loop.py)."""
+    ``stepgraph`` or ``cudagraphs``), by the trainer's own rules (trainer/speed.py)."""
     import torch
 
     from ..config import ConfigError
-    from ..trainer.loop import resolve_pack_mode
-    from ..trainer.trainer import resolve_speed
+    from ..trainer.speed import resolve_pack_mode, resolve_speed
 
     gpu = torch.device("cuda")
     speed = resolve_speed(config, gpu, 1)

@@ -11,15 +11,16 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     "RunConfig": "config", "DataConfig": "config", "ModelConfig": "config", "OptimConfig": "config",
     "StopConfig": "config", "SpeedConfig": "config",
-    "Trainer": "trainer", "NonFiniteLoss": "trainer", "StopRequested": "trainer", "lr_factor": "trainer",
-    "request_stop": "trainer", "resolve_speed": "trainer", "stop_requested": "trainer",
+    "Trainer": "trainer", "lr_factor": "trainer", "resolve_speed": "speed",
+    "NonFiniteLoss": "stops", "StopRequested": "stops", "request_stop": "stops", "stop_requested": "stops",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # what the names are, for readers and type checkers
     from .config import DataConfig, ModelConfig, OptimConfig, RunConfig, SpeedConfig, StopConfig  # noqa: F401
-    from .trainer import (NonFiniteLoss, StopRequested, Trainer, lr_factor, request_stop,  # noqa: F401
-                          resolve_speed, stop_requested)
+    from .speed import resolve_speed  # noqa: F401
+    from .stops import NonFiniteLoss, StopRequested, request_stop, stop_requested  # noqa: F401
+    from .trainer import Trainer, lr_factor  # noqa: F401
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

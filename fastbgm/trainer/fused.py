@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .trainer import on_stream
+from .speed import on_stream
 
 if TYPE_CHECKING:
     from .loop import RunState

@@ -6,7 +6,8 @@ order, noise, optimizer, metrics, checkpoints, resume, failure). A run computes
 exactly what it computes alone: the same operations on the same tensors in the same
 order (bitwise on CPU; tested). One run is a pack of one.
 
-How the runs of a pack share the device (:data:`PACK_MODES`):
+How the runs of a pack share the device (``pack_mode``, one of ``config.PACK_MODES``;
+``auto`` and what is refused are decided by ``speed.resolve_pack_mode``):
 
 - ``serial``: their steps in turn, on one stream. Always safe; no overlap on a GPU. The
   default on a GPU for runs with ``torch.compile``'s CUDA graphs.
@@ -25,7 +26,7 @@ How the runs of a pack share the device (:data:`PACK_MODES`):
   runs failed and every later capture in the process failed the same way; refused then.
   Safe with step graphs (each capture takes a process-wide lock) and with uncompiled or
   ``compile_mode = default`` runs: the default on a GPU for those. Compiled runs need
-  torch >= 2.5 for it (:data:`THREADED_COMPILE_FROM`); on 2.4 the default is ``streams``
+  torch >= 2.5 for it (``speed.THREADED_COMPILE_FROM``); on 2.4 the default is ``streams``
   and ``threads`` is refused.
 
 - ``fused`` (CPU only for now: refused on a GPU, where the first measurement found it
@@ -48,8 +49,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
-import re
 import threading
 import time
 import traceback
@@ -65,23 +64,13 @@ from ..config import ConfigError
 from ..data.loader import DeviceLoader
 from ..fileio import exclusive_folder, no_space
 from . import checkpoint as C
-from .config import PACK_MODES
 from .fused import FusedRuns, fused_epoch, fusion_key
 from .stepgraph import StepGraphs
-from .trainer import (_STOP_REQUESTED, NonFiniteLoss, Speed, Trainer, autocast, on_stream, resolve_speed,
-                      run_failure)
+from .speed import Speed, autocast, on_stream, resolve_pack_mode, resolve_speed
+from .stops import NonFiniteLoss, forget_stop_request, run_failure, stop_requested
+from .trainer import Trainer
 
 log = logging.getLogger("fastbgm.trainer")
-
-
-# The oldest torch seen compiling runs from several threads at once. torch 2.4 cannot: a
-# thread's trace meets another's compiled frame ("Detected that you are using FX to
-# symbolically trace a dynamo-optimized function") and the runs fail. Every later minor
-# release did it (the pack bench's threads rows, K = 2 and 3, on a CPU; RELIABILITY.md,
-# "Torch versions"): 2.5.1, 2.6.0, 2.8.0, 2.9.1, 2.10.0, 2.11.0 and 2.13.0 with inductor,
-# 2.7.1 with dynamo and AOT autograd only (its inductor cannot build that model's CPU
-# code, threads or not), while 2.4.1 fails the same way under both.
-THREADED_COMPILE_FROM = (2, 5)
 
 
 HEARTBEAT_S = 2.0  # how often a training process touches its runs' heartbeat (at most)
@@ -103,52 +92,6 @@ class Heartbeat:
         if self.on and (force or now - self.last >= HEARTBEAT_S):
             self.last = now
             C.beat(run_dirs)
-
-
-def threaded_compile_ok() -> bool:
-    """Whether runs may compile from several threads at once here (always, when torch.compile
-    is switched off: TORCHDYNAMO_DISABLE=1 or TORCH_COMPILE_DISABLE=1)."""
-    if "1" in (os.environ.get("TORCHDYNAMO_DISABLE"), os.environ.get("TORCH_COMPILE_DISABLE")):
-        return True
-    return tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= THREADED_COMPILE_FROM
-
-
-def resolve_pack_mode(mode: str, device: torch.device, speeds: list[Speed]) -> str:
-    """The way a pack shares ``device`` (see the module's docstring)."""
-    if mode not in PACK_MODES:
-        raise ConfigError(f"pack mode {mode!r} is not one of {', '.join(PACK_MODES)}")
-    compiled_in_threads_fails = any(s.compile for s in speeds) and not threaded_compile_ok()
-    torch_graphs_on_gpu = device.type == "cuda" and any(s.torch_graphs for s in speeds)
-    if mode == "auto":
-        if device.type != "cuda":
-            return "serial"
-        # a run's step graphs replay from one call each: no thread needed to overlap them
-        if all(s.step_graph for s in speeds):
-            return "streams"
-        if torch_graphs_on_gpu:
-            return "serial"
-        return "streams" if compiled_in_threads_fails else "threads"
-    if mode == "threads" and compiled_in_threads_fails:
-        raise ConfigError(f"pack mode 'threads' compiles runs from several threads at once, which torch "
-                          f"{torch.__version__} cannot (torch >= {'.'.join(map(str, THREADED_COMPILE_FROM))} "
-                          "can); use pack mode serial or streams, or speed.compile=false")
-    if mode == "threads" and torch_graphs_on_gpu:
-        raise ConfigError("pack mode 'threads' cannot record torch.compile's CUDA graphs (speed.compile_mode = "
-                          "reduce-overhead) from several threads: their captures meet in one memory pool and "
-                          "fail; use speed.step_graph=true (each run's whole step one graph; packs in streams), "
-                          "pack mode serial, or speed.compile_mode=default")
-    if mode == "fused" and device.type == "cuda":
-        raise ConfigError("pack mode 'fused' is refused on a GPU: there K fused runs trained slower than one "
-                          "run alone (H200, torch 2.11, 2026-11-30: 0.56-0.65x), and were not shown to end "
-                          "where they end alone; use pack mode auto (streams with step graphs: each run exactly "
-                          "as alone, 1.4-1.6x one run's images/s at K = 4)")
-    graphs = [s for s in speeds if s.torch_graphs]
-    if mode == "streams" and device.type == "cuda" and graphs:
-        raise ConfigError("pack mode 'streams' cannot replay CUDA graphs (speed.compile_mode = "
-                          f"{graphs[0].compile_mode!r}): the runs' graphs share one memory pool and would "
-                          "overwrite each other; use speed.step_graph=true (a graph pool per run), pack mode serial, "
-                          "or speed.compile_mode=default")
-    return mode
 
 
 CHECK_EVERY = 20  # steps between two looks for a non-finite loss
@@ -291,10 +234,10 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
     A run already done returns its result; a run whose loss goes non-finite, or that
     raises, is recorded failed and leaves the pack while the others go on (alone, an
     unexpected error is raised after it is recorded). ``pack_mode``: how the runs
-    share the device (:data:`PACK_MODES`). ``more(last)``: runs that join the pack
+    share the device (``config.PACK_MODES``). ``more(last)``: runs that join the pack
     between two epochs (a scheduler's offers, inbox.py); ``last`` is True once nothing
     is left to train: none may come after a ``more(True)`` that gives none. Their results follow, in order."""
-    _STOP_REQUESTED.clear()
+    forget_stop_request()
     env = D.setup(trainers[0].cfg.speed.device)
     try:
         mode = resolve_pack_mode(pack_mode, env.device, [resolve_speed(t.cfg, env.device, env.world) for t in trainers])
@@ -369,7 +312,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                         results[i] = t._finish(s.module, env, s.speed)
                         leave(i)
                 except Exception as e:  # this run fails; alone, an unexpected error is raised on
-                    if _STOP_REQUESTED.is_set() or no_space(e):  # a full disk fails no run: the pack
+                    if stop_requested() or no_space(e):  # a full disk fails no run: the pack
                         raise  # stops, and every run resumes from its last checkpoint once space is freed
                     traceback.clear_frames(e.__traceback__)
                     results[i] = t.fail(s, e)
@@ -408,7 +351,7 @@ def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                 del failed
                 join(not active)
     except Exception as e:
-        if _STOP_REQUESTED.is_set():
+        if stop_requested():
             log.warning("stopped while being requeued (%s: %s); last.pt is kept and the run(s) resume from it",
                         type(e).__name__, e)
         raise
@@ -464,7 +407,7 @@ def _epoch_in_turn(active: dict[int, RunState], advance: Any) -> dict[int, BaseE
                     step, (x, y, _) = nxt
                     s.step(step, x, y)
             except Exception as e:  # this run fails; the others go on
-                if _STOP_REQUESTED.is_set():
+                if stop_requested():
                     raise
                 traceback.clear_frames(e.__traceback__)  # its step's tensors: memory the others can use
                 failed[i] = e
@@ -491,7 +434,7 @@ def _epoch_in_threads(active: dict[int, RunState], advance: Any) -> dict[int, Ba
             e = f.exception()  # waits; a signal handler's exception is raised here
             if e is None:
                 continue
-            if _STOP_REQUESTED.is_set() or not isinstance(e, Exception):
+            if stop_requested() or not isinstance(e, Exception):
                 raise e
             traceback.clear_frames(e.__traceback__)
             failed[i] = e
@@ -531,7 +474,7 @@ def _epoch_fused(active: dict[int, RunState], advance: Any,
                 advance(len(ix))
             f.write_back()
         except Exception as e:  # the fused step itself failed (say, out of memory): its runs fail
-            if _STOP_REQUESTED.is_set():
+            if stop_requested():
                 raise
             traceback.clear_frames(e.__traceback__)
             fusions.pop(ix, None)

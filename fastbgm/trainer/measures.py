@@ -1,4 +1,5 @@
-"""Complexity measures of a network and the throughput accounting (FLOPs, MFU)."""
+"""What a run measures each epoch: its loss and accuracy over a loader, the complexity
+measures of the network, and the throughput accounting (FLOPs, MFU)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import logging
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed as D
+from ..data.loader import DeviceLoader
+from .speed import Speed, autocast
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +99,24 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
             # fp32 runs on TF32 tensor cores at half the bf16 rate on these parts
             return peak if precision in ("bf16", "fp16") else peak / 2
     return None
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``module`` in eval mode over ``loader``, summed over the
+    ranks: eager (no compile, no graphs), in ``loader``'s batches."""
+    was_training = module.training
+    module.eval()
+    dev = next(module.parameters()).device
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    for x, y, _ in loader:
+        if len(y) == 0:
+            continue
+        with autocast(speed):
+            out = module(x)
+        sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
+                             (out.argmax(1) == y).sum().double(),
+                             torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
+    D.all_reduce_sum(sums)
+    module.train(was_training)
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .trainer import on_stream
+from .speed import on_stream
 
 if TYPE_CHECKING:
     from .loop import RunState

@@ -15,14 +15,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import __version__
 from .. import distributed as D
@@ -33,182 +31,17 @@ from ..fileio import append_line, atomic_torch_save, atomic_write_json, read_jso
 from ..models import build_model, count_parameters
 from . import checkpoint as C
 from .config import RunConfig, identity_changes
-from .measures import complexity, peak_flops, train_flops_per_image
+from .measures import complexity, evaluate, peak_flops, train_flops_per_image
+from .speed import Speed, compile_model, make_sgd, resolve_speed
+from .stops import NonFiniteLoss, out_of_memory, run_failure
 
 if TYPE_CHECKING:
     from .loop import RunState
 
 log = logging.getLogger("fastbgm.trainer")
 
-# The trainer knows nothing of why it is stopped (preemption, requeue, a time limit): a
-# scheduler only asks. Once asked, an exception in the loop is the process being
-# stopped (say, the scheduler's own requeue command killed inside its signal handler),
-# not the run failing: last.pt stands and the run resumes from it.
-_STOP_REQUESTED = threading.Event()
-
-
-def request_stop() -> None:
-    """Ask this process's runs to stop; they resume from their last checkpoint."""
-    _STOP_REQUESTED.set()
-
-
-def stop_requested() -> bool:
-    """Whether :func:`request_stop` was called in this process."""
-    return _STOP_REQUESTED.is_set()
-
-
-class StopRequested(BaseException):
-    """A scheduler asked this run to stop (e.g. Slurm's warning before a time limit).
-    Not an Exception: nothing records it as a failure; last.pt stands and the run
-    resumes from it."""
-
-
-class NonFiniteLoss(RuntimeError):
-    def __init__(self, epoch: int, step: int):
-        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """CUDA's out-of-memory error, or the CPU allocator's (a RuntimeError that says so)."""
-    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def run_failure(e: BaseException) -> bool:
-    """A failure of the run itself (diverged, does not fit the device), not a bug:
-    recorded in result.json and said in one line, never raised as a traceback."""
-    return isinstance(e, NonFiniteLoss) or out_of_memory(e)
-
-
 # How long rank 0, having lost a peer, waits for that rank to say why it failed.
 PEER_REASON_WAIT_S = 10.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Speed:
-    """The resolved speed switches (what config.json records)."""
-
-    device: str
-    compile: bool
-    compile_mode: str
-    channels_last: bool
-    precision: str
-    cudnn_benchmark: bool
-    threads: int
-    step_graph: bool = False
-    eval_batch_size: int = 0  # (0: the training batch)
-
-    @property
-    def torch_graphs(self) -> bool:
-        """torch.compile records CUDA graphs of its own (CUDA-graph trees, on a GPU)."""
-        return self.compile and self.compile_mode in ("reduce-overhead", "max-autotune")
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-
-
-EVAL_PIXELS = 1024 * 32 * 32  # an evaluation batch on a GPU: about 1024 CIFAR-size images
-
-
-def eval_batch_size(cfg: RunConfig, gpu: bool, image_hw: tuple[int, int] | None) -> int:
-    """The batch of evaluation: ``speed.eval_batch_size``, or for 0 (auto) on a GPU as many
-    images of ``image_hw`` as have the pixels of 1024 at 32x32 (evaluation runs eagerly, and
-    an eager step at batch 128 is bound by the host's kernel launches: stepgraph.py), never
-    below the training batch; the training batch on a CPU or when the size is unknown."""
-    batch = cfg.optim.batch_size
-    if cfg.speed.eval_batch_size:
-        return cfg.speed.eval_batch_size
-    if gpu and image_hw and image_hw[0] * image_hw[1] > 0:
-        return max(batch, EVAL_PIXELS // (image_hw[0] * image_hw[1]))
-    return batch
-
-
-def resolve_speed(cfg: RunConfig, device: torch.device, world: int = 1,
-                  image_hw: tuple[int, int] | None = None) -> Speed:
-    """The speed switches of ``cfg`` resolved for ``device``, a run of ``world`` ranks and
-    images of ``image_hw`` (H, W; what the evaluation batch is sized by)."""
-    gpu = device.type == "cuda"
-
-    def flag(v: str) -> bool:
-        return gpu if v == "auto" else v == "true"
-
-    precision = cfg.speed.precision if cfg.speed.precision != "auto" else ("bf16" if gpu else "fp32")
-    mode = cfg.speed.compile_mode
-    if cfg.speed.step_graph == "auto":
-        # the whole step one graph: exact, and faster than torch.compile's graphs around
-        # forward and backward (H200, BENCHMARKS.md); where it can be captured
-        step_graph = gpu and world == 1 and precision != "fp16" and mode in ("auto", "default",
-                                                                             "max-autotune-no-cudagraphs")
-    else:
-        step_graph = cfg.speed.step_graph == "true"
-    if mode == "auto":
-        # CUDA graphs remove the per-kernel launch cost that bounds CIFAR-size steps on a
-        # GPU: torch.compile's around forward and backward, unless the whole step is one
-        mode = "reduce-overhead" if gpu and not step_graph else "default"
-    return Speed(device.type, flag(cfg.speed.compile), mode, flag(cfg.speed.channels_last), precision,
-                 flag(cfg.speed.cudnn_benchmark), cfg.speed.threads or torch.get_num_threads(), step_graph,
-                 eval_batch_size(cfg, gpu, image_hw))
-
-
-def autocast(speed: Speed) -> contextlib.AbstractContextManager:
-    """Mixed precision as the speed switches say (nothing for fp32)."""
-    if speed.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=speed.device, dtype=speed.amp_dtype)
-
-
-def on_stream(stream: Any) -> contextlib.AbstractContextManager:
-    """Work on ``stream`` (a CUDA stream), or where it is when there is none."""
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-COMPILED_VARIANTS = 64  # what torch.compile may keep of one function (torch's default: 8)
-
-
-@torch.no_grad()
-def evaluate(module: nn.Module, loader: DeviceLoader, speed: Speed) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``module`` in eval mode over ``loader``, summed over the
-    ranks: eager (no compile, no graphs), in ``loader``'s batches."""
-    was_training = module.training
-    module.eval()
-    dev = next(module.parameters()).device
-    sums = torch.zeros(3, dtype=torch.float64, device=dev)
-    for x, y, _ in loader:
-        if len(y) == 0:
-            continue
-        with autocast(speed):
-            out = module(x)
-        sums += torch.stack([F.cross_entropy(out.float(), y, reduction="sum").double(),
-                             (out.argmax(1) == y).sum().double(),
-                             torch.tensor(float(len(y)), device=dev, dtype=torch.float64)])
-    D.all_reduce_sum(sums)
-    module.train(was_training)
-    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
-
-
-def compile_model(model: nn.Module, mode: str) -> nn.Module:
-    """``torch.compile`` in ``mode`` (``default``, ``reduce-overhead``, ...), in a process
-    that keeps up to :data:`COMPILED_VARIANTS` compiled variants of a function.
-
-    Every run of an architecture in a process shares its model class's ``forward`` code
-    object, and each compile mode, precision and batch shape (an epoch's last batch too)
-    is a variant of it. Past torch's default of 8 variants, torch runs the function
-    uncompiled from then on, with one warning in the log. A pack that trains many runs
-    in turn, or the GPU check measuring many modes, would then time later runs uncompiled."""
-    config = torch._dynamo.config
-    name = recompile_limit_name()
-    setattr(config, name, max(getattr(config, name), COMPILED_VARIANTS))
-    return torch.compile(model, mode=None if mode == "default" else mode)
-
-
-def recompile_limit_name() -> str:
-    """The name of torch.compile's per-function variant limit in ``torch._dynamo.config``:
-    ``recompile_limit`` since torch 2.6, ``cache_size_limit`` before."""
-    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def lr_factor(cfg: RunConfig, epoch: int) -> float:
@@ -222,16 +55,6 @@ def lr_factor(cfg: RunConfig, epoch: int) -> float:
         span = max(1, cfg.stop.max_epochs - o.warmup_epochs)
         return 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
     return 1.0
-
-
-def make_sgd(params: Any, lr: float, momentum: float, nesterov: bool, device: torch.device) -> torch.optim.SGD:
-    """SGD, fused into one kernel on GPUs where this torch supports it."""
-    if device.type == "cuda":
-        try:
-            return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, fused=True)
-        except (TypeError, RuntimeError):  # older torch: no fused SGD
-            pass
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 def git_commit() -> str | None:

@@ -1,0 +1,56 @@
+"""How a run ends early: a scheduler asks it to stop (it resumes later from last.pt), or
+it fails as a run (a non-finite loss, out of memory), which is recorded, not raised."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+# The trainer knows nothing of why it is stopped (preemption, requeue, a time limit): a
+# scheduler only asks. Once asked, an exception in the loop is the process being
+# stopped (say, the scheduler's own requeue command killed inside its signal handler),
+# not the run failing: last.pt stands and the run resumes from it.
+_STOP_REQUESTED = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask this process's runs to stop; they resume from their last checkpoint."""
+    _STOP_REQUESTED.set()
+
+
+def forget_stop_request() -> None:
+    """Start this process's next training with no stop asked (a request is for the runs
+    being trained when it came)."""
+    _STOP_REQUESTED.clear()
+
+
+def stop_requested() -> bool:
+    """Whether :func:`request_stop` was called in this process."""
+    return _STOP_REQUESTED.is_set()
+
+
+class StopRequested(BaseException):
+    """A scheduler asked this run to stop (e.g. Slurm's warning before a time limit).
+    Not an Exception: nothing records it as a failure; last.pt stands and the run
+    resumes from it."""
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's out-of-memory error, or the CPU allocator's (a RuntimeError that says so)."""
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def run_failure(e: BaseException) -> bool:
+    """A failure of the run itself (diverged, does not fit the device), not a bug:
+    recorded in result.json and said in one line, never raised as a traceback."""
+    return isinstance(e, NonFiniteLoss) or out_of_memory(e)
