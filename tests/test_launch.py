@@ -18,8 +18,8 @@ import pytest
 from fastbgm.config import load
 from fastbgm.experiment import ExperimentConfig, expand_modes, parse_mode, plan
 from fastbgm.fileio import read_jsonl
-from fastbgm.launch.schedule import last_error
-from fastbgm.launch.slurm import job_end, queue, slurm_available
+from fastbgm.launch.trainproc import last_error
+from fastbgm.launch.cluster import job_end, queue, slurm_available
 
 from .conftest import REPO, resize_disk, small_disk
 
@@ -94,7 +94,7 @@ def launch(*args: str, timeout: float = 280) -> subprocess.CompletedProcess:
 # ``python -c WARM_LAUNCH ARGS``: the launcher with its imports done, waiting for a line
 # on stdin before it runs ARGS (a relaunch that reads the queue the moment it is let go)
 WARM_LAUNCH = ("import sys, torch, submitit; from fastbgm.launch.__main__ import main; "
-               "import fastbgm.launch.slurm, fastbgm.launch.common, fastbgm.launch.local, fastbgm.experiment; "
+               "import fastbgm.launch.slurm, fastbgm.launch.cluster, fastbgm.launch.common, fastbgm.launch.local, fastbgm.experiment; "
                "print('ready', flush=True); sys.stdin.readline(); sys.exit(main(sys.argv[1:]))")
 
 
@@ -157,7 +157,7 @@ def test_off_a_terminal_the_launch_says_each_change_of_a_run_in_one_line(tmp_pat
 
     from fastbgm.fileio import atomic_write_json
     from fastbgm.launch import common
-    from fastbgm.launch.schedule import mark_cancelled, start_line
+    from fastbgm.launch.trainproc import mark_cancelled, start_line
     from fastbgm.trainer import checkpoint as C
 
     runs = plan(load(ExperimentConfig, write_experiment(tmp_path, tmp_path / "d")))
@@ -430,7 +430,7 @@ def test_stopped_local_launcher_leaves_no_trainer_and_relaunch_resumes(tiny_dir:
 
 def _cluster_shape() -> tuple[int, int]:
     """(nodes, most GPUs on a node) of the running test cluster."""
-    from fastbgm.launch.slurm import cluster_capacity
+    from fastbgm.launch.cluster import cluster_capacity
 
     cap = cluster_capacity()
     return cap["nodes"], cap["gpus"]
@@ -671,7 +671,7 @@ def test_a_hung_per_run_job_requeues_itself_with_no_launch_following_it(tiny_dir
     from concurrent.futures import ThreadPoolExecutor
 
     from fastbgm.launch.job import HANGS
-    from fastbgm.launch.schedule import MAX_STALLS
+    from fastbgm.launch.trainproc import MAX_STALLS
 
     reference = _local_reference(tmp_path, tiny_dir, name="hp")
     cfg = write_experiment(tmp_path, tiny_dir, name="hp", modes='["vanilla"]', epochs=14)
@@ -714,7 +714,7 @@ def test_a_per_run_job_whose_trainer_is_killed_requeues_itself_with_no_launch_fo
     job that waits on it (afterok) keeps waiting, and every run ends as if uninterrupted.
     Two seeds: the stage-1 jobs are the tasks of one job array, as a real grid's are."""
     from fastbgm.launch.job import KILLS
-    from fastbgm.launch.schedule import MAX_KILLS
+    from fastbgm.launch.trainproc import MAX_KILLS
 
     # (seed 0's runs compared with the one-seed reference other tests share: a run's
     # numbers do not depend on the experiment's other seeds)
@@ -782,7 +782,7 @@ def test_a_per_run_job_killed_at_every_try_is_left_unfinished_and_its_dependents
     from rich.console import Console
 
     from fastbgm.launch.job import KILLS
-    from fastbgm.launch.schedule import MAX_KILLS
+    from fastbgm.launch.trainproc import MAX_KILLS
     from fastbgm.launch.slurm import wait
 
     exp = load(ExperimentConfig, write_experiment(tmp_path, tiny_dir, name="kk", modes='["vanilla"]',
@@ -820,7 +820,7 @@ def test_a_per_run_job_killed_at_every_try_is_left_unfinished_and_its_dependents
 def test_a_job_cancelled_a_moment_ago_is_waited_out_not_counted_as_live(tmp_path: Path) -> None:
     """A cancelled job stays in the queue as COMPLETING while its processes end (up to the
     cluster's KillWait): what decides whether to follow or submit must wait it out."""
-    from fastbgm.launch.slurm import queue, settled_queue
+    from fastbgm.launch.cluster import queue, settled_queue
 
     # a batch script that, like a stopping trainer, takes a few seconds over SIGTERM
     job = sbatch(tmp_path / "out", "trap 'sleep 4; exit 0' TERM; sleep 100 & wait; sleep 4")
@@ -841,7 +841,8 @@ def test_following_says_how_a_job_that_left_runs_unfinished_ended(tiny_dir: Path
     and the launcher prints it with the job's log."""
     from rich.console import Console
 
-    from fastbgm.launch.slurm import JobEnd, job_end, queue, wait
+    from fastbgm.launch.cluster import JobEnd, job_end, queue
+    from fastbgm.launch.slurm import wait
 
     # (the second: a task of a step SIGKILLed, as by the OOM killer)
     job, killed = sbatch(tmp_path / "out", "exit 3"), sbatch(tmp_path / "out", "srun sh -c 'kill -9 $$'")
@@ -859,7 +860,7 @@ def test_following_says_how_a_job_that_left_runs_unfinished_ended(tiny_dir: Path
 @needs_slurm
 @pytest.mark.timeout(120)
 def test_the_live_table_says_what_pending_jobs_wait_for(tmp_path: Path) -> None:
-    from fastbgm.launch.slurm import queue, queue_summary
+    from fastbgm.launch.cluster import queue, queue_summary
 
     jobs = [sbatch(tmp_path / "out", "true", "--hold") for _ in range(2)]
     try:
@@ -877,7 +878,7 @@ def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exact
     """The allocation cancelled by hand and the same command run at once: the old job is
     still COMPLETING (its steps ending). The launch must not follow it out and stop with
     every run unfinished; it waits for it to go, then submits a new one. (With
-    ``launch.slurm.queue`` in place of ``settled_queue`` this fails: checked.)"""
+    ``launch.cluster.queue`` in place of ``settled_queue`` this fails: checked.)"""
     reference = _local_reference(tmp_path, tiny_dir, name="sc")
     # the relaunch is started (its imports take ~5 s here) before the allocation and let
     # go right after the scancel, so that it reads the queue while the old job is still there
@@ -1289,7 +1290,8 @@ def test_a_lost_node_restarts_its_runs_on_the_slots_left_and_starts_nothing_on_i
     ends the loop unfinished (``outgrown``: the driver then requeues the allocation)."""
     import subprocess as sp
 
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
 
     runs = [StepRun(f"r{i}", str(tmp_path / f"r{i}")) for i in range(4)] + [
         StepRun("wide", str(tmp_path / "wide"), depends_on=["r0", "r1", "r2", "r3"], ranks=2, ranks_per_node=1)]
@@ -1329,15 +1331,17 @@ def test_a_killed_process_starts_again_in_the_same_launch_and_is_left_unfinished
     resumes them."""
     import subprocess as sp
 
+    from fastbgm.launch import placement as P
     from fastbgm.launch import schedule as S
+    from fastbgm.launch import trainproc as T
 
-    runs = [S.StepRun("once", str(tmp_path / "once")), S.StepRun("oom", str(tmp_path / "oom")),
-            S.StepRun("after-once", str(tmp_path / "after-once"), depends_on=["once"]),
-            S.StepRun("after-oom", str(tmp_path / "after-oom"), depends_on=["oom"])]
+    runs = [P.StepRun("once", str(tmp_path / "once")), P.StepRun("oom", str(tmp_path / "oom")),
+            P.StepRun("after-once", str(tmp_path / "after-once"), depends_on=["once"]),
+            P.StepRun("after-oom", str(tmp_path / "after-oom"), depends_on=["oom"])]
     starts: list[str] = []
     done = "import json, sys; open(sys.argv[1] + '/result.json', 'w').write(json.dumps({'status': 'done'}))"
 
-    def start(pack: list[S.StepRun], slots: list[str]) -> sp.Popen:
+    def start(pack: list[P.StepRun], slots: list[str]) -> sp.Popen:
         r = pack[0]
         Path(r.run_dir).mkdir(exist_ok=True)
         starts.append(r.key)
@@ -1355,14 +1359,14 @@ def test_a_killed_process_starts_again_in_the_same_launch_and_is_left_unfinished
         sched.poll()
         time.sleep(0.02)
     assert sched.states == {"once": "done", "oom": "running", "after-once": "done", "after-oom": "cancelled"}
-    assert sched.kills == {"once": 1, "oom": S.MAX_KILLS} and starts.count("oom") == S.MAX_KILLS
-    assert S.last_error(tmp_path / "once") == ("error: its process was killed by signal 11 (SIGSEGV); it starts "
-                                               f"again from its last checkpoint (1 of {S.MAX_KILLS} in this launch)")
+    assert sched.kills == {"once": 1, "oom": T.MAX_KILLS} and starts.count("oom") == T.MAX_KILLS
+    assert T.last_error(tmp_path / "once") == ("error: its process was killed by signal 11 (SIGSEGV); it starts "
+                                               f"again from its last checkpoint (1 of {T.MAX_KILLS} in this launch)")
     assert not (tmp_path / "oom" / "result.json").exists()  # unfinished, not failed: the next launch resumes it
-    assert "left unfinished: the same command resumes it" in S.last_error(tmp_path / "oom")
+    assert "left unfinished: the same command resumes it" in T.last_error(tmp_path / "oom")
     reason = json.loads((tmp_path / "after-oom" / "result.json").read_text())["reason"]
     assert reason == (f"its stage-1 run oom stopped unfinished (its process was killed by signal 9 (SIGKILL), "
-                      f"{S.MAX_KILLS} times in this launch); the same command resumes it, then runs this one"), reason
+                      f"{T.MAX_KILLS} times in this launch); the same command resumes it, then runs this one"), reason
 
 
 def test_a_process_whose_heartbeat_stops_is_killed_with_its_children_and_its_run_fails_at_the_last_stall(
@@ -1373,11 +1377,13 @@ def test_a_process_whose_heartbeat_stops_is_killed_with_its_children_and_its_run
     goes on for longer than the timeout untouched."""
     import subprocess as sp
 
+    from fastbgm.launch import placement as P
     from fastbgm.launch import schedule as S
+    from fastbgm.launch import trainproc as T
     from fastbgm.trainer import checkpoint as C
 
     monkeypatch.setattr(S, "STALL_CHECK_S", 0.1)
-    runs = [S.StepRun("hang", str(tmp_path / "hang")), S.StepRun("beats", str(tmp_path / "beats"))]
+    runs = [P.StepRun("hang", str(tmp_path / "hang")), P.StepRun("beats", str(tmp_path / "beats"))]
     children: list[int] = []
     beating = ("import time, pathlib, json, sys; d = pathlib.Path(sys.argv[1])\n"
                "for _ in range(25):\n (d / 'heartbeat').touch(); time.sleep(0.1)\n"
@@ -1385,7 +1391,7 @@ def test_a_process_whose_heartbeat_stops_is_killed_with_its_children_and_its_run
     hanging = ("import subprocess, sys, time; c = subprocess.Popen(['sleep', '600'])\n"
                "open(sys.argv[1] + '/child', 'w').write(str(c.pid)); time.sleep(600)")
 
-    def start(pack: list[S.StepRun], slots: list[str]) -> sp.Popen:
+    def start(pack: list[P.StepRun], slots: list[str]) -> sp.Popen:
         r = pack[0]
         Path(r.run_dir).mkdir(exist_ok=True)
         if r.key == "hang" and (Path(r.run_dir) / "child").exists():
@@ -1398,11 +1404,11 @@ def test_a_process_whose_heartbeat_stops_is_killed_with_its_children_and_its_run
         sched.poll()
         time.sleep(0.02)
     assert sched.states == {"hang": "failed", "beats": "done"}, sched.states
-    assert sched.stalls == {"hang": S.MAX_STALLS}
+    assert sched.stalls == {"hang": T.MAX_STALLS}
     reason = json.loads((tmp_path / "hang" / "result.json").read_text())["reason"]
-    assert f"no progress for 1 s, {S.MAX_STALLS} times" in reason and "stall_timeout_s" in reason, reason
+    assert f"no progress for 1 s, {T.MAX_STALLS} times" in reason and "stall_timeout_s" in reason, reason
     children.append(int((tmp_path / "hang" / "child").read_text()))
-    assert len(children) == S.MAX_STALLS
+    assert len(children) == T.MAX_STALLS
     time.sleep(0.2)
     for pid in children:  # the hung process's own children went with it
         assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] in "ZX", pid
@@ -1419,7 +1425,8 @@ def test_a_run_whose_folder_another_process_holds_waits_for_it_and_is_never_reco
     import subprocess as sp
 
     from fastbgm.fileio import exclusive_folder
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
 
     runs = [StepRun("a", str(tmp_path / "a")), StepRun("b", str(tmp_path / "b"), depends_on=["a"]),
             StepRun("c", str(tmp_path / "c")), StepRun("d", str(tmp_path / "d"))]
@@ -1459,7 +1466,8 @@ def test_ready_runs_spread_over_free_slots_before_sharing_one(tmp_path: Path) ->
     # 2 ready runs on 3 slots, one each
     import subprocess as sp
 
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
 
     for n, want in ((5, [2, 2, 1]), (2, [1, 1])):
         runs = [StepRun(f"r{n}-{i}", str(tmp_path / f"r{n}-{i}")) for i in range(n)]
@@ -1486,7 +1494,8 @@ def test_a_run_others_wait_on_trains_alone_while_slots_outnumber_such_runs(tmp_p
     # start later); the others pack 4 + 4, the 9th waits for a slot rather than join p
     import subprocess as sp
 
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
     from fastbgm.trainer import inbox
 
     runs = [StepRun("p", str(tmp_path / "p"), group="stage1")]
@@ -1693,7 +1702,8 @@ def test_time_limit_warning_requeues_the_allocation_and_every_run_resumes(tiny_d
 
 
 def test_a_packs_command_says_its_pack_mode(tmp_path: Path) -> None:
-    from fastbgm.launch.schedule import StepRun, train_command
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.trainproc import train_command
 
     two = [StepRun(f"r{i}", str(tmp_path / f"r{i}"), pack_mode="fused") for i in range(2)]
     assert train_command(two)[-1] == "--pack-mode=fused"
@@ -1706,7 +1716,8 @@ def test_packs_are_filled_from_one_group_first(tmp_path: Path) -> None:
     # of one of each would leave its slot to a straggler; same-group runs end together
     import subprocess as sp
 
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
 
     runs = [StepRun(f"s2-{i}", str(tmp_path / f"s2-{i}"), group="stage2/a/m") for i in range(2)]
     runs += [StepRun(f"s1-{i}", str(tmp_path / f"s1-{i}"), group="stage1/a/m") for i in range(3)]
@@ -1732,7 +1743,8 @@ def test_a_pack_with_room_is_offered_ready_runs_and_what_it_never_claims_runs_la
     # pack's process ends without claiming it (as one killed would): z starts on its own.
     import subprocess as sp
 
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
     from fastbgm.trainer import inbox
 
     runs = [StepRun(k, str(tmp_path / k)) for k in ("x", "y", "z")]
@@ -1766,7 +1778,8 @@ def test_a_pack_whose_runs_all_end_asks_and_takes_their_dependents(tmp_path: Pat
     # (with no ask it would close at once and z would start a process of its own)
     import subprocess as sp
 
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
 
     runs = [StepRun("x", str(tmp_path / "x")), StepRun("y", str(tmp_path / "y")),
             StepRun("z", str(tmp_path / "z"), depends_on=["x"])]
@@ -1823,7 +1836,8 @@ def test_an_offer_the_disk_refuses_leaves_nothing_and_a_stopped_launchs_inboxes_
     import errno
 
     from fastbgm.fileio import exclusive_folder
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
     from fastbgm.trainer import inbox
 
     box = inbox.inbox_for(tmp_path / "a")

@@ -77,13 +77,14 @@ def test_the_launcher_and_what_slurm_runs_beside_the_trainers_import_no_torch() 
     code = """
 import sys
 import fastbgm.launch.__main__, fastbgm.launch.allocation, fastbgm.launch.job, fastbgm.launch.local
+import fastbgm.launch.slurm, fastbgm.launch.cluster
 import fastbgm.report.__main__
 from fastbgm.config import load
 from fastbgm.data import LABEL_MODES, Manifest
 from fastbgm.experiment import ExperimentConfig, plan
 from fastbgm.launch.common import decide, missing_data
 from fastbgm.launch.estimate import estimate
-from fastbgm.launch.slurm import requeue_killed_job
+from fastbgm.launch.job import requeue_killed_job
 from fastbgm.trainer import RunConfig
 exp = load(ExperimentConfig, sys.argv[1], [])
 runs = plan(exp)

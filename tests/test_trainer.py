@@ -885,7 +885,8 @@ def test_launcher_reads_a_ranks_reason_when_its_peers_were_stopped_first(tmp_pat
     import subprocess as sp
 
     from fastbgm.fileio import atomic_write_json
-    from fastbgm.launch.schedule import Scheduler, StepRun
+    from fastbgm.launch.placement import StepRun
+    from fastbgm.launch.schedule import Scheduler
     from fastbgm.train import STOP_EXIT
 
     run = tmp_path / "r"

@@ -59,7 +59,7 @@ from fastbgm.config import load
 from fastbgm.experiment import ExperimentConfig, plan, run_status
 from fastbgm.fileio import lock_holder, read_jsonl
 from fastbgm.launch.allocation import allocation_nodes
-from fastbgm.launch.slurm import JOB_FILE as SLURM_JOB_FILE
+from fastbgm.launch.job import JOB_FILE as SLURM_JOB_FILE
 from fastbgm.trainer import checkpoint as C
 
 from . import mini
@@ -332,7 +332,7 @@ def resume_node(node: str, timeout_s: float = 60.0) -> None:
     """Return ``node`` to service and wait until Slurm counts it usable again (a resumed
     node passes through DOWN until its slurmd registers): a launch that starts right after
     would otherwise see one node fewer, and under --min-nodes start on the others."""
-    from fastbgm.launch.slurm import usable_node_names
+    from fastbgm.launch.cluster import usable_node_names
 
     _set_node(node, "resume")
     _wait_for(lambda: node in usable_node_names(), timeout_s)

@@ -76,7 +76,7 @@ def experiment(work: Path, data: Path, stage1_lr: float = 0.05, seeds: int = 1,
 def launch_cmd(cfg: Path, executor: str, *extra: str) -> list[str]:
     cmd = [sys.executable, "-m", "fastbgm.launch", "--config", str(cfg), "--executor", executor, "--no-report"]
     if executor == "slurm":  # two CPU-task nodes where the cluster has them: a node can fail and one be left
-        from fastbgm.launch.slurm import cluster_capacity
+        from fastbgm.launch.cluster import cluster_capacity
 
         cmd += ["--nodes", str(min(2, cluster_capacity()["nodes"])), "--gpus-per-node", "0", "--timeout", "400"]
     return cmd + list(extra)

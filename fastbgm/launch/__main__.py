@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         return 2
-    from .slurm import slurm_available
+    from .cluster import slurm_available
 
     executor = args.executor
     if executor == "auto":
@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                 closing_report(runs, console, retry_cmd)
                 return NO_SPACE_EXIT
         else:
-            from .schedule import last_error
-            from .slurm import job_log, lost_driver_node, submit_allocation, submit_per_run, wait
+            from .trainproc import last_error
+            from .cluster import lost_driver_node
+            from .slurm import job_log, submit_allocation, submit_per_run, wait
 
             todo = [d for d in decisions if d.action in ("submit", "resume", "retry")]
             if exp.resources.jobs == "allocation":

@@ -21,7 +21,7 @@ than are left waits for the end, when the driver requeues the allocation at its 
 size. The node the driver itself runs on failing ends the job (Slurm fails it): the same
 launch command then submits a new allocation, which resumes every unfinished run. A
 driver killed by a signal (the OOM killer, say) leaves its batch script, which requeues
-the job (slurm.requeue_killed_job, up to MAX_KILLS times a job): every unfinished run
+the job (job.requeue_killed_job, up to MAX_KILLS times a job): every unfinished run
 resumes, followed or not.
 
 A step whose runs make no progress for the stall timeout (``resources.stall_timeout_s``:
@@ -46,7 +46,9 @@ from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
 from ..trainer import checkpoint as C
 from .common import read_json
 from .job import scontrol_requeue
-from .schedule import Scheduler, StepRun, pack_log, train_command
+from .placement import StepRun
+from .schedule import Scheduler
+from .trainproc import pack_log, train_command
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from ..experiment import Resources, RunSpec, run_status
 from ..fileio import atomic_write_json, lock_holder, read_jsonl
 from ..trainer import checkpoint as C
 from ..trainer.config import identity_changes
-from .schedule import StepRun, last_error, mark_cancelled
+from .placement import StepRun
+from .trainproc import last_error, mark_cancelled
 
 
 class LaunchError(RuntimeError):

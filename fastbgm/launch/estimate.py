@@ -6,7 +6,7 @@ Each run processes ``epochs x training images`` (stage 1: x R copies; at most
 ``max_epochs``, so stage 1's early stop makes this an upper bound); a run that already
 trained some epochs counts only those it has left, a finished one nothing. Wall-clock
 time is the DAG played out on the allocation's slots by the scheduler's own placement
-rules (schedule.py), as the driver and the local executor place runs.
+rules (placement.py), as the driver and the local executor place runs.
 
 Evaluation counts too: a run evaluates its training set (stage 1: all R copies) every
 ``stop.train_eval_every`` epochs and its test set every ``stop.test_eval_every``, and both
@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 
 from ..trainer.config import RunConfig
 from ..experiment import ExperimentConfig, Resources, RunSpec
-from .schedule import new_packs, partners_for, runs_alone
+from .placement import new_packs, partners_for, runs_alone
 
 # Training- and test-set sizes of the paper's datasets, for plans made before the data is prepared.
 KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cinic10": 90_000}
@@ -256,7 +256,7 @@ def _between(measured: dict[int, float], j: int) -> float:
 
 
 def _simulate(runs: list[RunSpec], res: Resources, work: dict[str, tuple[float, list[float]]]) -> tuple[float, float]:
-    """The launcher's schedule played out, by the scheduler's own rules (schedule.py:
+    """The launcher's schedule played out, by the scheduler's own rules (placement.py:
     :func:`runs_alone`, :func:`new_packs` on the free slots, then what is left of the
     ready one-rank runs offered to packs with room, :func:`partners_for`): (wall-clock seconds, GPU-seconds
     busy). A slot with j one-rank runs trains each at images/s(j) / j; a pack whose runs

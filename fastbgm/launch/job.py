@@ -8,7 +8,7 @@ A per-run job watches its own run: no scheduler runs beside it (unlike an alloca
 driver or the local scheduler), and the launch that submitted it may be gone
 (``--no-wait``). A process forked before the trainer starts (:func:`watch_own_run`)
 requeues the job when the run's heartbeat stands still for the stall timeout, and
-fails the run at the :data:`~fastbgm.launch.schedule.MAX_STALLS`-th hang of that job.
+fails the run at the :data:`~fastbgm.launch.trainproc.MAX_STALLS`-th hang of that job.
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..experiment import run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
 from ..trainer.config import RunConfig
-from .schedule import MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, mark_cancelled, start_line
+from .cluster import job_fields, step_signal
+from .common import read_json
+from .trainproc import (MAX_KILLS, MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, log_error, mark_cancelled,
+                        signal_name, start_line)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ def _requeue_ignoring_sigterm(self: Any, countdown: int) -> None:
     log.info("requeued job %s (%d remaining timeouts)", self.job_id, countdown)
 
 
+JOB_FILE = "slurm-job.json"
+ENDED = ("done", "failed", "cancelled")  # a run's states that no job of it changes
 HANGS = "hangs.json"  # in the run folder: {job id: the times its trainer hung in that job}
 KILLS = "kills.json"  # in the run folder: {job id: the times a signal killed its trainer in that job}
 
@@ -77,6 +83,101 @@ def count_in_job(run_dir: str | os.PathLike, name: str, job: str) -> int:
     counts[job] = counts.get(job, 0) + 1
     atomic_write_json(Path(run_dir) / name, counts)
     return counts[job]
+
+
+def requeue_killed_teardown(exp_dir: Path) -> list[str]:
+    """The lines a job's batch script runs after its command (submitit's teardown): when
+    the command ended with 128 + a signal (srun's status for a per-run job's step, the
+    driver's own for an allocation), :func:`requeue_killed_job` decides whether the job
+    requeues itself. The script then exits with that status, so that the job ends as it
+    would have without them."""
+    import shlex
+    import sys
+
+    call = ("import sys; from fastbgm.launch.job import requeue_killed_job as f; "
+            "print(f(sys.argv[1], int(sys.argv[2])))")
+    return ["fastbgm_step_rc=$?",
+            'if [ "$fastbgm_step_rc" -gt 128 ]; then',
+            f"  {shlex.quote(sys.executable)} -c {shlex.quote(call)} {shlex.quote(str(exp_dir))} "
+            '"$fastbgm_step_rc" || true',
+            "fi",
+            'exit "$fastbgm_step_rc"']
+
+
+def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
+    """In a job's batch script, after its command ended with ``rc`` (> 128): a job that a
+    signal cut short (the OOM killer, a segfault, a kill from outside) with runs
+    unfinished requeues itself, up to :data:`MAX_KILLS` kills a job, and they resume from
+    their last checkpoints in the same job, whether or not a launch follows it
+    (``--no-wait``); the jobs that wait on it (``afterok``) go on waiting.
+
+    - A per-run job: when a task of its step was killed. srun's status cannot say (a task
+      that exits with an error ends its peers by signal, through ``--kill-on-bad-exit``):
+      the step's exit code in sacct does ("0:9", not "1:0"). Each kill is a line in the
+      run's train.log; its count is in the run's ``kills.json``.
+    - An allocation: when its driver was killed (the batch script's own child: ``rc`` is
+      128 + the signal; SIGTERM is the driver's own exit as Slurm ends the job). Its
+      steps are ended by the requeue, and every unfinished run resumes; the count is in
+      the experiment folder's ``kills.json``.
+
+    Never when the job no longer runs (cancelled, requeued, out of time: Slurm ends it).
+    Returns what it did, for the job's log."""
+    import os
+    import signal
+
+    from ..fileio import lock_holder
+    from .allocation import ALLOCATION_FILE
+
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    numeric = os.environ.get("SLURM_JOB_ID", "")
+    job = f"{array}_{task}" if array and task else numeric
+    exp_dir = Path(exp_dir)
+    allocation = read_json(exp_dir / ALLOCATION_FILE)
+    per_run = allocation.get("job_id") != job
+    if not per_run:
+        keys = allocation.get("runs") or []
+        unfinished = [k for k in keys if run_status(exp_dir / k)[0] not in ENDED]
+        where, what, them = exp_dir, "its driver", "every unfinished run"
+        logs = [exp_dir / k for k in unfinished if (exp_dir / k).is_dir()]
+        if not unfinished:
+            return f"allocation {job}: every run has ended; nothing to requeue"
+    else:
+        run_dir = next((p.parent for p in exp_dir.rglob(JOB_FILE) if read_json(p).get("job_id") == job), None)
+        if run_dir is None:
+            return f"job {job}: no run folder of {exp_dir} names it; nothing to requeue"
+        if run_status(run_dir)[0] in ENDED or lock_holder(run_dir) is not None:
+            return f"job {job}: its run is {run_status(run_dir)[0]}, or another process trains it; nothing to requeue"
+        where, what, them, logs = run_dir, "its trainer", "it", [run_dir]
+    try:  # (a cluster without accounting has no sacct: then nothing tells a kill from an error)
+        if per_run:
+            number = step_signal(numeric)
+        else:  # (the driver is the script's own child: its status is the signal's)
+            number = rc - 128 if rc - 128 != signal.SIGTERM else None
+        state = job_fields(numeric).get("JobState", "")
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"job {job}: cannot ask Slurm how its step ended ({e}); nothing to requeue"
+    if state != "RUNNING" or number is None:
+        return f"job {job}: {state or 'gone'}, its exit {rc} names no kill; nothing to requeue"
+    n = count_in_job(where, KILLS, job)
+    killed = f"{what} was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")
+    if n >= MAX_KILLS:
+        said = (f"{killed} in job {job}, {n} times in that job; {them} is left unfinished: the same command resumes "
+                f"{them} from its last checkpoint (if an OOM killer ended it, give it more memory: --mem-gb)")
+    else:
+        said = (f"{killed} in job {job} ({n} of {MAX_KILLS} in that job); the job is requeued and resumes {them} from "
+                "its last checkpoint")
+    for d in logs:
+        log_error(d, said)
+    if n >= MAX_KILLS:
+        return said
+    try:
+        scontrol_requeue(numeric)
+    except (subprocess.SubprocessError, OSError) as e:
+        for d in logs:
+            log_error(d, f"job {job} could not requeue itself ({e}); the same command resumes the run")
+        return f"could not requeue job {job}: {e}"
+    return said
+
 
 
 def _alive(pid: int) -> bool:
@@ -161,7 +262,7 @@ def _fork_watch(run_dir: str, key: str, job: str, stall_s: float) -> int:
 class _RunFolderLog(logging.FileHandler):
     """A per-run job's rank-0 log lines in its run folder's train.log, timestamped; an
     error line ("error: ...") bare, as the trainer's command line prints it, which
-    schedule.last_error reads."""
+    trainproc.last_error reads."""
 
     def format(self, record: logging.LogRecord) -> str:
         said = record.getMessage()
@@ -178,7 +279,7 @@ def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler 
     process that a local or allocation scheduler starts does (its stdout and stderr go
     there): the run folder holds what the trainer said, whatever ran it, and the
     launch's closing report lists an unfinished run with its trainer's last error
-    (schedule.last_error)."""
+    (trainproc.last_error)."""
     from ..trainer import checkpoint as C
 
     try:

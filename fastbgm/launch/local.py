@@ -14,7 +14,9 @@ from typing import Any, Iterator
 
 from ..experiment import Resources, RunSpec
 from .common import LaunchError, runs_view, step_run
-from .schedule import Scheduler, StepRun, pack_log, train_command
+from .placement import StepRun
+from .schedule import Scheduler
+from .trainproc import pack_log, train_command
 
 
 def local_gpus() -> int:

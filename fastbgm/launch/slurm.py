@@ -1,83 +1,25 @@
 """An experiment on Slurm, through submitit: ONE allocation whose driver packs the runs
 onto it as job steps (the default), or one job per run in job arrays (stage-2 arrays
 ``afterok`` on their stage-1 job); and following either until it ends. Requeue on
-preemption or time-out resumes every run from its last.pt."""
+preemption or time-out resumes every run from its last.pt. What Slurm says of its nodes
+and jobs is asked through cluster.py; what runs inside a job is job.py's."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ..experiment import ExperimentConfig, RunSpec, experiment_dir, run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_EXIT
+from .cluster import (NEVER, NODES_OUT, JobEnd, cluster_capacity, job_end, job_fields, max_array_size, queue,
+                      queue_summary, settled_queue, usable_nodes)
 from .common import Decision, LaunchError, read_json, runs_view, will_run
-from .job import HANGS, KILLS, RunJob, count_in_job, job_counts, scontrol_requeue
-from .schedule import MAX_KILLS, MAX_STALLS, log_error, mark_cancelled, signal_name
-
-JOB_FILE = "slurm-job.json"
-ENDED = ("done", "failed", "cancelled")  # a run's states that no job of it changes
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUE_HOLD",
-          "REQUEUE_FED"}
-
-
-def slurm_available() -> bool:
-    if not shutil.which("sbatch"):
-        return False
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-def cluster_capacity(partition: str = "") -> dict[str, int]:
-    """Nodes, and the most CPUs and GPUs one node of the partition has."""
-    cmd = ["sinfo", "-h", "-N", "-o", "%N %c %G"] + (["-p", partition] if partition else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        raise LaunchError(f"sinfo failed ({out.stderr.strip()}); is Slurm running? (bash launch/slurm-start.sh)")
-    nodes, cpus, gpus = set(), 0, 0
-    for line in out.stdout.splitlines():
-        name, c, gres = (line.split() + ["", "", ""])[:3]
-        nodes.add(name)
-        cpus = max(cpus, int(c.rstrip("+") or 0))
-        for g in gres.split(","):
-            parts = g.split(":")
-            if parts[0] == "gpu" and parts[-1].split("(")[0].isdigit():
-                gpus = max(gpus, int(parts[-1].split("(")[0]))
-    if not nodes:
-        raise LaunchError(f"partition {partition or '(default)'} has no nodes")
-    return {"nodes": len(nodes), "cpus": cpus, "gpus": gpus}
-
-
-# sinfo's long node states that can run a job now (a "~" suffix, powered down to save
-# power, is resumed by Slurm; a "*" suffix, not responding, is not usable)
-USABLE = {"idle", "mixed", "allocated", "completing", "reserved", "planned", "powering_up"}
-
-
-def usable_nodes(partition: str = "") -> int:
-    """How many nodes of the partition could run a job now: not down, drained, failed, or
-    silent."""
-    return len(usable_node_names(partition))
-
-
-def usable_node_names(partition: str = "") -> set[str]:
-    """The nodes of the partition that could run a job now (:func:`usable_nodes`)."""
-    cmd = ["sinfo", "-h", "-N", "-o", "%N %T"] + (["-p", partition] if partition else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if out.returncode != 0:
-        raise LaunchError(f"sinfo failed ({out.stderr.strip()}); is Slurm running? (bash launch/slurm-start.sh)")
-    up = set()
-    for line in out.stdout.splitlines():
-        name, state = (line.split() + ["", ""])[:2]
-        if "*" not in state and state.rstrip("~#!%$@^-") in USABLE:
-            up.add(name)
-    return up
+from .job import ENDED, HANGS, JOB_FILE, KILLS, RunJob, job_counts, requeue_killed_teardown
+from .trainproc import MAX_KILLS, MAX_STALLS, log_error, mark_cancelled
 
 
 def nodes_to_ask(res: Any) -> tuple[int, int]:
@@ -131,120 +73,11 @@ def check_request(exp: ExperimentConfig) -> None:
                           + ". Lower --nodes / --gpus-per-node / --cpus-per-task (or --resources.*)")
 
 
-def queue(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """{job id: (state, reason)} of those still in the queue; array elements one by one."""
-    ids = sorted({j for j in job_ids if j})
-    if not ids:
-        return {}
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(ids)], capture_output=True,
-                         text=True, timeout=60)
-    states = {}
-    for line in out.stdout.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) == 3 and parts[1] in ACTIVE:
-            states[parts[0]] = (parts[1], parts[2])
-    return states
-
-
-def settled_queue(job_ids: list[str], timeout_s: float = 120.0, poll_s: float = 1.0) -> dict[str, tuple[str, str]]:
-    """``queue`` once no job in it is COMPLETING (or ``timeout_s`` has passed). A job
-    cancelled a moment ago stays in the queue while its steps end: a launch that counted
-    it as live would follow it out and submit nothing, and one that did not would start
-    trainers beside the ending ones. A requeued job leaves COMPLETING for PENDING, and is
-    followed as before."""
-    deadline = time.time() + timeout_s
-    q = queue(job_ids)
-    while any(state == "COMPLETING" for state, _ in q.values()) and time.time() < deadline:
-        time.sleep(poll_s)
-        q = queue(job_ids)
-    return q
-
-
-@dataclass(frozen=True)
-class JobEnd:
-    """How a job that left the queue ended, as sacct records it: its state (FAILED,
-    CANCELLED by 0, ...; UNKNOWN when Slurm does not say), its exit code ("74:0" -> 74;
-    None when Slurm does not say, or a signal ended it) and the signal that killed a task
-    of its steps (DerivedExitCode "0:9" -> 9: the OOM killer's, say). Prints as its state,
-    and that signal."""
-    state: str
-    exit_code: int | None = None
-    killed_by: int | None = None
-
-    def __str__(self) -> str:
-        if not self.killed_by:
-            return self.state
-        return f"{self.state} (a task killed by {signal_name(self.killed_by) or f'signal {self.killed_by}'})"
-
-    @property
-    def killed(self) -> bool:
-        """Whether a signal ended it (the kernel's or Slurm's OOM killer, a segfault, a kill
-        from outside), not its own code, a cancel or a time limit."""
-        return self.state == "OUT_OF_MEMORY" or (self.state == "FAILED" and self.killed_by is not None)
-
-
-# states sacct may still give a job that has just left the queue: the accounting database
-# learns of its end a moment after squeue does
-_NOT_ENDED = ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING",
-              "STAGE_OUT", "STOPPED")
-
-
-def job_end(job_id: str, settle_s: float = 15.0) -> JobEnd:
-    """How a job that left the queue ended. While sacct still says it runs (for up to
-    ``settle_s``), ask again."""
-    deadline = time.monotonic() + settle_s
-    while True:
-        end = _job_end_now(job_id)
-        if end.state not in _NOT_ENDED or time.monotonic() >= deadline:
-            return end
-        time.sleep(0.5)
-
-
-def _job_end_now(job_id: str) -> JobEnd:
-    for jid in dict.fromkeys([job_id, job_id.split("_")[0]]):  # an array cancelled before it started
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State,ExitCode,DerivedExitCode", "-j", jid],
-                             capture_output=True, text=True, timeout=60)  # is one record, under the array's id
-        rows = [x.split("|") for x in out.stdout.splitlines() if x.strip()]
-        if rows and rows[-1][0].strip():
-            row = rows[-1] + ["", ""]
-            code, derived = row[1].strip().split(":"), row[2].strip().split(":")
-            killed = int(derived[1]) if len(derived) == 2 and derived[1].isdigit() and derived[1] != "0" else None
-            state = row[0].split()[0]
-            if killed is None and state == "FAILED":
-                killed = _step_signal(jid)
-            return JobEnd(state, int(code[0]) if len(code) == 2 and code[1] == "0" and code[0].isdigit() else None,
-                          killed)
-    return JobEnd("UNKNOWN")
-
-
-def _step_signal(job_id: str) -> int | None:
-    """The signal that ended a task of one of the job's steps (the step's ExitCode "0:9"),
-    if one did. The job's own DerivedExitCode says so too, but not always: on the local
-    cluster a per-run job whose trainer was SIGKILLed was left "0:0" there in 2 of 8 kills,
-    its step "0:9"."""
-    out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id], capture_output=True, text=True,
-                         timeout=60).stdout
-    for line in out.splitlines():
-        step, _, code = line.strip().partition("|")
-        number = code.partition(":")[2]
-        if "." in step and step.rsplit(".", 1)[1].isdigit() and number.isdigit() and number != "0":
-            return int(number)
-    return None
-
-
 def queued_jobs(runs: list[RunSpec]) -> dict[str, str]:
     """Runs whose recorded per-run job is still in the queue (key -> job id)."""
     ids = {r.key: read_json(r.run_dir / JOB_FILE).get("job_id") for r in runs}
     active = settled_queue([v for v in ids.values() if v])
     return {k: v for k, v in ids.items() if v in active}
-
-
-def max_array_size() -> int:
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-    for line in out.splitlines():
-        if line.split("=")[0].strip() == "MaxArraySize":
-            return max(1, int(line.split("=")[1].strip()))
-    return 1001
 
 
 def _executor(exp: ExperimentConfig, **params: Any) -> Any:
@@ -308,100 +141,6 @@ def submit_per_run(exp: ExperimentConfig, decisions: list[Decision], max_paralle
     return submitted
 
 
-def requeue_killed_teardown(exp_dir: Path) -> list[str]:
-    """The lines a job's batch script runs after its command (submitit's teardown): when
-    the command ended with 128 + a signal (srun's status for a per-run job's step, the
-    driver's own for an allocation), :func:`requeue_killed_job` decides whether the job
-    requeues itself. The script then exits with that status, so that the job ends as it
-    would have without them."""
-    import shlex
-    import sys
-
-    call = ("import sys; from fastbgm.launch.slurm import requeue_killed_job as f; "
-            "print(f(sys.argv[1], int(sys.argv[2])))")
-    return ["fastbgm_step_rc=$?",
-            'if [ "$fastbgm_step_rc" -gt 128 ]; then',
-            f"  {shlex.quote(sys.executable)} -c {shlex.quote(call)} {shlex.quote(str(exp_dir))} "
-            '"$fastbgm_step_rc" || true',
-            "fi",
-            'exit "$fastbgm_step_rc"']
-
-
-def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
-    """In a job's batch script, after its command ended with ``rc`` (> 128): a job that a
-    signal cut short (the OOM killer, a segfault, a kill from outside) with runs
-    unfinished requeues itself, up to :data:`MAX_KILLS` kills a job, and they resume from
-    their last checkpoints in the same job, whether or not a launch follows it
-    (``--no-wait``); the jobs that wait on it (``afterok``) go on waiting.
-
-    - A per-run job: when a task of its step was killed. srun's status cannot say (a task
-      that exits with an error ends its peers by signal, through ``--kill-on-bad-exit``):
-      the step's exit code in sacct does ("0:9", not "1:0"). Each kill is a line in the
-      run's train.log; its count is in the run's ``kills.json``.
-    - An allocation: when its driver was killed (the batch script's own child: ``rc`` is
-      128 + the signal; SIGTERM is the driver's own exit as Slurm ends the job). Its
-      steps are ended by the requeue, and every unfinished run resumes; the count is in
-      the experiment folder's ``kills.json``.
-
-    Never when the job no longer runs (cancelled, requeued, out of time: Slurm ends it).
-    Returns what it did, for the job's log."""
-    import os
-    import signal
-
-    from ..fileio import lock_holder
-    from .allocation import ALLOCATION_FILE
-
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    numeric = os.environ.get("SLURM_JOB_ID", "")
-    job = f"{array}_{task}" if array and task else numeric
-    exp_dir = Path(exp_dir)
-    allocation = read_json(exp_dir / ALLOCATION_FILE)
-    per_run = allocation.get("job_id") != job
-    if not per_run:
-        keys = allocation.get("runs") or []
-        unfinished = [k for k in keys if run_status(exp_dir / k)[0] not in ENDED]
-        where, what, them = exp_dir, "its driver", "every unfinished run"
-        logs = [exp_dir / k for k in unfinished if (exp_dir / k).is_dir()]
-        if not unfinished:
-            return f"allocation {job}: every run has ended; nothing to requeue"
-    else:
-        run_dir = next((p.parent for p in exp_dir.rglob(JOB_FILE) if read_json(p).get("job_id") == job), None)
-        if run_dir is None:
-            return f"job {job}: no run folder of {exp_dir} names it; nothing to requeue"
-        if run_status(run_dir)[0] in ENDED or lock_holder(run_dir) is not None:
-            return f"job {job}: its run is {run_status(run_dir)[0]}, or another process trains it; nothing to requeue"
-        where, what, them, logs = run_dir, "its trainer", "it", [run_dir]
-    try:  # (a cluster without accounting has no sacct: then nothing tells a kill from an error)
-        if per_run:
-            number = _step_signal(numeric)
-        else:  # (the driver is the script's own child: its status is the signal's)
-            number = rc - 128 if rc - 128 != signal.SIGTERM else None
-        state = job_fields(numeric).get("JobState", "")
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"job {job}: cannot ask Slurm how its step ended ({e}); nothing to requeue"
-    if state != "RUNNING" or number is None:
-        return f"job {job}: {state or 'gone'}, its exit {rc} names no kill; nothing to requeue"
-    n = count_in_job(where, KILLS, job)
-    killed = f"{what} was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")
-    if n >= MAX_KILLS:
-        said = (f"{killed} in job {job}, {n} times in that job; {them} is left unfinished: the same command resumes "
-                f"{them} from its last checkpoint (if an OOM killer ended it, give it more memory: --mem-gb)")
-    else:
-        said = (f"{killed} in job {job} ({n} of {MAX_KILLS} in that job); the job is requeued and resumes {them} from "
-                "its last checkpoint")
-    for d in logs:
-        log_error(d, said)
-    if n >= MAX_KILLS:
-        return said
-    try:
-        scontrol_requeue(numeric)
-    except (subprocess.SubprocessError, OSError) as e:
-        for d in logs:
-            log_error(d, f"job {job} could not requeue itself ({e}); the same command resumes the run")
-        return f"could not requeue job {job}: {e}"
-    return said
-
-
 def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, int, str]:
     """ONE job for the experiment: its allocation, with the driver that packs the runs
     onto it as job steps (:mod:`fastbgm.launch.allocation`). Returns its job id, its
@@ -431,21 +170,6 @@ def submit_allocation(exp: ExperimentConfig, runs: list[RunSpec]) -> tuple[str, 
     return job.job_id, nodes, why
 
 
-def lost_driver_node(job: str) -> str:
-    """The node a finished allocation lost its batch script with (the driver's node, which
-    Slurm took from the job when it failed), or "" when it did not."""
-    from ..slurmenv import slurm_hostnames
-
-    out = subprocess.run(["sacct", "-n", "-D", "-P", "-o", "JobID,NodeList", "-j", job], capture_output=True,
-                         text=True, timeout=60).stdout.splitlines()
-    rows = [line.split("|") for line in out if line.count("|") == 1]
-    batch = [nodes for jid, nodes in rows if jid == f"{job}.batch"]
-    last = [nodes for jid, nodes in rows if jid == job]
-    if not batch or not last or batch[-1] in ("", "None assigned"):
-        return ""
-    return batch[-1] if batch[-1] not in slurm_hostnames(last[-1]) else ""
-
-
 def job_log(exp: ExperimentConfig, job: str) -> Path:
     """Where a job's first task logs (submitit's file for its stderr): an allocation's
     driver, or a per-run job's trainer (rank 0)."""
@@ -458,32 +182,6 @@ def active_allocation(exp: ExperimentConfig) -> str | None:
 
     job = read_json(experiment_dir(exp) / ALLOCATION_FILE).get("job_id")
     return job if job and settled_queue([job]) else None
-
-
-def queue_summary(q: dict[str, tuple[str, str]]) -> str:
-    """What the followed jobs wait for, for the live table's title: pending jobs counted
-    by Slurm's reason (a requeued allocation waiting for a node that went down reads
-    "1 job pending (Nodes required for job are DOWN, DRAINED or ...)")."""
-    from collections import Counter
-
-    pending = Counter(reason for state, reason in q.values() if state == "PENDING")
-    return ", ".join(f"{n} job{'s' if n > 1 else ''} pending ({reason})" for reason, n in pending.most_common(3))
-
-
-# Pending reasons that no amount of waiting resolves.
-NEVER = ("DependencyNeverSatisfied", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidQOS",
-         "InvalidAccount", "PartitionConfig")
-
-
-# Pending reasons that say a node the job needs is down or drained (not merely busy).
-NODES_OUT = ("ReqNodeNotAvail", "Nodes required for job are DOWN")
-
-
-def job_fields(job: str) -> dict[str, str]:
-    """``scontrol show job JOB`` as {field: value} (JobState, NumNodes, ...; empty when Slurm
-    no longer knows it)."""
-    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
-    return dict(x.split("=", 1) for x in info.split() if "=" in x)
 
 
 def shrink_pending(job: str, res: Any) -> str:
