@@ -228,8 +228,9 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
         tf.add(src, arcname="cifar10")
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
            "TMPDIR": str(tmp_path)}
-    res = subprocess.run([sys.executable, "-m", "fastbgm.bench", "gpu", "--smoke", "--device", "cpu", "--data", str(data),
-                          "--out", str(tmp_path / "out"), "--budget", "900"], capture_output=True, text=True,
+    check = [sys.executable, "-m", "fastbgm.bench", "gpu", "--smoke", "--device", "cpu", "--data", str(data),
+             "--paper-dir", "paper-runs"]  # (relative: to where the check is run)
+    res = subprocess.run([*check, "--out", str(tmp_path / "out"), "--budget", "900"], capture_output=True, text=True,
                          env=env, cwd=tmp_path, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads((tmp_path / "out" / "gpu.json").read_text())
@@ -303,6 +304,23 @@ def test_gpu_check_smoke_runs_every_section_on_cpu(tmp_path: Path) -> None:
     # and pack-ceiling's one run at K x the batch, as a step row of that batch
     assert [(r["kind"], r["batch"], r["step"]) for r in rates[3:] if r not in packed] == [
         ("step", 2 * SMOKE.batch, "stepgraph")]
+    # the paper again with the same --paper-dir (a second call while the GPU machine is
+    # warm): the launch resumes what the first left, and trains nothing twice
+    epochs = {f: f.read_text() for f in (tmp_path / "paper-runs").rglob("metrics.jsonl")}
+    assert len(epochs) == 5
+    again = subprocess.run([*check, "--out", str(tmp_path / "out2"), "--budget", "300", "--sections", "paper"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    paper2 = json.loads((tmp_path / "out2" / "gpu.json").read_text())["paper"]
+    assert paper2["exit_code"] == 0 and paper2["earlier"] == {r["key"]: "done" for r in paper["results"]}
+    assert {f: f.read_text() for f in epochs} == epochs  # no epoch trained again
+    launch_row = next(r for r in json.loads((tmp_path / "out2" / "gpu.json").read_text())["rows"]
+                      if r[0] == "paper" and r[1].startswith("launch"))
+    assert "resumed an earlier call's launch, 5 runs done before it" in launch_row[3], launch_row
+    assert launch_row[2] == 0  # images/s: this call's own images (none), not the first call's again
+    with tarfile.open(tmp_path / "out2" / "paper-report.tar.gz") as tf:
+        assert "the GPU check again: the launch resumes (5 runs done before it)" in \
+            tf.extractfile("launch.log").read().decode()
 
 
 def test_the_paper_sections_launch_is_stopped_when_the_budget_ends(tmp_path: Path,

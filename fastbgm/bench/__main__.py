@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--smoke", action="store_true", help="every section at toy size (small_cnn, K = 1, 2, a few "
                            "steps, 12 CIFAR-10 images a class): runs the whole check on a CPU in minutes, before a "
                            "GPU session spends its time on it")
+            s.add_argument("--paper-dir", type=Path, default=None, help="keep the paper section's launch in this "
+                           "folder: a check given the same folder again resumes it where the budget stopped it "
+                           "(default: a temporary folder, removed)")
         if name == "pack":
             s.add_argument("--models", default="resnet18,vgg16_bn,resnet50,densenet40_bc",
                            help="comma-separated models (fastbgm.models)")
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         from .gpu import FULL, SECTIONS, SMOKE
 
         run_gpu(device, args.data, args.out, args.seconds, args.budget,
-                tuple(x for x in args.sections.split(",") if x) or SECTIONS, SMOKE if args.smoke else FULL)
+                tuple(x for x in args.sections.split(",") if x) or SECTIONS, SMOKE if args.smoke else FULL,
+                args.paper_dir.resolve() if args.paper_dir else None)
     return 0
 
 

@@ -26,7 +26,9 @@ for the sections asked for after them (:attr:`Scale.reserve_s`, :attr:`Scale.pap
 - ``paper``: the paper on all of CIFAR-10, ResNet18 (configs/cifar10-gpu.toml: stage 1
   on R = 2 noisy copies, stage 2 vanilla and DA+L2+M from random and adversarial init,
   4 runs packed on the GPU) through the launcher, stopped when the budget ends, and its
-  report (bench/paper.py; ``paper-report.tar.gz`` beside the table);
+  report (bench/paper.py; ``paper-report.tar.gz`` beside the table). With ``--paper-dir
+  DIR`` its runs stay in DIR, and a check run again with the same DIR (a second call on
+  a machine still warm) resumes the launch where the budget stopped it;
 - ``pack-unsafe``: torch.compile's graphs of 4 runs replayed on 4 streams, the design
   the trainer refuses (their graphs share one memory pool): its difference column;
 - ``pack-processes``: K = 4 runs as 4 processes on the GPU, each run as alone, taking
@@ -425,10 +427,12 @@ def reserve_after(name: str, sections: tuple[str, ...], scale: Scale = FULL) -> 
 
 
 def run(device: torch.device, data: Path, out: Path | None, seconds: float, budget_s: float = 420.0,
-        sections: tuple[str, ...] = SECTIONS, scale: Scale = FULL) -> dict:
+        sections: tuple[str, ...] = SECTIONS, scale: Scale = FULL, paper_dir: Path | None = None) -> dict:
     """The sections asked for, in :data:`SECTIONS`' order (what the open work needs first),
     each skipped once ``budget_s`` is spent; sizes from ``scale`` (:data:`SMOKE`: the whole
-    script at toy size, for a CPU)."""
+    script at toy size, for a CPU). ``paper_dir``: the paper's launch folder, kept (a check
+    given the same folder again resumes the launch where the budget stopped it); None: a
+    temporary one, removed at the end."""
     from ..trainer.fused import uncompiled_fused_steps
 
     unknown = [x for x in sections if x not in SECTIONS]
@@ -523,8 +527,8 @@ def run(device: torch.device, data: Path, out: Path | None, seconds: float, budg
     def paper_rows() -> list[list[Any]]:
         from .paper import run as run_paper
 
-        rows, record = run_paper(data, work / "paper", out, deadline - reserve(), scale.paper_per_class, scale.paper_overrides,
-                                 paper_prepared, info, decoding)
+        rows, record = run_paper(data, paper_dir or work / "paper", out, deadline - reserve(), scale.paper_per_class,
+                                 scale.paper_overrides, paper_prepared, info, decoding)
         results["paper"] = record
         return rows
 

@@ -117,7 +117,7 @@ def _launch(cmd: list[str], log_path: Path, seconds: float) -> tuple[int | None,
     wall seconds)."""
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
-    with open(log_path, "w") as f:
+    with open(log_path, "a") as f:  # (a resumed launch's log follows the earlier call's)
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
         try:
             p.wait(timeout=max(1.0, seconds))
@@ -164,11 +164,18 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
            f"--runs_dir={work}", f"--name={name}", f"--datasets.0.train={folder / 'train.beton'}",
            f"--datasets.0.test={folder / 'test.beton'}", *overrides]
     work.mkdir(parents=True, exist_ok=True)
+    exp = work / name
+    earlier = _run_states(exp)  # a launch an earlier check left in ``work`` (--paper-dir): resumed
+    images_before = _images_trained(exp) if earlier else 0.0  # (this call's images/s counts only its own)
     launch_log = work / "launch.log"
+    if earlier:
+        with open(launch_log, "a") as f:
+            f.write(f"\n--- {time.strftime('%H:%M:%S')}: the GPU check again: the launch resumes ("
+                    f"{_states_line(earlier)})\n")
     code, wall = _launch(cmd, launch_log, deadline - time.time() - REPORT_RESERVE_S)
     record: dict[str, Any] = {"command": " ".join(cmd[1:]), "data": str(folder), "decode_s": decode_s,
-                              "decoded_in_background": decoding is not None, "exit_code": code, "wall_s": wall}
-    exp = work / name
+                              "decoded_in_background": decoding is not None, "exit_code": code, "wall_s": wall,
+                              "earlier": earlier}
     rows: Rows = []
     try:
         rep = build_report(exp)
@@ -184,7 +191,7 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
         rows_of = metrics.get(r["key"], [])
         seconds = sum(m.get("epoch_seconds", 0.0) for m in rows_of)
         extras = sum(m.get("eval_seconds", 0.0) + m.get("checkpoint_seconds", 0.0) for m in rows_of)
-        images += sum(m.get("images_per_s", 0.0) * m.get("epoch_seconds", 0.0) for m in rows_of)
+        images += _images(rows_of)
         what = f"{r['key'].split('/')[-1]}: {r['status']}, {r['epochs'] or len(rows_of)} epochs"
         if r["status"] in ("running", "pending") and code != 0:
             what += " (the launch was stopped at the time budget)"
@@ -194,10 +201,13 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
                      + (f"; {r['reason']}" if r.get("reason") else "")])
     for c in rep["claims"]:
         rows.append(["paper", "claim", float("nan"), {True: "PASS", False: "FAIL", None: "N/A"}[c.passed] + f": {c.text}"])
+    images = max(0.0, images - images_before)
     rows.append(["paper", f"launch ({'exit ' + str(code) if code is not None else 'killed'}; "
                  + (f"waited {decode_s:.0f} s for the data" if decoding is not None else f"decode {decode_s:.0f} s")
                  + ")", images / wall if wall else float("nan"),
-                 f"wall {wall:.0f} s; images/s = every run's trained images over the launch's wall time"])
+                 f"wall {wall:.0f} s; images/s = every run's trained images over the launch's wall time"
+                 + (f" (this call's images only: it resumed an earlier call's launch, {_states_line(earlier)}; "
+                    "the runs' epochs and seconds above are all calls')" if earlier else "")])
     if out is not None:
         facts = work / "facts.md"
         facts.write_text(_facts(info or {}, record, rows))
@@ -213,6 +223,37 @@ def run(data: Path, work: Path, out: Path | None, deadline: float, per_class: tu
     return rows, record
 
 
+def _run_states(exp: Path) -> dict[str, str]:
+    """{run key: status} of the runs a launch left in the experiment folder ``exp`` (none
+    when there is none): what an earlier GPU check given the same ``--paper-dir`` did."""
+    from fastbgm.experiment import run_status
+
+    if not exp.is_dir():
+        return {}
+    return {str(f.parent.relative_to(exp)): run_status(f.parent)[0] for f in sorted(exp.rglob("result.json"))}
+
+
+def _images(metrics: list[dict[str, Any]]) -> float:
+    """Images one run trained, from its metrics rows (each epoch's images/s times its seconds)."""
+    return sum(m.get("images_per_s", 0.0) * m.get("epoch_seconds", 0.0) for m in metrics)
+
+
+def _images_trained(exp: Path) -> float:
+    """Images every run in the experiment folder ``exp`` has trained so far."""
+    from fastbgm.fileio import read_jsonl
+    from fastbgm.trainer import checkpoint as C
+
+    return sum(_images(read_jsonl(f)) for f in exp.rglob(C.METRICS))
+
+
+def _states_line(states: dict[str, str]) -> str:
+    """"2 runs done, 1 running" for :func:`_run_states`' answer (running: stopped, to resume)."""
+    from collections import Counter
+
+    counts = Counter(states.values())
+    return ", ".join(f"{n} run{'s' if n > 1 else ''} {state}" for state, n in counts.most_common()) + " before it"
+
+
 def _facts(info: dict[str, Any], record: dict[str, Any], rows: Rows) -> str:
     """What the run was, as facts: machine, software, commands, times, the table."""
     import platform
@@ -226,7 +267,10 @@ def _facts(info: dict[str, Any], record: dict[str, Any], rows: Rows) -> str:
                                                f"paper waited {record['decode_s']:.0f} s for it)"
                                                if record.get("decoded_in_background") else
                                                f"decoded in {record['decode_s']:.0f} s when not there yet)"),
-             f"- Launch: exit {record['exit_code']}, wall {record['wall_s']:.0f} s", "",
+             f"- Launch: exit {record['exit_code']}, wall {record['wall_s']:.0f} s"
+             + (f" (this call; it resumed an earlier call's launch in the same --paper-dir: "
+                f"{_states_line(record['earlier'])}; the runs' epochs and seconds below are all calls')"
+                if record.get("earlier") else ""), "",
              *markdown_table(["what", "images/s", "notes"], [r[1:] for r in rows])]
     return "\n".join(lines) + "\n"
 
