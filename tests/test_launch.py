@@ -912,12 +912,18 @@ def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exact
 LOST_NODE_STAGE1_EPOCHS = 30
 
 
-def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str,
-                    *extra: str) -> tuple[list[str], subprocess.Popen, Path, str, dict[str, Path]]:
-    """Launch a 14-epoch vanilla experiment as one allocation of 2 nodes x 1 GPU, and wait
-    until its two first runs (stage 1, and stage 2 from random init) train, one on each
-    node, 2 epochs in: (launch args, the launch, following the job; experiment folder,
-    job id, {node: its run's folder})."""
+def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str, *extra: str,
+                    lose_driver_node: bool = False) -> tuple[subprocess.Popen, Path, str, dict[str, Path], str]:
+    """Launch a 14-epoch vanilla experiment as one allocation of 2 nodes x 1 GPU whose two
+    first runs (stage 1, and stage 2 from random init) train one on each node, and pick
+    the node to lose: the one the allocation's driver runs on if ``lose_driver_node``,
+    else the other. The run on that node stops where it stands (SIGSTOP) as soon as it
+    has 2 epochs, as on a node that fails: a run left to train on while the other ran its
+    2 epochs could finish first (a 14-epoch stage-2 run did, on CI, 2026-12-01: stage 1's
+    epochs are R times longer). Returns once the other run has 2 epochs too: (the launch,
+    following the job; experiment folder, job id, {node: its run's folder}, the node to
+    lose)."""
+    from fastbgm.fileio import lock_holder
     from fastbgm.launch.allocation import allocation_nodes
 
     cfg = write_experiment(tmp_path, tiny_dir, name=name, modes='["vanilla"]', epochs=14,
@@ -927,15 +933,29 @@ def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str,
     root = tmp_path / "runs" / name
     seed = root / "synthetic/small_cnn/seed0"
     deadline = time.time() + 240
-    while time.time() < deadline and not list(seed.glob("stage1-*")):
+    allocation = root / "slurm-allocation.json"
+    while time.time() < deadline and not (list(seed.glob("stage1-*")) and allocation.exists()):
         time.sleep(0.2)
     first = [*seed.glob("stage1-*"), seed / "stage2-random-vanilla"]
-    while time.time() < deadline and not all(len(read_jsonl(r / "metrics.jsonl")) >= 2 for r in first):
-        time.sleep(0.2)
-    job = json.loads((root / "slurm-allocation.json").read_text())["job_id"]
-    where = {json.loads((r / "env.json").read_text())["hosts"][0]: r for r in first}
+    job = json.loads(allocation.read_text())["job_id"]
+    driver, lost, frozen, where = "", "", None, {}
+    while time.time() < deadline:
+        for r in first:
+            if r not in where.values() and (r / "env.json").exists():
+                where[json.loads((r / "env.json").read_text())["hosts"][0]] = r
+        driver = driver or (_batch_host(job) if where else "")  # (a run trains: the job runs)
+        lost = next((n for n in where if (n == driver) == lose_driver_node), "")
+        holder = lost and lock_holder(where[lost])
+        if frozen is None and holder and len(read_jsonl(where[lost] / "metrics.jsonl")) >= 2:
+            frozen = int(holder.split()[1])
+            os.kill(frozen, signal.SIGSTOP)  # (Slurm's kill of the node's steps ends it)
+        if frozen is not None and all(len(read_jsonl(r / "metrics.jsonl")) >= 2 for r in first):
+            break
+        time.sleep(0.1)
     assert sorted(where) == allocation_nodes(job) == ["node1", "node2"], where
-    return args, follower, root, job, where
+    assert frozen is not None, f"the run on {lost or 'the node to lose'} did not train 2 epochs in time"
+    assert lock_holder(where[lost]), f"{where[lost].name}, stopped on {lost}, no longer holds its folder"
+    return follower, root, job, where, lost
 
 
 def _batch_host(job: str) -> str:
@@ -957,19 +977,13 @@ def _lose_node(job: str, node: str) -> None:
         time.sleep(0.5)
 
 
-def _follow_losing(follower: subprocess.Popen, job: str, node: str, run: Path,
+def _follow_losing(follower: subprocess.Popen, job: str, node: str,
                    then: Callable[[], None] = lambda: None) -> str:
-    """Fail ``node`` of ``job`` for good (:func:`_lose_node`), do ``then``, and let the
-    launch following the job end, which must exit 0; the node is back in service after.
-    ``run``, the run training on that node, stops where it stands first, as on a node that
-    fails: it cannot finish in the seconds Slurm takes to see the node down (a 14-epoch
-    stage-2 run had 7 epochs to go then, 2026-11-30). Returns the launch's output."""
+    """Fail ``node`` of ``job`` for good (:func:`_lose_node`; its run stopped already, in
+    :func:`_one_run_a_node`), do ``then``, and let the launch following the job end, which
+    must exit 0; the node is back in service after. Returns the launch's output."""
     from fastbgm.bench.faults import resume_node
-    from fastbgm.fileio import lock_holder
 
-    holder = lock_holder(run)
-    assert holder, f"{run.name} no longer trains on {node}"
-    os.kill(int(holder.split()[1]), signal.SIGSTOP)  # (Slurm's kill of the node's steps ends it)
     try:
         _lose_node(job, node)
         then()
@@ -1001,9 +1015,8 @@ def test_a_node_lost_for_good_costs_only_its_run_which_resumes_on_the_nodes_left
     and the launch following the job ends with every run done as if nothing had happened.
     The run on the other node never stopped."""
     reference = _local_reference(tmp_path, tiny_dir, name="nl", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
-    args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nl")
-    lost = next(n for n in where if n != _batch_host(job))
-    _follow_losing(follower, job, lost, where[lost])
+    follower, root, job, where, lost = _one_run_a_node(tmp_path, tiny_dir, "nl")
+    _follow_losing(follower, job, lost)
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
     history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job], capture_output=True,
                              text=True, timeout=60).stdout.split()
@@ -1025,9 +1038,9 @@ def test_the_node_of_the_allocations_driver_lost_the_launch_submits_the_next_all
     node left (``--min-nodes 1``; the failed node stays down), which resumes every
     unfinished run exactly; the launch ends with every run done."""
     reference = _local_reference(tmp_path, tiny_dir, name="nb", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
-    args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nb", "--min-nodes", "1")
-    lost = _batch_host(job)
-    text = " ".join(_follow_losing(follower, job, lost, where[lost]).split())
+    follower, root, job, where, lost = _one_run_a_node(tmp_path, tiny_dir, "nb", "--min-nodes", "1",
+                                                       lose_driver_node=True)
+    text = " ".join(_follow_losing(follower, job, lost).split())
     assert f"allocation {job} lost {lost}, the node its driver ran on" in text, text[-3000:]
     # the runs unfinished when the new allocation was submitted: stage 2 from adversarial
     # init (it waits on stage 1) and those of the first two still training then (the one
@@ -1050,8 +1063,7 @@ def test_a_requeued_allocation_waiting_for_a_lost_node_asks_for_the_nodes_up_und
     job waits for the lost node. Under ``--min-nodes 1`` the launch following it has it
     ask for the node up, where it starts again and every run resumes exactly."""
     reference = _local_reference(tmp_path, tiny_dir, name="nr", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
-    args, follower, root, job, where = _one_run_a_node(tmp_path, tiny_dir, "nr", "--min-nodes", "1")
-    lost = next(n for n in where if n != _batch_host(job))
+    follower, root, job, where, lost = _one_run_a_node(tmp_path, tiny_dir, "nr", "--min-nodes", "1")
     log = root / ".submitit" / job / f"{job}_0_log.err"
 
     def requeue_once_it_went_on() -> None:  # (as at its time limit)
@@ -1060,7 +1072,7 @@ def test_a_requeued_allocation_waiting_for_a_lost_node_asks_for_the_nodes_up_und
             time.sleep(0.2)
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
 
-    out = _follow_losing(follower, job, lost, where[lost], requeue_once_it_went_on)
+    out = _follow_losing(follower, job, lost, requeue_once_it_went_on)
     assert f"allocation {job} waited for 2 node(s), 1 are up: it now asks for 1 (--min-nodes 1)" in \
         " ".join(out.split()), out[-3000:]
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
