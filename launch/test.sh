@@ -12,7 +12,7 @@ WITH_SLURM=1 bash launch/install.sh
 bash launch/slurm-stop.sh >/dev/null 2>&1 || true   # a cluster of another shape left by hand
 bash launch/slurm-start.sh --nodes 2 --gpus-per-node 2
 trap 'bash launch/slurm-stop.sh >/dev/null 2>&1 || true' EXIT
-echo "test: running the suite (about 13-20 min on 2 cores)"
+echo "test: running the suite (about 18-23 min on 2 cores)"
 set +e
 "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider "$@"   # the README's test command
 rc=$?
