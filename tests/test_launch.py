@@ -938,22 +938,17 @@ def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str, *extra: str,
         time.sleep(0.2)
     first = [*seed.glob("stage1-*"), seed / "stage2-random-vanilla"]
     job = json.loads(allocation.read_text())["job_id"]
-    driver, lost, frozen, where = "", "", None, {}
-    while time.time() < deadline:
-        for r in first:
-            if r not in where.values() and (r / "env.json").exists():
-                where[json.loads((r / "env.json").read_text())["hosts"][0]] = r
-        driver = driver or (_batch_host(job) if where else "")  # (a run trains: the job runs)
-        lost = next((n for n in where if (n == driver) == lose_driver_node), "")
-        holder = lost and lock_holder(where[lost])
-        if frozen is None and holder and len(read_jsonl(where[lost] / "metrics.jsonl")) >= 2:
-            frozen = int(holder.split()[1])
-            os.kill(frozen, signal.SIGSTOP)  # (Slurm's kill of the node's steps ends it)
-        if frozen is not None and all(len(read_jsonl(r / "metrics.jsonl")) >= 2 for r in first):
-            break
+    where: dict[str, Path] = {}
+    while time.time() < deadline and len(where) < len(first):
+        where = {json.loads((r / "env.json").read_text())["hosts"][0]: r for r in first if (r / "env.json").exists()}
         time.sleep(0.1)
     assert sorted(where) == allocation_nodes(job) == ["node1", "node2"], where
-    assert frozen is not None, f"the run on {lost or 'the node to lose'} did not train 2 epochs in time"
+    driver = _batch_host(job)
+    lost = next(n for n in where if (n == driver) == lose_driver_node)
+    _stop_a_trainer(where[lost], epochs=2)  # (Slurm's kill of the node's steps ends it)
+    while time.time() < deadline and not all(len(read_jsonl(r / "metrics.jsonl")) >= 2 for r in first):
+        time.sleep(0.1)
+    assert len(read_jsonl(where[lost] / "metrics.jsonl")) >= 2, f"the run on {lost} did not train 2 epochs in time"
     assert lock_holder(where[lost]), f"{where[lost].name}, stopped on {lost}, no longer holds its folder"
     return follower, root, job, where, lost
 
