@@ -21,7 +21,7 @@ from fastbgm.fileio import read_jsonl
 from fastbgm.models import build_model, count_parameters
 from fastbgm.trainer import RunConfig, Trainer, lr_factor
 from fastbgm.trainer import checkpoint as C
-from fastbgm.trainer.loop import RunState
+from fastbgm.trainer.runstate import RunState
 
 from .conftest import REPO, run_config, small_disk
 from .reference import reference_ddp_training
@@ -220,7 +220,7 @@ def test_a_nonfinite_loss_inside_an_epoch_is_found_at_its_step_without_a_wait_ea
     (step 39), and the failure names step 6. The epoch's last step waits for its own
     check: a loss that goes non-finite there fails the epoch before its checkpoint."""
     from fastbgm import distributed as D
-    from fastbgm.trainer.loop import CHECK_EVERY
+    from fastbgm.trainer.runstate import CHECK_EVERY
     from fastbgm.trainer.stops import NonFiniteLoss
 
     cpu = D.DistEnv(0, 1, 0, torch.device("cpu"))

@@ -21,7 +21,8 @@ from fastbgm import distributed as D
 from fastbgm.data import loader_from_arrays
 from fastbgm.models import build_model
 from fastbgm.trainer.config import PACK_MODES as LOOP_PACK_MODES
-from fastbgm.trainer.loop import RunState, train_epoch_together
+from fastbgm.trainer.loop import train_epoch_together
+from fastbgm.trainer.runstate import RunState
 from fastbgm.trainer.measures import peak_flops, train_flops_per_image
 from fastbgm.trainer.stepgraph import StepGraphs
 from fastbgm.trainer.speed import Speed, compile_model, make_sgd, threaded_compile_ok

@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from ..fileio import read_jsonl
+from ..fileio import atomic_torch_save, atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +45,8 @@ RESULT = "result.json"
 PLANNED = "planned-config.json"
 TRAIN_LOG = "train.log"  # what a launcher's trainer process prints
 HEARTBEAT = "heartbeat"
+
+log = logging.getLogger("fastbgm.trainer")
 
 
 def rank_failure_path(run_dir: str | Path, rank: int) -> Path:
@@ -165,3 +169,57 @@ def resolve_init(path: str | Path) -> Path:
 def model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Weights *and* BatchNorm running statistics (the full module state)."""
     return ckpt["model"]
+
+
+def save_last(run_dir: str | Path, module: Any, optimizer: Any, scheduler: Any, scaler: Any, epoch: int,
+              stopped: bool, row: dict[str, Any]) -> None:
+    """last.pt after ``epoch`` epochs: everything a resume needs to go on as if never
+    stopped (every per-sample draw is a function of the seed and the epoch, so the
+    loader's state is its epoch), with the epoch's metrics row (``row``): a kill between
+    the checkpoint and the row's line in metrics.jsonl is mended on resume."""
+    atomic_torch_save({
+        "model": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "stopped": stopped,
+        "rng": rng_state(), "loader": {"epoch": epoch}, "metrics_row": dict(row),
+    }, Path(run_dir) / LAST)
+
+
+def resume(run_dir: str | Path, module: Any, optimizer: Any, scheduler: Any, scaler: Any, train: Any,
+           is_main: bool) -> tuple[int, bool]:
+    """Restore a run's objects from its last.pt: (epochs already done, whether the run had
+    decided to stop); (0, False) when it has none. ``is_main``: this process keeps the
+    folder's metrics.jsonl to the checkpoint's epochs (the rows after it are trained
+    again) and moves an unreadable last.pt aside."""
+    d = Path(run_dir)
+    p = d / LAST
+    if not p.exists():
+        if is_main and (d / METRICS).exists():
+            (d / METRICS).unlink()  # rows of a run that never checkpointed
+        return 0, False
+    try:
+        ckpt = load(p)
+    except Exception as e:  # written atomically, so only damage from outside gets here
+        if is_main:
+            aside = p.with_name(f"{p.name}.unreadable-{int(time.time())}")
+            p.rename(aside)
+            (d / METRICS).unlink(missing_ok=True)
+            log.warning("%s is unreadable (%s: %s); kept as %s, and the run starts over (every draw is a "
+                        "function of the seed and epoch: it reaches the same result)", p, type(e).__name__, e,
+                        aside.name)
+        return 0, False
+    module.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    train.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"])
+    epoch = int(ckpt["epoch"])
+    if is_main:  # drop metric rows written after the checkpoint we resume from
+        rows = [r for r in read_jsonl(d / METRICS) if r.get("epoch", 0) <= epoch]
+        if ckpt.get("metrics_row") and (not rows or rows[-1].get("epoch") != epoch):
+            rows.append(ckpt["metrics_row"])  # killed after the checkpoint, before its row
+        atomic_write_text(d / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+    stopped = bool(ckpt.get("stopped", False))
+    log.info("resuming %s after epoch %d%s", d, epoch, " (its stop rule had fired)" if stopped else "")
+    return epoch, stopped

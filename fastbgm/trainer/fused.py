@@ -39,7 +39,7 @@ from ..config import ConfigError
 from .speed import on_stream
 
 if TYPE_CHECKING:
-    from .loop import RunState
+    from .runstate import RunState
 
 log = logging.getLogger("fastbgm.trainer")
 

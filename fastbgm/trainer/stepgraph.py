@@ -37,7 +37,7 @@ import torch
 from .speed import on_stream
 
 if TYPE_CHECKING:
-    from .loop import RunState
+    from .runstate import RunState
 
 log = logging.getLogger("fastbgm.trainer")
 

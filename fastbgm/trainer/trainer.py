@@ -13,16 +13,13 @@ import logging
 import math
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
-from .. import __version__
 from .. import distributed as D
 from ..config import ConfigError, flatten, to_dict
 from ..data import LabelSpec, Manifest, make_loader
@@ -32,11 +29,10 @@ from ..models import build_model, count_parameters
 from . import checkpoint as C
 from .config import RunConfig, identity_changes
 from .measures import complexity, evaluate, peak_flops, train_flops_per_image
+from .provenance import provenance
+from .runstate import RunState
 from .speed import Speed, compile_model, make_sgd, resolve_speed
 from .stops import NonFiniteLoss, out_of_memory, run_failure
-
-if TYPE_CHECKING:
-    from .loop import RunState
 
 log = logging.getLogger("fastbgm.trainer")
 
@@ -55,15 +51,6 @@ def lr_factor(cfg: RunConfig, epoch: int) -> float:
         span = max(1, cfg.stop.max_epochs - o.warmup_epochs)
         return 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
     return 1.0
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 class Trainer:
@@ -107,10 +94,8 @@ class Trainer:
                 return res
         return None
 
-    def open(self, env: D.DistEnv, speed: Speed) -> "RunState":
+    def open(self, env: D.DistEnv, speed: Speed) -> RunState:
         """Everything one run needs, built and resumed from its folder."""
-        from .loop import RunState  # noqa: F811 - the loop module imports this one
-
         cfg = self.cfg
         self.speed = speed
         C.rank_failure_path(self.run_dir, env.rank).unlink(missing_ok=True)  # an earlier attempt's
@@ -128,17 +113,18 @@ class Trainer:
         optimizer = self._optimizer(module)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
         scaler = torch.amp.GradScaler("cuda") if speed.precision == "fp16" and env.device.type == "cuda" else None
-        start_epoch, stopped = self._resume(module, optimizer, scheduler, scaler, train, env)
+        start_epoch, stopped = C.resume(self.run_dir, module, optimizer, scheduler, scaler, train, env.is_main)
         flops = train_flops_per_image(module, self.input_shape, env.device) if cfg.mfu else None
         self.hosts = D.all_gather_object(socket.gethostname())  # where each rank ran
         if env.is_main:
-            atomic_write_json(self.run_dir / C.ENV, self._provenance(env, speed, module, flops))
+            atomic_write_json(self.run_dir / C.ENV, provenance(self.cfg, env, speed, module, flops, self.hosts,
+                                                                self.pack))
             self._write_result({"status": "running", "epoch": start_epoch})
         return RunState(self, env, speed, module, self._wrap(module, env, speed), optimizer, scheduler, scaler,
                         train, train_eval, test, init, flops, peak_flops(env.device, speed.precision),
                         epoch=start_epoch, end_epoch=start_epoch if stopped else cfg.stop.max_epochs)
 
-    def end_epoch(self, s: "RunState", loss: float, acc: float, n: int, seconds: float) -> bool:
+    def end_epoch(self, s: RunState, loss: float, acc: float, n: int, seconds: float) -> bool:
         """After one epoch of training: evaluate when due, log, checkpoint. True when the
         run stops here (its stop rule fired, or its last epoch)."""
         cfg, env, epoch = self.cfg, s.env, s.epoch
@@ -172,7 +158,7 @@ class Trainer:
             t_ckpt = time.perf_counter()
             if stop or last or t_ckpt - s.saved_at >= cfg.speed.checkpoint_every_s:
                 row["checkpointed"] = True  # (C.checkpointed_epochs: what a resume keeps)
-                self._save_last(s.module, s.optimizer, s.scheduler, s.scaler, s.train, epoch + 1, stop, row)
+                C.save_last(self.run_dir, s.module, s.optimizer, s.scheduler, s.scaler, epoch + 1, stop, row)
                 s.saved_at = time.perf_counter()
                 row["checkpoint_seconds"] = s.saved_at - t_ckpt
             append_line(self.run_dir / C.METRICS, json.dumps(row))
@@ -184,7 +170,7 @@ class Trainer:
                      epoch + 1)
         return stop or s.epoch >= s.end_epoch
 
-    def fail(self, s: "RunState | None", e: BaseException, record: bool = True) -> dict[str, Any]:
+    def fail(self, s: RunState | None, e: BaseException, record: bool = True) -> dict[str, Any]:
         """Record why this run failed (a non-finite loss says where; running out of
         memory says what to change). ``s`` is None when it failed while being set up;
         ``record`` False when its folder is not this trainer's to write (it failed before
@@ -362,43 +348,6 @@ class Trainer:
             groups = [{"params": list(module.parameters()), "weight_decay": o.weight_decay}]
         return make_sgd(groups, o.peak_lr, o.momentum, o.nesterov, next(module.parameters()).device)
 
-    def _resume(self, module, optimizer, scheduler, scaler, train, env) -> tuple[int, bool]:
-        """(epochs already done, whether the run had decided to stop) from last.pt."""
-        p = self.run_dir / C.LAST
-        if not p.exists():
-            if env.is_main and (self.run_dir / C.METRICS).exists():
-                (self.run_dir / C.METRICS).unlink()  # rows of a run that never checkpointed
-            return 0, False
-        try:
-            ckpt = C.load(p)
-        except Exception as e:  # written atomically, so only damage from outside gets here
-            if env.is_main:
-                aside = p.with_name(f"{p.name}.unreadable-{int(time.time())}")
-                p.rename(aside)
-                (self.run_dir / C.METRICS).unlink(missing_ok=True)
-                log.warning("%s is unreadable (%s: %s); kept as %s, and the run starts over (every draw is a "
-                            "function of the seed and epoch: it reaches the same result)", p, type(e).__name__, e,
-                            aside.name)
-            return 0, False
-        module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        train.load_state_dict(ckpt["loader"])
-        C.set_rng_state(ckpt["rng"])
-        epoch = int(ckpt["epoch"])
-        if env.is_main:  # drop metric rows written after the checkpoint we resume from
-            rows = [r for r in read_jsonl(self.run_dir / C.METRICS) if r.get("epoch", 0) <= epoch]
-            if ckpt.get("metrics_row") and (not rows or rows[-1].get("epoch") != epoch):
-                rows.append(ckpt["metrics_row"])  # killed after the checkpoint, before its row
-            from ..fileio import atomic_write_text
-
-            atomic_write_text(self.run_dir / C.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
-        stopped = bool(ckpt.get("stopped", False))
-        log.info("resuming %s after epoch %d%s", self.run_dir, epoch, " (its stop rule had fired)" if stopped else "")
-        return epoch, stopped
-
     def _wrap(self, module: nn.Module, env: D.DistEnv, speed: Speed) -> nn.Module:
         model: nn.Module = module
         if env.distributed:
@@ -407,14 +356,6 @@ class Trainer:
         if speed.compile:
             model = compile_model(model, speed.compile_mode)
         return model
-
-    def _save_last(self, module, optimizer, scheduler, scaler, train: DeviceLoader, epoch: int,
-                   stopped: bool, row: dict[str, Any]) -> None:
-        atomic_torch_save({
-            "model": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "stopped": stopped,
-            "rng": C.rng_state(), "loader": {"epoch": epoch}, "metrics_row": dict(row),
-        }, self.run_dir / C.LAST)
 
     def _finish(self, module: nn.Module, env: D.DistEnv, speed: Speed) -> dict[str, Any]:
         rows = read_jsonl(self.run_dir / C.METRICS) if env.is_main else []
@@ -443,27 +384,6 @@ class Trainer:
 
     def _write_result(self, result: dict[str, Any]) -> None:
         atomic_write_json(self.run_dir / C.RESULT, {"name": self.cfg.name, **result, "written": time.time()})
-
-    def _provenance(self, env: D.DistEnv, speed: Speed, module: nn.Module, flops: float | None) -> dict[str, Any]:
-        def manifest(path: str) -> dict[str, Any] | None:
-            try:
-                m = Manifest.for_beton(path)
-                return {"path": str(path), "sha256": m.sha256, "num_samples": m.num_samples, "source": m.source}
-            except (FileNotFoundError, ValueError):
-                return None
-
-        dev_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
-        return {
-            "started": time.time(), "hosts": self.hosts, "pid": os.getpid(), "pack": self.pack,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_step": os.environ.get("SLURM_STEP_ID"),
-            "fastbgm": __version__, "git_commit": git_commit(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "python": sys.version.split()[0], "device": dev_name, "world": env.world,
-            "speed": dataclasses.asdict(speed), "bn_init": self.cfg.model.bn_init, "seed": self.cfg.seed,
-            "label_seed": self.cfg.data.label_seed, "data_seed": self.cfg.data.seed,
-            "parameters": count_parameters(module), "train_flops_per_image": flops,
-            "train_data": manifest(self.cfg.data.train), "test_data": manifest(self.cfg.data.test) if self.cfg.data.test else None,
-        }
 
     @contextlib.contextmanager
     def _progress(self, label: str, total: int, env: D.DistEnv) -> Iterator[Any]:
