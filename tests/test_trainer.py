@@ -284,6 +284,17 @@ def test_error_while_being_requeued_is_not_recorded_as_failure(tiny_dir: Path, t
     assert res["status"] == "done" and res["epochs"] == 40
 
 
+def test_a_run_started_with_autograd_off_trains_and_leaves_the_callers_mode(tiny_dir: Path, tmp_path: Path) -> None:
+    """The loop turns autograd on for itself: a caller inside ``torch.no_grad()`` (a
+    notebook, an evaluation script), or a signal that raised between a ``no_grad``'s
+    enter and its ``with`` (the requeue test above, in the process that trains again),
+    must not fail the run with "does not require grad"; the caller's mode comes back."""
+    with torch.no_grad():
+        res = Trainer(run_config(tiny_dir, **{"stop.max_epochs": 1}), tmp_path / "r").run()
+        assert not torch.is_grad_enabled()
+    assert res["status"] == "done", res
+
+
 def test_a_checkpoint_that_finds_no_space_says_so_and_leaves_the_previous_one(tmp_path: Path) -> None:
     """torch.save onto a full disk raises an opaque RuntimeError ("unexpected pos ..."),
     which read as the run failing; the checkpoint writer raises OSError(ENOSPC) naming the

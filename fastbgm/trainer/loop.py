@@ -92,6 +92,10 @@ class Heartbeat:
             C.beat(run_dirs)
 
 
+# autograd on whatever mode the caller is in (a no_grad block; or a signal that raised
+# between a no_grad's enter and its with, in a process that trains again); the caller's
+# mode comes back after
+@torch.enable_grad()
 def train_runs(trainers: list[Trainer], pack_mode: str = "auto",
                more: Callable[[bool], list[Trainer]] | None = None) -> list[dict[str, Any]]:
     """Train ``trainers``' runs side by side in this process; their results, in order.
