@@ -608,7 +608,7 @@ def test_an_allocation_whose_driver_is_killed_requeues_itself_and_resumes_every_
     without it): its batch script requeues the job, as an admin's ``scontrol requeue``
     or a preemption would, and every run resumes from its last checkpoint, with the
     numbers of an uninterrupted run."""
-    from fastbgm.bench.faults import job_process
+    from fastbgm.bench.localslurm import job_process
 
     reference = _local_reference(tmp_path, tiny_dir, name="rq")
     args, root, job, _ = _allocation_three_epochs_in(tmp_path, tiny_dir, name="rq")
@@ -746,7 +746,7 @@ def test_a_per_run_job_killed_with_its_batch_script_is_submitted_again_by_the_la
     requeue it), ends FAILED, and Slurm cancels the jobs that wait on it. The launch
     following it submits it again, with the run waiting on it: every run ends as if
     uninterrupted, in the same launch."""
-    from fastbgm.bench.faults import job_process
+    from fastbgm.bench.localslurm import job_process
 
     reference = _local_reference(tmp_path, tiny_dir, name="pk")
     cfg = write_experiment(tmp_path, tiny_dir, name="pk", modes='["vanilla"]', epochs=14)
@@ -962,11 +962,11 @@ def _lose_node(job: str, node: str) -> None:
     """``node`` fails for good: DOWN (Slurm takes it from the job), then DRAIN, so that it
     does not come back into service while the test runs (the cluster's ReturnToService
     would return a DOWN node whose slurmd answers)."""
-    from fastbgm.bench.faults import _set_node
+    from fastbgm.bench.localslurm import set_node
     from fastbgm.launch.allocation import allocation_nodes
 
-    _set_node(node, "down", reason="fastbgm test")
-    _set_node(node, "drain", reason="fastbgm test")
+    set_node(node, "down", reason="fastbgm test")
+    set_node(node, "drain", reason="fastbgm test")
     deadline = time.time() + 60
     while time.time() < deadline and node in allocation_nodes(job):
         time.sleep(0.5)
@@ -977,7 +977,7 @@ def _follow_losing(follower: subprocess.Popen, job: str, node: str,
     """Fail ``node`` of ``job`` for good (:func:`_lose_node`; its run stopped already, in
     :func:`_one_run_a_node`), do ``then``, and let the launch following the job end, which
     must exit 0; the node is back in service after. Returns the launch's output."""
-    from fastbgm.bench.faults import resume_node
+    from fastbgm.bench.localslurm import resume_node
 
     try:
         _lose_node(job, node)
@@ -1084,7 +1084,7 @@ def test_a_run_wider_than_the_nodes_left_waits_for_the_allocation_at_full_size(t
     """A 2-node DDP run loses a node: it cannot train on the one left, so the driver
     requeues the allocation at its full size, which starts once the node is back, and
     the run resumes from its last.pt: every epoch trained once."""
-    from fastbgm.bench.faults import resume_node
+    from fastbgm.bench.localslurm import resume_node
 
     cfg = write_experiment(tmp_path, tiny_dir, name="wide", modes='["vanilla"]', inits='["random"]', epochs=10)
     args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--ranks-per-run",
@@ -1614,7 +1614,7 @@ def test_a_full_disk_on_slurm_fails_no_run_and_the_relaunch_resumes_every_run_ex
     every run as an uninterrupted launch does."""
     import math
 
-    from fastbgm.bench.faults import nodes_see_new_mounts
+    from fastbgm.bench.localslurm import nodes_see_new_mounts
     from fastbgm.train import NO_SPACE_EXIT
 
     if not nodes_see_new_mounts():

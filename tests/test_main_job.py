@@ -113,9 +113,10 @@ cpus_per_task = 1
 
 
 def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:
-    from fastbgm.bench.gpu import _trainer_section, _two_gpu_section
+    from fastbgm.bench.gpu import _two_gpu_section
+    from fastbgm.bench.gpu_trainer import two_stage_section
 
-    rows = _trainer_section(torch.device("cpu"), tmp_path, tmp_path / "work", {})
+    rows = two_stage_section(torch.device("cpu"), tmp_path, tmp_path / "work", {})
     assert rows[0][0] == "two-stage" and "skipped: no" in rows[0][3]
     from fastbgm.bench.paper import run as run_paper
 
@@ -127,7 +128,7 @@ def test_gpu_check_sections_fall_back_and_say_why(tmp_path: Path) -> None:
 
 
 def test_gpu_check_holds_the_loop_and_the_trainer_to_the_bare_step() -> None:
-    from fastbgm.bench.gpu import _trainer_vs_bare
+    from fastbgm.bench.gpu_trainer import trainer_vs_bare
 
     results = {
         "train": [{"model": "resnet18", "batch": 128, "mode": "cudagraphs-bf16", "loader": False, "images_per_s": 40e3}],
@@ -136,12 +137,12 @@ def test_gpu_check_holds_the_loop_and_the_trainer_to_the_bare_step() -> None:
                       *({"run": r, "label": "step graphs", "images_per_s": ips, "result": {"status": "done"}}
                         for r, ips in (("random", 35e3), ("adversarial", 37e3)))],
     }
-    rows = _trainer_vs_bare(results)
+    rows = trainer_vs_bare(results)
     assert results["loop_over_bare"] == {"compiled (reduce-overhead)": 0.95}
     assert results["trainer_over_bare"] == {"step graphs": 0.9}
     assert "skipped" in next(r[3] for r in rows if r[1] == "compiled (reduce-overhead)")  # no Trainer rows for it
     alone = {"pack": results["pack"]}  # no bare step: nothing to hold the loop to
-    assert all("skipped" in r[3] for r in _trainer_vs_bare(alone)) and "loop_over_bare" not in alone
+    assert all("skipped" in r[3] for r in trainer_vs_bare(alone)) and "loop_over_bare" not in alone
 
 
 def test_cache_only_prepare_trains_without_ffcv(tmp_path: Path) -> None:
