@@ -1120,7 +1120,11 @@ def test_a_run_wider_than_the_nodes_left_waits_for_the_allocation_at_full_size(t
 
 @needs_multinode
 @pytest.mark.timeout(400)
-def test_two_node_ddp_run_with_batchnorm_equals_one_process(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("jobs", ["allocation", "per-run"])
+def test_two_node_ddp_run_with_batchnorm_equals_one_process(tiny_dir: Path, tmp_path: Path, jobs: str) -> None:
+    """One run over 2 ranks, one a node, in an allocation's job step and as a job of its
+    own (submitit's tasks: RunJob on each rank), equal to one process on the combined
+    batches."""
     import torch
 
     from fastbgm.trainer import checkpoint as C
@@ -1128,7 +1132,7 @@ def test_two_node_ddp_run_with_batchnorm_equals_one_process(tiny_dir: Path, tmp_
     from .reference import reference_ddp_training
 
     cfg = write_experiment(tmp_path, tiny_dir, name="ddp", modes='["vanilla"]', inits='["random"]', epochs=2)
-    out = launch("--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "1",
+    out = launch("--config", str(cfg), "--executor", "slurm", "--jobs", jobs, "--nodes", "2", "--gpus-per-node", "1",
                  "--ranks-per-run", "2", "--resources.ranks_per_node=1", "--timeout", "300", "--no-report")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = tmp_path / "runs/ddp/synthetic/small_cnn/seed0/stage2-random-vanilla"
@@ -1136,6 +1140,9 @@ def test_two_node_ddp_run_with_batchnorm_equals_one_process(tiny_dir: Path, tmp_
     assert env["world"] == 2 and sorted(env["hosts"]) == ["node1", "node2"]  # one rank per node
     rec = json.loads((run / "config.json").read_text())
     assert rec["dist"] == {"world": 2, "per_rank_batch": 32}
+    if jobs == "per-run":  # rank 0 logs to train.log; rank 1 only its errors, and had none
+        log = (run / "train.log").read_text()
+        assert "started synthetic/small_cnn/seed0/stage2-random-vanilla in Slurm job" in log and " rank 1 " not in log, log[-2000:]
     model, _ = reference_ddp_training(tiny_dir, world=2, batch_size=64, epochs=2, lr=0.05, augment=False)
     final = C.load(run / C.FINAL)["model"]
     for k, v in model.state_dict().items():
@@ -1880,3 +1887,47 @@ def test_an_unfinished_runs_last_error_is_its_last_trainers_own(tmp_path: Path) 
     assert last_error(a).startswith("error: a: No space left on device (a/last.pt)")
     assert last_error(b) == last_error(a)  # a packed run: its pack's log
     assert last_error(c) == "" and last_error(tmp_path / "none") == ""  # killed, or never started
+
+
+def test_a_per_run_ddp_jobs_other_ranks_put_their_errors_and_traceback_in_train_log(tmp_path: Path) -> None:
+    """In a per-run job every rank logs to its run folder's train.log: rank 0 all it says
+    (an "error: ..." line bare, for last_error); a DDP run's other ranks only their errors,
+    each saying its rank, and what they raised with its traceback: a failure only rank 1
+    meets is in train.log, not only in that task's submitit log. The job's own one-line
+    mistake, which every rank would say, only rank 0 says."""
+    import logging
+    from types import SimpleNamespace
+
+    from fastbgm.launch.job import _log_rank_traceback, _log_to_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    envs = [SimpleNamespace(global_rank=r, job_id="7", paths=SimpleNamespace(stderr=tmp_path / f"7_{r}_log.err"))
+            for r in (0, 1)]
+    handlers = [_log_to_run_folder(str(run), "stage2", env) for env in envs]
+    said = logging.getLogger("fastbgm.trainer")
+    old_level = said.level
+    said.setLevel(logging.INFO)
+    try:
+        said.info("epoch 1 | loss 2.3")
+        said.error("%s: RuntimeError: boom on rank 1", run)  # (Trainer.fail's line, on both ranks here)
+        said.error("error: ConfigError: a mistake")  # the job's own line for a mistake
+        try:
+            raise RuntimeError("boom on rank 1")
+        except RuntimeError as e:
+            for h, env in zip(handlers, envs):
+                _log_rank_traceback(h, env, e)
+    finally:
+        said.setLevel(old_level)
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
+    text = (run / "train.log").read_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("--- ") and "started stage2 in Slurm job 7" in lines[0]
+    assert sum("epoch 1 | loss 2.3" in x for x in lines) == 1 and "rank 1" not in next(x for x in lines if "epoch 1" in x)
+    assert sum("boom on rank 1" in x and " rank 1 " in x for x in lines) == 1  # rank 1's error line, said so
+    assert sum(x.startswith("error: ConfigError") for x in lines) == 1  # bare, from rank 0 only
+    assert f"rank 1 (its whole log: {tmp_path / '7_1_log.err'}) raised:" in text and "Traceback" in text
+    assert text.count("Traceback") == 1  # rank 0 writes none: it records the run's failure itself
+    assert last_error(run) == "error: ConfigError: a mistake"

@@ -260,13 +260,17 @@ def _fork_watch(run_dir: str, key: str, job: str, stall_s: float) -> int:
 
 
 class _RunFolderLog(logging.FileHandler):
-    """A per-run job's rank-0 log lines in its run folder's train.log, timestamped; an
-    error line ("error: ...") bare, as the trainer's command line prints it, which
-    trainproc.last_error reads."""
+    """A per-run job's log lines in its run folder's train.log, timestamped: rank 0's
+    every line, an error line ("error: ...") bare, as the trainer's command line prints
+    it, which trainproc.last_error reads; another rank's errors only, each saying its
+    rank (its whole log is its own task's submitit log)."""
+
+    bare_errors = True
 
     def format(self, record: logging.LogRecord) -> str:
         said = record.getMessage()
-        return said if record.levelno >= logging.ERROR and said.startswith("error: ") else super().format(record)
+        bare = self.bare_errors and record.levelno >= logging.ERROR and said.startswith("error: ")
+        return said if bare else super().format(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
         # a full disk: the trainer says so itself (its job's log), where logging would
@@ -275,11 +279,13 @@ class _RunFolderLog(logging.FileHandler):
 
 
 def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler | None:
-    """Rank 0 of a per-run job logs to its run folder's train.log too, as a trainer
-    process that a local or allocation scheduler starts does (its stdout and stderr go
-    there): the run folder holds what the trainer said, whatever ran it, and the
+    """A per-run job logs to its run folder's train.log too, as a trainer process that a
+    local or allocation scheduler starts does (its stdout and stderr go there, every
+    rank's): the run folder holds what the trainer said, whatever ran it, and the
     launch's closing report lists an unfinished run with its trainer's last error
-    (trainproc.last_error)."""
+    (trainproc.last_error). Rank 0 logs everything; a DDP run's other ranks their errors
+    (with :func:`_log_rank_traceback`, what they raised): a failure only rank 1 meets is
+    in train.log, not only in that task's submitit log."""
     from ..trainer import checkpoint as C
 
     try:
@@ -287,6 +293,14 @@ def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler 
     except OSError as e:  # (an unwritable folder: the trainer says so itself)
         log.warning("%s: cannot write %s (%s)", run_dir, C.TRAIN_LOG, e)
         return None
+    if env.global_rank != 0:
+        handler.bare_errors = False
+        handler.setLevel(logging.ERROR)
+        # (not the job's own "error: ..." line for a mistake: rank 0 says it, and so would every rank)
+        handler.addFilter(lambda record: not record.getMessage().startswith("error: "))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s rank {env.global_rank} %(name)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        return handler
     try:
         handler.stream.write(start_line(f"started {key} in Slurm job {env.job_id} (its whole log: "
                                         f"{env.paths.stderr})"))
@@ -298,6 +312,22 @@ def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler 
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
+
+
+def _log_rank_traceback(handler: logging.FileHandler | None, env: Any, e: BaseException) -> None:
+    """What a rank other than 0 raised, with its traceback, into the run's train.log
+    (``handler``: that rank's, from :func:`_log_to_run_folder`): rank 0 records the run's
+    failure and its reason; the traceback is this rank's to give."""
+    import traceback
+
+    if handler is None or env.global_rank == 0:
+        return
+    try:
+        handler.stream.write(f"rank {env.global_rank} (its whole log: {env.paths.stderr}) raised:\n"
+                             + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        handler.stream.flush()
+    except OSError:  # (a full disk: its own log has it)
+        pass
 
 
 class RunJob:
@@ -340,7 +370,7 @@ class RunJob:
         from ..fileio import FolderBusy, lock_holder, no_space
         from ..trainer import Trainer, stop_requested
 
-        train_log = _log_to_run_folder(self.run_dir, self.config.name, env) if env.global_rank == 0 else None
+        train_log = _log_to_run_folder(self.run_dir, self.config.name, env)
         try:
             result = Trainer(self.config, Path(self.run_dir)).run()
             if result.get("status") != "done":
@@ -372,6 +402,8 @@ class RunJob:
                 log.error("error: %s: %s", type(e).__name__, e)
             if mistake:
                 raise SystemExit(2) from e
+            if not stop_requested():
+                _log_rank_traceback(train_log, env, e)
             raise
         finally:
             if train_log is not None:
