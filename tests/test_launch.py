@@ -587,7 +587,7 @@ def _local_reference(tmp_path: Path, tiny_dir: Path, name: str, **kw: Any) -> Ca
     key = (str(tiny_dir), *sorted(kw.items()))
     if key not in _REFERENCES:
         (tmp_path / "ref").mkdir()
-        cfg = write_experiment(tmp_path / "ref", tiny_dir, name=name, modes='["vanilla"]', epochs=14, **kw)
+        cfg = write_experiment(tmp_path / "ref", tiny_dir, name=name, modes='["vanilla"]', **{"epochs": 14, **kw})
         p = launch_in_background("--config", str(cfg), "--executor", "local", "--no-report", "--runs-per-gpu", "2")
         _REFERENCES[key] = (p, tmp_path / "ref" / "runs" / name, [])
     p, root, said = _REFERENCES[key]
@@ -907,14 +907,16 @@ def test_relaunch_right_after_scancel_submits_a_new_allocation_and_resumes_exact
         assert [x["train_loss"] for x in rows] == [x["train_loss"] for x in read_jsonl(ref / key / "metrics.jsonl")]
 
 
-# stage 1 of the lost-node tests: long enough to be training still when its node goes down
-# (at 10 epochs it once finished in the seconds the loss took, and never had to resume)
-LOST_NODE_STAGE1_EPOCHS = 30
+# the lost-node tests' epochs: each run long enough to be training still when the test
+# stops it on the node it loses. Stage 1 at 10 epochs once finished in the seconds the loss
+# took, and never had to resume; a stage-2 run at 14 epochs (0.04 s each here) once
+# finished in the second between its first row and the test's look (CI, 2026-12-02)
+LOST_NODE_EPOCHS = {"stage1_epochs": 30, "epochs": 40}
 
 
 def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str, *extra: str,
                     lose_driver_node: bool = False) -> tuple[subprocess.Popen, Path, str, dict[str, Path], str]:
-    """Launch a 14-epoch vanilla experiment as one allocation of 2 nodes x 1 GPU whose two
+    """Launch a vanilla experiment (:data:`LOST_NODE_EPOCHS`) as one allocation of 2 nodes x 1 GPU whose two
     first runs (stage 1, and stage 2 from random init) train one on each node, and pick
     the node to lose: the one the allocation's driver runs on if ``lose_driver_node``,
     else the other. The run on that node stops where it stands (SIGSTOP) as soon as it
@@ -926,8 +928,7 @@ def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str, *extra: str,
     from fastbgm.fileio import lock_holder
     from fastbgm.launch.allocation import allocation_nodes
 
-    cfg = write_experiment(tmp_path, tiny_dir, name=name, modes='["vanilla"]', epochs=14,
-                           stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
+    cfg = write_experiment(tmp_path, tiny_dir, name=name, modes='["vanilla"]', **LOST_NODE_EPOCHS)
     args = ["--config", str(cfg), "--executor", "slurm", "--nodes", "2", "--gpus-per-node", "1", "--no-report", *extra]
     follower = launch_in_background(*args, "--timeout", "400")
     root = tmp_path / "runs" / name
@@ -938,12 +939,17 @@ def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str, *extra: str,
         time.sleep(0.2)
     first = [*seed.glob("stage1-*"), seed / "stage2-random-vanilla"]
     job = json.loads(allocation.read_text())["job_id"]
+    # the driver's node first: scontrol takes its time on a loaded machine, while the runs
+    # it would keep the test from seeing train on
+    driver = _batch_host(job)
+    while time.time() < deadline and driver in ("", "(null)"):
+        time.sleep(0.2)
+        driver = _batch_host(job)
     where: dict[str, Path] = {}
     while time.time() < deadline and len(where) < len(first):
         where = {json.loads((r / "env.json").read_text())["hosts"][0]: r for r in first if (r / "env.json").exists()}
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert sorted(where) == allocation_nodes(job) == ["node1", "node2"], where
-    driver = _batch_host(job)
     lost = next(n for n in where if (n == driver) == lose_driver_node)
     _stop_a_trainer(where[lost], epochs=2)  # (Slurm's kill of the node's steps ends it)
     while time.time() < deadline and not all(len(read_jsonl(r / "metrics.jsonl")) >= 2 for r in first):
@@ -954,8 +960,9 @@ def _one_run_a_node(tmp_path: Path, tiny_dir: Path, name: str, *extra: str,
 
 
 def _batch_host(job: str) -> str:
+    """The node a job's batch script runs on ("" or "(null)" until it starts)."""
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=60).stdout
-    return out.split("BatchHost=")[1].split()[0]
+    return out.split("BatchHost=")[1].split()[0] if "BatchHost=" in out else ""
 
 
 def _lose_node(job: str, node: str) -> None:
@@ -1009,7 +1016,7 @@ def test_a_node_lost_for_good_costs_only_its_run_which_resumes_on_the_nodes_left
     node left; the run that was on the lost node starts again there from its last.pt,
     and the launch following the job ends with every run done as if nothing had happened.
     The run on the other node never stopped."""
-    reference = _local_reference(tmp_path, tiny_dir, name="nl", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
+    reference = _local_reference(tmp_path, tiny_dir, name="nl", **LOST_NODE_EPOCHS)
     follower, root, job, where, lost = _one_run_a_node(tmp_path, tiny_dir, "nl")
     _follow_losing(follower, job, lost)
     assert json.loads((root / "slurm-allocation.json").read_text())["job_id"] == job
@@ -1032,7 +1039,7 @@ def test_the_node_of_the_allocations_driver_lost_the_launch_submits_the_next_all
     batch script). The launch following it says so and submits a new allocation, on the
     node left (``--min-nodes 1``; the failed node stays down), which resumes every
     unfinished run exactly; the launch ends with every run done."""
-    reference = _local_reference(tmp_path, tiny_dir, name="nb", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
+    reference = _local_reference(tmp_path, tiny_dir, name="nb", **LOST_NODE_EPOCHS)
     follower, root, job, where, lost = _one_run_a_node(tmp_path, tiny_dir, "nb", "--min-nodes", "1",
                                                        lose_driver_node=True)
     text = " ".join(_follow_losing(follower, job, lost).split())
@@ -1057,7 +1064,7 @@ def test_a_requeued_allocation_waiting_for_a_lost_node_asks_for_the_nodes_up_und
     """A node fails for good, then the allocation is requeued (as at its time limit): the
     job waits for the lost node. Under ``--min-nodes 1`` the launch following it has it
     ask for the node up, where it starts again and every run resumes exactly."""
-    reference = _local_reference(tmp_path, tiny_dir, name="nr", stage1_epochs=LOST_NODE_STAGE1_EPOCHS)
+    reference = _local_reference(tmp_path, tiny_dir, name="nr", **LOST_NODE_EPOCHS)
     follower, root, job, where, lost = _one_run_a_node(tmp_path, tiny_dir, "nr", "--min-nodes", "1")
     log = root / ".submitit" / job / f"{job}_0_log.err"
 
