@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Poll ``cond`` until it holds, ``timeout`` passes, or ``proc`` (the launcher) has
+    ended: a moment missed because the runs finished first never comes, and waiting out
+    the timeout for it cost the suite minutes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        ended = proc is not None and proc.poll() is not None
+        if cond():
+            return True
+        if ended:
+            return False
+        time.sleep(0.05)
+    return False
 
 
 @dataclass

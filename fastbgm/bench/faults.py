@@ -49,7 +49,6 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ from fastbgm.launch.job import JOB_FILE as SLURM_JOB_FILE
 from fastbgm.trainer import checkpoint as C
 
 from . import mini
-from .common import print_table, write_json
+from .common import print_table, wait_for, write_json
 from .localslurm import job_process, nodes_see_new_mounts, resume_node, set_node
 
 LOCAL_KINDS = ("kill-run", "hang", "kill-launcher", "term-launcher", "corrupt-last", "truncate-last", "truncate-result",
@@ -127,21 +126,6 @@ def _damaged_files(root: Path) -> list[str]:
     return bad
 
 
-def _wait_for(cond: Any, timeout: float, proc: subprocess.Popen | None = None) -> bool:
-    """Poll ``cond`` until it holds, ``timeout`` passes, or ``proc`` (the launcher) has
-    ended: a moment missed because the runs finished first never comes, and waiting out
-    the timeout for it cost the suite minutes."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        ended = proc is not None and proc.poll() is not None
-        if cond():
-            return True
-        if ended:
-            return False
-        time.sleep(0.05)
-    return False
-
-
 def _tmpfs_bytes(folder: Path) -> int:
     """What ``folder``'s files take on a tmpfs (whole pages)."""
     return sum(4096 * -(-f.stat().st_size // 4096) for f in folder.rglob("*") if f.is_file())
@@ -186,7 +170,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
     frozen: int | None = None  # the pid of the trainer stopped by the hang fault
     try:
         if kind == "truncate-result":
-            ok = _wait_for(lambda: any((r / C.RESULT).exists() and json.loads((r / C.RESULT).read_text() or "{}")
+            ok = wait_for(lambda: any((r / C.RESULT).exists() and json.loads((r / C.RESULT).read_text() or "{}")
                                        .get("status") == "done" for r in _runs(root)), 300, proc)
             proc.wait(timeout=600)
             done = [r for r in _runs(root) if (r / C.RESULT).exists()] if ok else []
@@ -195,7 +179,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             (victim / C.RESULT).write_text(text[: rng.randint(1, len(text) - 1)])
             return f"cut {victim.name}/result.json short after the launch ended"
         if kind == "preempt":
-            _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
+            wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
             job = _job_of(root, some_run_at(target_rows))
             if job is None:
                 proc.wait(timeout=600)
@@ -204,7 +188,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             proc.wait(timeout=600)
             return f"requeued job {job} after {target_rows} epoch(s) of a run"
         if kind == "kill-job":
-            _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
+            wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
             run = some_run_at(target_rows)
             job = _job_of(root, run)
             per_run = not (root / "slurm-allocation.json").exists()
@@ -223,7 +207,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             return (f"SIGKILL of job {job}'s " + ("batch script and the trainer of " + run.name if per_run else "driver")
                     + f" after {target_rows} epoch(s) of a run")
         if kind == "node-fail":
-            _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
+            wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
             job = _job_of(root, some_run_at(target_rows))
             nodes = allocation_nodes(job) if job else []
             if not nodes:
@@ -232,7 +216,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             node = rng.choice(nodes)
             set_node(node, "down", reason="fastbgm fault injection")
             try:  # Slurm takes the node from the job (or requeues a per-run job); the node returns after
-                _wait_for(lambda: node not in allocation_nodes(job), 60)
+                wait_for(lambda: node not in allocation_nodes(job), 60)
             finally:
                 resume_node(node)
             proc.wait(timeout=600)
@@ -240,7 +224,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
         if kind == "nan-stage1":  # the fault is in the config: the launch itself meets it
             proc.wait(timeout=600)
             return f"stage 1 at learning rate {DIVERGING_LR:g}, which diverges"
-        _wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
+        wait_for(lambda: some_run_at(target_rows) is not None, 300, proc)
         run = some_run_at(target_rows)
         holder = (lock_holder(run) or "") if run is not None else ""
         pid = int(holder.split()[1]) if holder.startswith("pid ") else None  # (the run's trainer)
@@ -264,7 +248,7 @@ def _inject(kind: str, rng: random.Random, cfg: Path, data: Path, executor: str,
             if kind in ("corrupt-last", "truncate-last") and executor == "slurm" and jobs:
                 # on Slurm the runs outlive the launcher: damage a stopped run, so lose its jobs too
                 subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
-            _wait_for(lambda: run is None or lock_holder(run) is None, 60)  # its trainers are gone
+            wait_for(lambda: run is None or lock_holder(run) is None, 60)  # its trainers are gone
             if kind in ("corrupt-last", "truncate-last"):
                 # a stopped run's checkpoint: the run caught may have finished on its own
                 # while the launcher went (a done run's last.pt is then only a spare)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
+
+from .common import wait_for
 
 
 def job_process(job: str, command: bytes) -> int:
@@ -46,9 +47,7 @@ def resume_node(node: str, timeout_s: float = 60.0) -> None:
     from fastbgm.launch.cluster import usable_node_names
 
     set_node(node, "resume")
-    deadline = time.time() + timeout_s
-    while node not in usable_node_names() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: node in usable_node_names(), timeout_s)
 
 
 def nodes_see_new_mounts() -> bool:

@@ -263,14 +263,11 @@ class _RunFolderLog(logging.FileHandler):
     """A per-run job's log lines in its run folder's train.log, timestamped: rank 0's
     every line, an error line ("error: ...") bare, as the trainer's command line prints
     it, which trainproc.last_error reads; another rank's errors only, each saying its
-    rank (its whole log is its own task's submitit log)."""
-
-    bare_errors = True
+    rank (its whole log is its own task's submitit log), and never such a bare line."""
 
     def format(self, record: logging.LogRecord) -> str:
         said = record.getMessage()
-        bare = self.bare_errors and record.levelno >= logging.ERROR and said.startswith("error: ")
-        return said if bare else super().format(record)
+        return said if record.levelno >= logging.ERROR and said.startswith("error: ") else super().format(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
         # a full disk: the trainer says so itself (its job's log), where logging would
@@ -294,7 +291,6 @@ def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler 
         log.warning("%s: cannot write %s (%s)", run_dir, C.TRAIN_LOG, e)
         return None
     if env.global_rank != 0:
-        handler.bare_errors = False
         handler.setLevel(logging.ERROR)
         # (not the job's own "error: ..." line for a mistake: rank 0 says it, and so would every rank)
         handler.addFilter(lambda record: not record.getMessage().startswith("error: "))
