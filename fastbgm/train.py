@@ -10,7 +10,8 @@ or job step (submitit's variables, or the step's own).
 
 Exit codes: 0 every run done; 1 a run failed; 2 a mistake (the message says which);
 74 no space left to write a run folder (a full disk or quota): resumable once space is
-freed; 75 stopped on request (Slurm's warning before a time limit): resumable.
+freed; 75 stopped on request (Slurm's warning before a time limit): resumable; 76 a DDP
+peer went without a reason (killed by a signal, or its node lost): resumable.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 STOP_EXIT = 75  # EX_TEMPFAIL: stopped on request, resumable
 NO_SPACE_EXIT = 74  # EX_IOERR: a write found no space; every run resumes once space is freed
+PEER_LOST_EXIT = 76  # EX_PROTOCOL: a DDP peer went with no reason given (killed); the run resumes
 NO_SPACE_ADVICE = ("no run failed: free some space and run the same command again, and each unfinished run "
                    "resumes from its last checkpoint")
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import RunConfig, StopRequested, Trainer
     from .trainer import checkpoint as C
     from .trainer.loop import train_runs
+    from .trainer.stops import PeerLost
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(show_path=False, show_time=False)])
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except StopRequested as e:
         print(f"{where}: stopped on request ({e}); resumes from the last checkpoint", file=sys.stderr)
         return STOP_EXIT
+    except PeerLost as e:
+        print(f"error: {e}", file=sys.stderr)
+        return PEER_LOST_EXIT
     except (ConfigError, FileNotFoundError, FolderBusy, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

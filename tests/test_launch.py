@@ -428,6 +428,65 @@ def test_stopped_local_launcher_leaves_no_trainer_and_relaunch_resumes(tiny_dir:
     assert epochs == list(range(1, 41))
 
 
+def test_a_local_ddp_run_whose_rank_is_killed_starts_again_in_the_same_launch(tiny_dir: Path, tmp_path: Path) -> None:
+    """torchrun exits 1 however a rank ended, and the local launcher recorded a 2-rank run
+    whose rank 1 the OOM killer ended as failed ("exited with code 1"), until
+    --retry-failed. Now torchrun runs under fastbgm.launch.ddplocal, which exits as the
+    killed rank did (128 + 9): the run starts again from its last checkpoint in the same
+    launch and ends as an uninterrupted run."""
+    (tmp_path / "ref").mkdir()
+    cfgs = [write_experiment(d, tiny_dir, name="ddp", modes='["vanilla"]', inits='["random"]', epochs=40)
+            for d in (tmp_path, tmp_path / "ref")]
+    args = ("--executor", "local", "--ranks-per-run", "2", "--gpus-per-node", "2", "--resources.ranks_per_node=2",
+            "--no-report")
+    ref = launch_in_background("--config", str(cfgs[1]), *args)  # uninterrupted, beside it
+    follower = launch_in_background("--config", str(cfgs[0]), *args)
+    run = tmp_path / "runs/ddp/synthetic/small_cnn/seed0/stage2-random-vanilla"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 3:
+        time.sleep(0.02)
+    rank1 = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _rank_of(int(pid), run) == 1]
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGKILL)
+    out, _ = follower.communicate(timeout=240)
+    assert follower.returncode == 0, out[-3000:]
+    assert "its process was killed by signal 9 (SIGKILL); it starts again from its last checkpoint" in out, out[-3000:]
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 41))
+    out, _ = ref.communicate(timeout=240)
+    assert ref.returncode == 0, out[-3000:]
+    got, want = results(tmp_path / "runs" / "ddp"), results(tmp_path / "ref" / "runs" / "ddp")
+    for m in ("status", "epochs", "train_acc", "train_loss", "test_acc", "test_loss"):
+        assert got[next(iter(got))][m] == want[next(iter(want))][m], m
+
+
+def test_a_local_ddp_runs_status_is_the_rank_that_ended_it() -> None:
+    """What fastbgm.launch.ddplocal exits with, from the ranks' exits torchrun saw
+    (negative: killed by that signal)."""
+    from fastbgm.launch.ddplocal import exit_status
+    from fastbgm.train import PEER_LOST_EXIT, STOP_EXIT
+
+    assert exit_status({}) == 0
+    assert exit_status({0: STOP_EXIT, 1: -9}) == 128 + 9  # rank 1 killed; torchrun then stopped rank 0
+    assert exit_status({0: PEER_LOST_EXIT, 1: -9}) == 128 + 9
+    assert exit_status({0: -15, 1: -11}) == 128 + 11  # (SIGTERM: torchrun's own, to the ranks left)
+    assert exit_status({0: PEER_LOST_EXIT, 1: 1}) == 1  # rank 1's error, which it wrote down
+    assert exit_status({0: 74, 1: STOP_EXIT}) == 74
+    assert exit_status({0: PEER_LOST_EXIT, 1: PEER_LOST_EXIT}) == PEER_LOST_EXIT
+    assert exit_status({0: STOP_EXIT, 1: -15}) == STOP_EXIT
+
+
+def _rank_of(pid: int, run: Path) -> int | None:
+    """The DDP rank (torchrun's RANK) of trainer process ``pid`` if it trains ``run``."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        env = dict(x.split(b"=", 1) for x in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in x)
+    except OSError:
+        return None
+    if b"fastbgm.train" not in cmd or str(run).encode() not in cmd or b"RANK" not in env:
+        return None
+    return int(env[b"RANK"])
+
+
 def _cluster_shape() -> tuple[int, int]:
     """(nodes, most GPUs on a node) of the running test cluster."""
     from fastbgm.launch.cluster import cluster_capacity
@@ -844,13 +903,19 @@ def test_following_says_how_a_job_that_left_runs_unfinished_ended(tiny_dir: Path
     from fastbgm.launch.cluster import JobEnd, job_end, queue
     from fastbgm.launch.slurm import wait
 
-    # (the second: a task of a step SIGKILLed, as by the OOM killer)
+    from fastbgm.train import PEER_LOST_EXIT
+
+    # (the second: a task of a step SIGKILLed, as by the OOM killer; the third: a DDP rank's
+    # step whose peer was, which says so by its exit)
     job, killed = sbatch(tmp_path / "out", "exit 3"), sbatch(tmp_path / "out", "srun sh -c 'kill -9 $$'")
+    lost = sbatch(tmp_path / "out", f"srun sh -c 'exit {PEER_LOST_EXIT}'")
     deadline = time.time() + 60
-    while time.time() < deadline and (queue([job, killed]) or "UNKNOWN" in (job_end(job).state,
-                                                                            job_end(killed).state)):
+    while time.time() < deadline and (queue([job, killed, lost]) or "UNKNOWN" in (
+            job_end(job).state, job_end(killed).state, job_end(lost).state)):
         time.sleep(0.2)
     assert str(job_end(killed)) == "FAILED (a task killed by SIGKILL)", job_end(killed)
+    assert job_end(lost).killed and job_end(lost).peer_lost, job_end(lost)
+    assert str(job_end(lost)) == "FAILED (a rank lost its peer: killed by a signal, or its node lost)"
     exp = load(ExperimentConfig, write_experiment(tmp_path, tiny_dir, modes='["vanilla"]', inits='["random"]'))
     runs = plan(exp)
     ended = wait(runs, {r.key: job for r in runs}, Console(file=open(os.devnull, "w")), poll_s=0.1)
@@ -1356,9 +1421,12 @@ def test_a_killed_process_starts_again_in_the_same_launch_and_is_left_unfinished
     from fastbgm.launch import schedule as S
     from fastbgm.launch import trainproc as T
 
+    from fastbgm.train import PEER_LOST_EXIT
+
     runs = [P.StepRun("once", str(tmp_path / "once")), P.StepRun("oom", str(tmp_path / "oom")),
             P.StepRun("after-once", str(tmp_path / "after-once"), depends_on=["once"]),
-            P.StepRun("after-oom", str(tmp_path / "after-oom"), depends_on=["oom"])]
+            P.StepRun("after-oom", str(tmp_path / "after-oom"), depends_on=["oom"]),
+            P.StepRun("peer", str(tmp_path / "peer"))]
     starts: list[str] = []
     done = "import json, sys; open(sys.argv[1] + '/result.json', 'w').write(json.dumps({'status': 'done'}))"
 
@@ -1370,6 +1438,8 @@ def test_a_killed_process_starts_again_in_the_same_launch_and_is_left_unfinished
             code = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
         elif r.key == "once" and starts.count("once") == 1:
             code = "import sys; sys.exit(128 + 11)"  # srun's word for a task's SIGSEGV
+        elif r.key == "peer" and starts.count("peer") == 1:  # a DDP rank whose peer was killed
+            code = f"import sys; sys.exit({PEER_LOST_EXIT})"
         else:
             code = done
         return sp.Popen([sys.executable, "-c", code, r.run_dir])
@@ -1379,8 +1449,11 @@ def test_a_killed_process_starts_again_in_the_same_launch_and_is_left_unfinished
     while not sched.finished and time.time() < deadline:
         sched.poll()
         time.sleep(0.02)
-    assert sched.states == {"once": "done", "oom": "running", "after-once": "done", "after-oom": "cancelled"}
-    assert sched.kills == {"once": 1, "oom": T.MAX_KILLS} and starts.count("oom") == T.MAX_KILLS
+    assert sched.states == {"once": "done", "oom": "running", "after-once": "done", "after-oom": "cancelled",
+                            "peer": "done"}
+    assert sched.kills == {"once": 1, "oom": T.MAX_KILLS, "peer": 1} and starts.count("oom") == T.MAX_KILLS
+    assert T.last_error(tmp_path / "peer").startswith("error: a rank of it was lost, with no reason given (killed by "
+                                                      "a signal, or its node lost); it starts again")
     assert T.last_error(tmp_path / "once") == ("error: its process was killed by signal 11 (SIGSEGV); it starts "
                                                f"again from its last checkpoint (1 of {T.MAX_KILLS} in this launch)")
     assert not (tmp_path / "oom" / "result.json").exists()  # unfinished, not failed: the next launch resumes it
@@ -1905,13 +1978,13 @@ def test_a_per_run_ddp_jobs_other_ranks_put_their_errors_and_traceback_in_train_
     import logging
     from types import SimpleNamespace
 
-    from fastbgm.launch.job import _log_rank_traceback, _log_to_run_folder
+    from fastbgm.launch.runlog import log_rank_traceback, log_to_run_folder
 
     run = tmp_path / "run"
     run.mkdir()
     envs = [SimpleNamespace(global_rank=r, job_id="7", paths=SimpleNamespace(stderr=tmp_path / f"7_{r}_log.err"))
             for r in (0, 1)]
-    handlers = [_log_to_run_folder(str(run), "stage2", env) for env in envs]
+    handlers = [log_to_run_folder(str(run), "stage2", env) for env in envs]
     said = logging.getLogger("fastbgm.trainer")
     old_level = said.level
     said.setLevel(logging.INFO)
@@ -1923,7 +1996,7 @@ def test_a_per_run_ddp_jobs_other_ranks_put_their_errors_and_traceback_in_train_
             raise RuntimeError("boom on rank 1")
         except RuntimeError as e:
             for h, env in zip(handlers, envs):
-                _log_rank_traceback(h, env, e)
+                log_rank_traceback(h, env, e)
     finally:
         said.setLevel(old_level)
         for h in handlers:

@@ -911,3 +911,59 @@ def test_launcher_reads_a_ranks_reason_when_its_peers_were_stopped_first(tmp_pat
     assert sched.states["r"] == "failed" and not sched.stop_requested
     res = json.loads((run / C.RESULT).read_text())
     assert res["reason"] == "rank 1 failed: out of memory on cuda:1" and res["failed_rank"] == 1
+
+
+def _ddp_pair(run: Path, ov: list[str]) -> list[subprocess.Popen]:
+    """Rank 0 and rank 1 of a 2-rank run, started by hand (no torchrun, no srun: nothing
+    stops the rank left when its peer dies, as on a cluster whose KillWait is long)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, "-m", "fastbgm.train", "--run-dir", str(run), "--quiet",
+                              "--speed.threads=1", *ov],
+                             env={**os.environ, **_LEAN, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+
+
+def test_a_killed_ddp_rank_fails_nothing_and_the_run_resumes_as_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:
+    """A DDP rank killed by a signal (the OOM killer, a node lost) says nothing of why; the
+    rank it leaves sees its collective fail ("Connection reset by peer"). Rank 0 recorded
+    that as the run failing ("failed: RuntimeError: ... Connection reset by peer") after
+    waiting 10 s for a reason, and rank 1 wrote it as its own failure, which the launcher
+    then recorded: a run a scheduler would have resumed was failed until --retry-failed.
+    Now the rank left exits PEER_LOST_EXIT and records nothing, whichever rank was killed,
+    and the same command resumes the run to where an uninterrupted one ends."""
+    from fastbgm.train import PEER_LOST_EXIT
+
+    epochs = 30
+    ov = _overrides(tiny_dir, **{"stop.max_epochs": epochs, "optim.milestones": "15", "stop.train_eval_every": 10,
+                                 "stop.test_eval_every": 10, "data.augment": "false"})
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    uninterrupted = _ddp_pair(ref, ov)
+    for victim in (1, 0):
+        before = len(read_jsonl(run / C.METRICS))
+        procs = _ddp_pair(run, ov)
+        deadline = time.time() + 200
+        while time.time() < deadline and len(read_jsonl(run / C.METRICS)) < before + 3:
+            time.sleep(0.02)
+        procs[victim].send_signal(signal.SIGKILL)
+        left = procs[1 - victim]
+        out, err = left.communicate(timeout=120)
+        procs[victim].wait(timeout=30)
+        assert left.returncode == PEER_LOST_EXIT, (out + err)[-3000:]
+        assert f"rank {1 - victim} lost a peer that gave no reason" in err, err[-2000:]
+        assert before + 3 <= len(read_jsonl(run / C.METRICS)) < epochs
+        assert json.loads((run / C.RESULT).read_text())["status"] == "running"  # interrupted, not failed
+        assert not C.rank_failures(run)
+    procs = _ddp_pair(run, ov)
+    outs = [p.communicate(timeout=300) for p in procs + uninterrupted]
+    assert [p.returncode for p in procs + uninterrupted] == [0, 0, 0, 0], outs
+    got, want = json.loads((run / C.RESULT).read_text()), json.loads((ref / C.RESULT).read_text())
+    assert got["status"] == "done" and [r["epoch"] for r in read_jsonl(run / C.METRICS)] == list(range(1, epochs + 1))
+    for k in ("epochs", "train_acc", "train_loss", "test_acc", "test_loss"):
+        assert got[k] == want[k], k
+    final, reference = C.load(run / C.FINAL)["model"], C.load(ref / C.FINAL)["model"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)

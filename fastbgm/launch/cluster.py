@@ -10,6 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from ..train import PEER_LOST_EXIT
 from .common import LaunchError
 from .trainproc import signal_name
 
@@ -105,22 +106,28 @@ class JobEnd:
     """How a job that left the queue ended, as sacct records it: its state (FAILED,
     CANCELLED by 0, ...; UNKNOWN when Slurm does not say), its exit code ("74:0" -> 74;
     None when Slurm does not say, or a signal ended it) and the signal that killed a task
-    of its steps (DerivedExitCode "0:9" -> 9: the OOM killer's, say). Prints as its state,
-    and that signal."""
+    of its steps (DerivedExitCode "0:9" -> 9: the OOM killer's, say), or whether a DDP rank
+    of its steps lost a peer that a signal killed (``peer_lost``: that rank's exit,
+    :data:`~fastbgm.train.PEER_LOST_EXIT`, is the step's code, the highest of its tasks',
+    and hides the signal). Prints as its state, and that signal."""
     state: str
     exit_code: int | None = None
     killed_by: int | None = None
+    peer_lost: bool = False
 
     def __str__(self) -> str:
-        if not self.killed_by:
-            return self.state
-        return f"{self.state} (a task killed by {signal_name(self.killed_by) or f'signal {self.killed_by}'})"
+        if self.killed_by:
+            return f"{self.state} (a task killed by {signal_name(self.killed_by) or f'signal {self.killed_by}'})"
+        if self.peer_lost:
+            return f"{self.state} (a rank lost its peer: killed by a signal, or its node lost)"
+        return self.state
 
     @property
     def killed(self) -> bool:
         """Whether a signal ended it (the kernel's or Slurm's OOM killer, a segfault, a kill
         from outside), not its own code, a cancel or a time limit."""
-        return self.state == "OUT_OF_MEMORY" or (self.state == "FAILED" and self.killed_by is not None)
+        return self.state == "OUT_OF_MEMORY" or (self.state == "FAILED" and (self.killed_by is not None
+                                                                             or self.peer_lost))
 
 
 # states sacct may still give a job that has just left the queue: the accounting database
@@ -150,11 +157,25 @@ def _job_end_now(job_id: str) -> JobEnd:
             code, derived = row[1].strip().split(":"), row[2].strip().split(":")
             killed = int(derived[1]) if len(derived) == 2 and derived[1].isdigit() and derived[1] != "0" else None
             state = row[0].split()[0]
+            lost = False
             if killed is None and state == "FAILED":
-                killed = step_signal(jid)
+                killed, lost = step_signal(jid), step_lost_peer(jid)
             return JobEnd(state, int(code[0]) if len(code) == 2 and code[1] == "0" and code[0].isdigit() else None,
-                          killed)
+                          killed, lost)
     return JobEnd("UNKNOWN")
+
+
+def _step_exits(job_id: str) -> list[tuple[int, int]]:
+    """(exit code, signal) of each of the job's numbered steps, as sacct's ExitCode "1:0"."""
+    out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id], capture_output=True, text=True,
+                         timeout=60).stdout
+    exits = []
+    for line in out.splitlines():
+        step, _, code = line.strip().partition("|")
+        number, _, sig = code.partition(":")
+        if "." in step and step.rsplit(".", 1)[1].isdigit() and number.isdigit() and sig.isdigit():
+            exits.append((int(number), int(sig)))
+    return exits
 
 
 def step_signal(job_id: str) -> int | None:
@@ -162,14 +183,15 @@ def step_signal(job_id: str) -> int | None:
     if one did. The job's own DerivedExitCode says so too, but not always: on the local
     cluster a per-run job whose trainer was SIGKILLed was left "0:0" there in 2 of 8 kills,
     its step "0:9"."""
-    out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id], capture_output=True, text=True,
-                         timeout=60).stdout
-    for line in out.splitlines():
-        step, _, code = line.strip().partition("|")
-        number = code.partition(":")[2]
-        if "." in step and step.rsplit(".", 1)[1].isdigit() and number.isdigit() and number != "0":
-            return int(number)
-    return None
+    return next((sig for _, sig in _step_exits(job_id) if sig), None)
+
+
+def step_lost_peer(job_id: str) -> bool:
+    """Whether a DDP rank of one of the job's steps exited as having lost a peer that gave
+    no reason (the step's ExitCode "76:0"): a peer killed by a signal, which the step's
+    code, the highest of its tasks' statuses, does not show (the local cluster, 2026-12-02,
+    with rank 1 SIGKILLed and Slurm's KillWait longer than rank 0's wait for a reason)."""
+    return any(code == PEER_LOST_EXIT for code, _ in _step_exits(job_id))
 
 
 def max_array_size() -> int:

@@ -25,12 +25,13 @@ from typing import Any
 
 from ..experiment import run_status
 from ..fileio import atomic_write_json
-from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT
+from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT, PEER_LOST_EXIT
 from ..trainer.config import RunConfig
-from .cluster import job_fields, step_signal
+from .cluster import job_fields, step_lost_peer, step_signal
 from .common import read_json
+from .runlog import log_rank_traceback, log_to_run_folder
 from .trainproc import (MAX_KILLS, MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, log_error, mark_cancelled,
-                        signal_name, start_line)
+                        signal_name)
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,18 @@ def count_in_job(run_dir: str | os.PathLike, name: str, job: str) -> int:
 
 def requeue_killed_teardown(exp_dir: Path) -> list[str]:
     """The lines a job's batch script runs after its command (submitit's teardown): when
-    the command ended with 128 + a signal (srun's status for a per-run job's step, the
-    driver's own for an allocation), :func:`requeue_killed_job` decides whether the job
-    requeues itself. The script then exits with that status, so that the job ends as it
-    would have without them."""
+    the command failed (srun's status for a per-run job's step: 128 + a signal, but 9 when
+    one rank was SIGKILLed and its peer exited :data:`~fastbgm.train.PEER_LOST_EXIT`; the
+    driver's own for an allocation), :func:`requeue_killed_job` decides, from sacct,
+    whether the job requeues itself. The script then exits with that status, so that the
+    job ends as it would have without them."""
     import shlex
     import sys
 
     call = ("import sys; from fastbgm.launch.job import requeue_killed_job as f; "
             "print(f(sys.argv[1], int(sys.argv[2])))")
     return ["fastbgm_step_rc=$?",
-            'if [ "$fastbgm_step_rc" -gt 128 ]; then',
+            'if [ "$fastbgm_step_rc" -ne 0 ]; then',
             f"  {shlex.quote(sys.executable)} -c {shlex.quote(call)} {shlex.quote(str(exp_dir))} "
             '"$fastbgm_step_rc" || true',
             "fi",
@@ -113,8 +115,9 @@ def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
 
     - A per-run job: when a task of its step was killed. srun's status cannot say (a task
       that exits with an error ends its peers by signal, through ``--kill-on-bad-exit``):
-      the step's exit code in sacct does ("0:9", not "1:0"). Each kill is a line in the
-      run's train.log; its count is in the run's ``kills.json``.
+      the step's exit code in sacct does ("0:9", not "1:0"; "76:0" when a DDP rank lost a
+      peer that gave no reason: a rank killed). Each kill is a line in the run's
+      train.log; its count is in the run's ``kills.json``.
     - An allocation: when its driver was killed (the batch script's own child: ``rc`` is
       128 + the signal; SIGTERM is the driver's own exit as Slurm ends the job). Its
       steps are ended by the requeue, and every unfinished run resumes; the count is in
@@ -148,18 +151,23 @@ def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
         if run_status(run_dir)[0] in ENDED or lock_holder(run_dir) is not None:
             return f"job {job}: its run is {run_status(run_dir)[0]}, or another process trains it; nothing to requeue"
         where, what, them, logs = run_dir, "its trainer", "it", [run_dir]
+    lost = False
     try:  # (a cluster without accounting has no sacct: then nothing tells a kill from an error)
         if per_run:
             number = step_signal(numeric)
+            lost = number is None and step_lost_peer(numeric)
         else:  # (the driver is the script's own child: its status is the signal's)
-            number = rc - 128 if rc - 128 != signal.SIGTERM else None
+            number = rc - 128 if rc > 128 and rc - 128 != signal.SIGTERM else None
         state = job_fields(numeric).get("JobState", "")
     except (OSError, subprocess.SubprocessError) as e:
         return f"job {job}: cannot ask Slurm how its step ended ({e}); nothing to requeue"
-    if state != "RUNNING" or number is None:
+    if state != "RUNNING" or (number is None and not lost):
         return f"job {job}: {state or 'gone'}, its exit {rc} names no kill; nothing to requeue"
     n = count_in_job(where, KILLS, job)
-    killed = f"{what} was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")
+    if lost:
+        killed = "a rank of its trainer lost its peer, which gave no reason (killed by a signal, or its node lost)"
+    else:
+        killed = f"{what} was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")
     if n >= MAX_KILLS:
         said = (f"{killed} in job {job}, {n} times in that job; {them} is left unfinished: the same command resumes "
                 f"{them} from its last checkpoint (if an OOM killer ended it, give it more memory: --mem-gb)")
@@ -259,73 +267,6 @@ def _fork_watch(run_dir: str, key: str, job: str, stall_s: float) -> int:
     return 0  # (never reached)
 
 
-class _RunFolderLog(logging.FileHandler):
-    """A per-run job's log lines in its run folder's train.log, timestamped: rank 0's
-    every line, an error line ("error: ...") bare, as the trainer's command line prints
-    it, which trainproc.last_error reads; another rank's errors only, each saying its
-    rank (its whole log is its own task's submitit log), and never such a bare line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        said = record.getMessage()
-        return said if record.levelno >= logging.ERROR and said.startswith("error: ") else super().format(record)
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        # a full disk: the trainer says so itself (its job's log), where logging would
-        # print a traceback of its own for every line it could not write
-        pass
-
-
-def _log_to_run_folder(run_dir: str, key: str, env: Any) -> logging.FileHandler | None:
-    """A per-run job logs to its run folder's train.log too, as a trainer process that a
-    local or allocation scheduler starts does (its stdout and stderr go there, every
-    rank's): the run folder holds what the trainer said, whatever ran it, and the
-    launch's closing report lists an unfinished run with its trainer's last error
-    (trainproc.last_error). Rank 0 logs everything; a DDP run's other ranks their errors
-    (with :func:`_log_rank_traceback`, what they raised): a failure only rank 1 meets is
-    in train.log, not only in that task's submitit log."""
-    from ..trainer import checkpoint as C
-
-    try:
-        handler = _RunFolderLog(Path(run_dir) / C.TRAIN_LOG, mode="a")
-    except OSError as e:  # (an unwritable folder: the trainer says so itself)
-        log.warning("%s: cannot write %s (%s)", run_dir, C.TRAIN_LOG, e)
-        return None
-    if env.global_rank != 0:
-        handler.setLevel(logging.ERROR)
-        # (not the job's own "error: ..." line for a mistake: rank 0 says it, and so would every rank)
-        handler.addFilter(lambda record: not record.getMessage().startswith("error: "))
-        handler.setFormatter(logging.Formatter(f"%(asctime)s rank {env.global_rank} %(name)s %(message)s"))
-        logging.getLogger().addHandler(handler)
-        return handler
-    try:
-        handler.stream.write(start_line(f"started {key} in Slurm job {env.job_id} (its whole log: "
-                                        f"{env.paths.stderr})"))
-        handler.stream.flush()
-    except OSError as e:  # (a full disk)
-        log.warning("%s: cannot write %s (%s)", run_dir, C.TRAIN_LOG, e)
-        handler.close()
-        return None
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    return handler
-
-
-def _log_rank_traceback(handler: logging.FileHandler | None, env: Any, e: BaseException) -> None:
-    """What a rank other than 0 raised, with its traceback, into the run's train.log
-    (``handler``: that rank's, from :func:`_log_to_run_folder`): rank 0 records the run's
-    failure and its reason; the traceback is this rank's to give."""
-    import traceback
-
-    if handler is None or env.global_rank == 0:
-        return
-    try:
-        handler.stream.write(f"rank {env.global_rank} (its whole log: {env.paths.stderr}) raised:\n"
-                             + "".join(traceback.format_exception(type(e), e, e.__traceback__)))
-        handler.stream.flush()
-    except OSError:  # (a full disk: its own log has it)
-        pass
-
-
 class RunJob:
     def __init__(self, config: RunConfig, run_dir: str | os.PathLike, threads: int = 0, stall_s: float = 0.0):
         self.config = config
@@ -365,8 +306,9 @@ class RunJob:
         from ..data.sources import DatasetError
         from ..fileio import FolderBusy, lock_holder, no_space
         from ..trainer import Trainer, stop_requested
+        from ..trainer.stops import PeerLost
 
-        train_log = _log_to_run_folder(self.run_dir, self.config.name, env)
+        train_log = log_to_run_folder(self.run_dir, self.config.name, env)
         try:
             result = Trainer(self.config, Path(self.run_dir)).run()
             if result.get("status") != "done":
@@ -381,6 +323,9 @@ class RunJob:
                 log.error("error: %s: no space left to write its run folder (%s); %s", self.run_dir, e,
                           NO_SPACE_ADVICE)
                 raise SystemExit(NO_SPACE_EXIT) from e
+            if isinstance(e, PeerLost) and not stop_requested():  # a peer rank was killed: the run is interrupted, not failed
+                log.error("error: %s", e)
+                raise SystemExit(PEER_LOST_EXIT) from e
             # what a scheduler records of a trainer process that exited with an error
             # (schedule.Scheduler._settle): the run failed, and why (an unreadable dataset,
             # say), so that its dependents are cancelled for that reason and the next launch
@@ -399,7 +344,7 @@ class RunJob:
             if mistake:
                 raise SystemExit(2) from e
             if not stop_requested():
-                _log_rank_traceback(train_log, env, e)
+                log_rank_traceback(train_log, env, e)
             raise
         finally:
             if train_log is not None:

@@ -98,8 +98,9 @@ def _start(pack: list[StepRun], devices: list[str | None], threads: int) -> subp
     else:
         env["OMP_NUM_THREADS"] = str(threads)  # runs side by side must not oversubscribe the cores
     cmd = [sys.executable, *train_command(pack)]
-    if pack[0].ranks > 1:  # one DDP run over its slots: torchrun on this machine
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={pack[0].ranks}",
+    if pack[0].ranks > 1:  # one DDP run over its slots: torchrun on this machine (exiting as the rank that
+        # ended the run exited: ddplocal.py)
+        cmd = [sys.executable, "-m", "fastbgm.launch.ddplocal", "--standalone", f"--nproc-per-node={pack[0].ranks}",
                *cmd[1:]]
     if devices[0] is None:
         cmd.append(f"--speed.threads={threads}")

@@ -21,7 +21,7 @@ from typing import Callable, Collection, Generic, Sequence, TypeVar
 
 from ..experiment import run_status
 from ..fileio import NO_SPACE_WORDS, atomic_write_json, lock_holder
-from ..train import NO_SPACE_EXIT, STOP_EXIT
+from ..train import NO_SPACE_EXIT, PEER_LOST_EXIT, STOP_EXIT
 from ..trainer import checkpoint as C
 from ..trainer import inbox as I
 from .placement import StepRun, new_packs, partners_for, runs_alone
@@ -280,13 +280,17 @@ class Scheduler(Generic[S]):
         log.info("%s: failed (hung %d times)", r.key, n)
 
     def _killed(self, r: StepRun, returncode: int) -> str:
-        """``r``'s process was killed by a signal: it starts again from its last checkpoint,
-        or, killed :data:`MAX_KILLS` times in this launch, is left to the next one. Its
-        train.log says so (what the launch's progress lines and closing report show)."""
+        """``r``'s process was killed by a signal (or a peer rank of it was, ``returncode``
+        :data:`PEER_LOST_EXIT`): it starts again from its last checkpoint, or, killed
+        :data:`MAX_KILLS` times in this launch, is left to the next one. Its train.log says
+        so (what the launch's progress lines and closing report show)."""
         n = self.kills[r.key] = self.kills.get(r.key, 0) + 1
-        number = -returncode if returncode < 0 else returncode - 128
-        name = signal_name(number)
-        killed = f"its process was killed by signal {number}" + (f" ({name})" if name else "")
+        if returncode == PEER_LOST_EXIT:
+            killed = "a rank of it was lost, with no reason given (killed by a signal, or its node lost)"
+        else:
+            number = -returncode if returncode < 0 else returncode - 128
+            name = signal_name(number)
+            killed = f"its process was killed by signal {number}" + (f" ({name})" if name else "")
         if n < MAX_KILLS:
             self._wait_again(r)
             said = f"{killed}; it starts again from its last checkpoint ({n} of {MAX_KILLS} in this launch)"
@@ -362,8 +366,9 @@ class Scheduler(Generic[S]):
             return "failed"
         if self._held_elsewhere(r):  # (it failed on the lock: not its failure, nor ours to record)
             return "pending"
-        if returncode < 0 or returncode > 128:  # killed by a signal (SIGKILL, the OOM killer; srun says
-            return self._killed(r, returncode)  # 128 + the signal): interrupted, not failed
+        if returncode < 0 or returncode > 128 or returncode == PEER_LOST_EXIT:  # killed by a signal (SIGKILL,
+            # the OOM killer; srun says 128 + the signal), or a DDP rank's peer was: interrupted, not failed
+            return self._killed(r, returncode)
         # exited with an error before it recorded a result: the error it printed (an
         # unreadable dataset, a mistake in its config), or where to look when it said none
         said = last_error(r.run_dir).removeprefix("error: ")

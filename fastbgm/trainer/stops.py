@@ -50,6 +50,32 @@ def out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
+class PeerLost(RuntimeError):
+    """A DDP rank's collective lost a peer that said nothing of why (no rank's failure
+    report: it was killed by a signal, the OOM killer say, or its node went): the run is
+    interrupted, not failed. Nothing records it; the process exits with
+    :data:`fastbgm.train.PEER_LOST_EXIT` and its scheduler starts the run again from its
+    last checkpoint, as it does a killed process."""
+
+
+# What a collective says when a peer's process or connection is gone: gloo's TCP pairs,
+# NCCL (ncclRemoteError), the TCP store. A rank's own mistake says none of these.
+LOST_PEER_WORDS = ("connection reset by peer", "connection closed by peer", "broken pipe",
+                   "remote process exited", "connection refused")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` (or what it was raised from) is a collective that lost its peer."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, RuntimeError) and any(w in str(x).lower() for w in LOST_PEER_WORDS):
+            return True
+        x = x.__cause__ or x.__context__
+    return False
+
+
 def run_failure(e: BaseException) -> bool:
     """A failure of the run itself (diverged, does not fit the device), not a bug:
     recorded in result.json and said in one line, never raised as a traceback."""

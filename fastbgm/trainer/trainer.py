@@ -32,7 +32,7 @@ from .measures import complexity, evaluate, peak_flops, train_flops_per_image
 from .provenance import provenance
 from .runstate import RunState
 from .speed import Speed, compile_model, make_sgd, resolve_speed
-from .stops import NonFiniteLoss, out_of_memory, run_failure
+from .stops import NonFiniteLoss, PeerLost, lost_peer, out_of_memory, run_failure
 
 log = logging.getLogger("fastbgm.trainer")
 
@@ -178,14 +178,19 @@ class Trainer:
 
         Under DDP the rank that fails first is the one that knows why: a rank other than
         0 writes its reason beside the run (``failed-rank<r>.json``), and rank 0, which
-        then only sees its peer go, records that reason in result.json."""
+        then only sees its peer go, records that reason in result.json. A peer that went
+        with no reason given (killed by a signal, its node lost) fails nothing: the
+        ranks that saw it go raise :class:`PeerLost`, and the run resumes."""
         env = s.env if s is not None else self.env
         result: dict[str, Any] = {"status": "failed", "reason": self.failure_reason(e)}
         if isinstance(e, NonFiniteLoss):
             result.update(epoch=e.epoch, step=e.step)
         elif s is not None:
             result["epoch"] = s.epoch + 1
+        lost = env is not None and env.world > 1 and not run_failure(e) and lost_peer(e)
         if env is not None and not env.is_main:
+            if lost:  # (whichever rank failed says why, rank 0 included)
+                raise self._peer_lost(env, e)
             atomic_write_json(C.rank_failure_path(self.run_dir, env.rank), {"rank": env.rank, **result})
         elif record:
             if env is not None and env.world > 1 and not run_failure(e):
@@ -194,6 +199,8 @@ class Trainer:
                     seen = str(e).splitlines()[0][:200] if str(e) else ""
                     result.update(reason=f"{C.rank_failure_reason(peer)} (rank 0 then saw: {type(e).__name__}: "
                                          f"{seen})", failed_rank=peer["rank"])
+                elif lost:
+                    raise self._peer_lost(env, e)
             self._write_result(result)
         log.error("%s: %s", self.run_dir, result["reason"])
         return result
@@ -211,6 +218,12 @@ class Trainer:
         return (f"out of memory on {device}: {self.cfg.model.name} at {self.cfg.optim.batch_size // world} images "
                 f"per rank{packed} does not fit ({detail}); lower optim.batch_size, pack fewer runs per GPU "
                 "(resources.runs_per_gpu), or spread the run over more ranks (resources.ranks_per_run)")
+
+    def _peer_lost(self, env: D.DistEnv, e: BaseException) -> PeerLost:
+        seen = (str(e).splitlines() or [""])[0][:200]
+        return PeerLost(f"{self.run_dir}: rank {env.rank} lost a peer that gave no reason (killed by a signal, "
+                        f"the OOM killer say, or its node lost; rank {env.rank} saw {type(e).__name__}: {seen}): "
+                        "the run is interrupted, not failed, and resumes from its last checkpoint")
 
     def _peer_failure(self) -> dict[str, Any] | None:
         deadline = time.monotonic() + PEER_REASON_WAIT_S
