@@ -58,9 +58,11 @@ class PeerLost(RuntimeError):
     last checkpoint, as it does a killed process."""
 
 
-# What a collective says when a peer's process or connection is gone: gloo's TCP pairs,
-# NCCL (ncclRemoteError), the TCP store. A rank's own mistake says none of these.
-LOST_PEER_WORDS = ("connection reset by peer", "connection closed by peer", "broken pipe",
+# What a collective says when a peer's process or connection is gone: gloo's TCP pairs
+# (seen here), NCCL's ncclRemoteError ("remote process exited or there was a network
+# error") and its sockets ("Connection closed by remote peer"), the TCP store. A rank's own
+# mistake says none of these.
+LOST_PEER_WORDS = ("connection reset by peer", "connection closed by peer", "closed by remote peer", "broken pipe",
                    "remote process exited", "connection refused")
 
 
