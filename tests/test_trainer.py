@@ -864,23 +864,28 @@ def test_out_of_memory_fails_the_run_with_its_reason_and_the_fix(tiny_dir: Path,
     assert not list(run.glob(".*.tmp"))
 
 
-def test_a_rank_out_of_memory_ends_its_ddp_run_with_that_ranks_reason(tiny_dir: Path, tmp_path: Path) -> None:
-    _skip_if_torch_cannot_load_under_the_cap()
+def _ddp_pair(run: Path, ov: list[str], rank1_preexec: Any = None) -> list[subprocess.Popen]:
+    """Rank 0 and rank 1 of a 2-rank run, started by hand (no torchrun, no srun: nothing
+    stops the rank left when its peer dies, as on a cluster whose KillWait is long);
+    ``rank1_preexec`` runs in rank 1's process before it starts (a limit for it alone)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, "-m", "fastbgm.train", "--run-dir", str(run), "--quiet",
+                              "--speed.threads=1", *ov],
+                             env={**os.environ, **_LEAN, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=rank1_preexec if rank == 1 else None) for rank in (0, 1)]
+
+
+def test_a_rank_out_of_memory_ends_its_ddp_run_with_that_ranks_reason(tiny_dir: Path, tmp_path: Path) -> None:
+    _skip_if_torch_cannot_load_under_the_cap()
     run = tmp_path / "ddp-oom"
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, **_LEAN, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "fastbgm.train", "--run-dir", str(run), "--quiet", "--speed.threads=1",
-             *_overrides(tiny_dir, **{**OOM_MODEL, "optim.batch_size": 1024})],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            preexec_fn=_address_space_limit(OOM_LIMIT) if rank == 1 else None))  # only rank 1 runs out
+    procs = _ddp_pair(run, _overrides(tiny_dir, **{**OOM_MODEL, "optim.batch_size": 1024}),
+                      rank1_preexec=_address_space_limit(OOM_LIMIT))  # only rank 1 runs out
     # rank 0 must not sit in its collective until the process group's 30-minute timeout
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [1, 1], outs
@@ -911,21 +916,6 @@ def test_launcher_reads_a_ranks_reason_when_its_peers_were_stopped_first(tmp_pat
     assert sched.states["r"] == "failed" and not sched.stop_requested
     res = json.loads((run / C.RESULT).read_text())
     assert res["reason"] == "rank 1 failed: out of memory on cuda:1" and res["failed_rank"] == 1
-
-
-def _ddp_pair(run: Path, ov: list[str]) -> list[subprocess.Popen]:
-    """Rank 0 and rank 1 of a 2-rank run, started by hand (no torchrun, no srun: nothing
-    stops the rank left when its peer dies, as on a cluster whose KillWait is long)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [subprocess.Popen([sys.executable, "-m", "fastbgm.train", "--run-dir", str(run), "--quiet",
-                              "--speed.threads=1", *ov],
-                             env={**os.environ, **_LEAN, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
 
 
 def test_a_killed_ddp_rank_fails_nothing_and_the_run_resumes_as_uninterrupted(tiny_dir: Path, tmp_path: Path) -> None:

@@ -159,14 +159,23 @@ def _job_end_now(job_id: str) -> JobEnd:
             state = row[0].split()[0]
             lost = False
             if killed is None and state == "FAILED":
-                killed, lost = step_signal(jid), step_lost_peer(jid)
+                killed, lost = step_kill(jid)
             return JobEnd(state, int(code[0]) if len(code) == 2 and code[1] == "0" and code[0].isdigit() else None,
                           killed, lost)
     return JobEnd("UNKNOWN")
 
 
-def _step_exits(job_id: str) -> list[tuple[int, int]]:
-    """(exit code, signal) of each of the job's numbered steps, as sacct's ExitCode "1:0"."""
+def step_kill(job_id: str) -> tuple[int | None, bool]:
+    """How a signal ended one of the job's steps, from their ExitCodes in sacct: the signal
+    that ended a task ("0:9" -> 9), if one did, and whether a DDP rank exited as having lost
+    a peer that gave no reason ("76:0": :data:`~fastbgm.train.PEER_LOST_EXIT`).
+
+    The job's own DerivedExitCode gives the signal too, but not always: on the local
+    cluster a per-run job whose trainer was SIGKILLed was left "0:0" there in 2 of 8 kills,
+    its step "0:9". A lost peer shows only here: the step's code is the highest of its
+    tasks' statuses, and the surviving rank's 76 hides its killed peer's signal (the local
+    cluster, 2026-12-02, rank 1 SIGKILLed and Slurm's KillWait longer than rank 0's wait
+    for a reason)."""
     out = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,ExitCode", "-j", job_id], capture_output=True, text=True,
                          timeout=60).stdout
     exits = []
@@ -175,23 +184,7 @@ def _step_exits(job_id: str) -> list[tuple[int, int]]:
         number, _, sig = code.partition(":")
         if "." in step and step.rsplit(".", 1)[1].isdigit() and number.isdigit() and sig.isdigit():
             exits.append((int(number), int(sig)))
-    return exits
-
-
-def step_signal(job_id: str) -> int | None:
-    """The signal that ended a task of one of the job's steps (the step's ExitCode "0:9"),
-    if one did. The job's own DerivedExitCode says so too, but not always: on the local
-    cluster a per-run job whose trainer was SIGKILLed was left "0:0" there in 2 of 8 kills,
-    its step "0:9"."""
-    return next((sig for _, sig in _step_exits(job_id) if sig), None)
-
-
-def step_lost_peer(job_id: str) -> bool:
-    """Whether a DDP rank of one of the job's steps exited as having lost a peer that gave
-    no reason (the step's ExitCode "76:0"): a peer killed by a signal, which the step's
-    code, the highest of its tasks' statuses, does not show (the local cluster, 2026-12-02,
-    with rank 1 SIGKILLed and Slurm's KillWait longer than rank 0's wait for a reason)."""
-    return any(code == PEER_LOST_EXIT for code, _ in _step_exits(job_id))
+    return next((sig for _, sig in exits if sig), None), any(number == PEER_LOST_EXIT for number, _ in exits)
 
 
 def max_array_size() -> int:

@@ -27,7 +27,7 @@ from ..experiment import run_status
 from ..fileio import atomic_write_json
 from ..train import NO_SPACE_ADVICE, NO_SPACE_EXIT, PEER_LOST_EXIT
 from ..trainer.config import RunConfig
-from .cluster import job_fields, step_lost_peer, step_signal
+from .cluster import job_fields, step_kill
 from .common import read_json
 from .runlog import log_rank_traceback, log_to_run_folder
 from .trainproc import (MAX_KILLS, MAX_STALLS, STALL_CHECK_S, StallWatch, hung_reason, log_error, mark_cancelled,
@@ -154,8 +154,7 @@ def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
     lost = False
     try:  # (a cluster without accounting has no sacct: then nothing tells a kill from an error)
         if per_run:
-            number = step_signal(numeric)
-            lost = number is None and step_lost_peer(numeric)
+            number, lost = step_kill(numeric)
         else:  # (the driver is the script's own child: its status is the signal's)
             number = rc - 128 if rc > 128 and rc - 128 != signal.SIGTERM else None
         state = job_fields(numeric).get("JobState", "")
@@ -164,7 +163,7 @@ def requeue_killed_job(exp_dir: str | Path, rc: int) -> str:
     if state != "RUNNING" or (number is None and not lost):
         return f"job {job}: {state or 'gone'}, its exit {rc} names no kill; nothing to requeue"
     n = count_in_job(where, KILLS, job)
-    if lost:
+    if number is None:  # (a lost peer: the signal was its peer's)
         killed = "a rank of its trainer lost its peer, which gave no reason (killed by a signal, or its node lost)"
     else:
         killed = f"{what} was killed by signal {number}" + (f" ({signal_name(number)})" if signal_name(number) else "")

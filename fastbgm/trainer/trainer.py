@@ -53,6 +53,11 @@ def lr_factor(cfg: RunConfig, epoch: int) -> float:
     return 1.0
 
 
+def _first_line(e: BaseException) -> str:
+    """What ``e`` says, cut to its first line (a collective's error runs on for lines)."""
+    return (str(e).splitlines() or [""])[0][:200]
+
+
 class Trainer:
     """Runs one run. Callable (``Trainer(cfg, run_dir)()``), so submitit can pickle it."""
 
@@ -187,18 +192,18 @@ class Trainer:
             result.update(epoch=e.epoch, step=e.step)
         elif s is not None:
             result["epoch"] = s.epoch + 1
-        lost = env is not None and env.world > 1 and not run_failure(e) and lost_peer(e)
+        peers_may_know = env is not None and env.world > 1 and not run_failure(e)  # why this rank saw its error
+        lost = peers_may_know and lost_peer(e)
         if env is not None and not env.is_main:
             if lost:  # (whichever rank failed says why, rank 0 included)
                 raise self._peer_lost(env, e)
             atomic_write_json(C.rank_failure_path(self.run_dir, env.rank), {"rank": env.rank, **result})
         elif record:
-            if env is not None and env.world > 1 and not run_failure(e):
+            if peers_may_know:
                 peer = self._peer_failure()
                 if peer is not None:
-                    seen = str(e).splitlines()[0][:200] if str(e) else ""
                     result.update(reason=f"{C.rank_failure_reason(peer)} (rank 0 then saw: {type(e).__name__}: "
-                                         f"{seen})", failed_rank=peer["rank"])
+                                         f"{_first_line(e)})", failed_rank=peer["rank"])
                 elif lost:
                     raise self._peer_lost(env, e)
             self._write_result(result)
@@ -220,10 +225,9 @@ class Trainer:
                 "(resources.runs_per_gpu), or spread the run over more ranks (resources.ranks_per_run)")
 
     def _peer_lost(self, env: D.DistEnv, e: BaseException) -> PeerLost:
-        seen = (str(e).splitlines() or [""])[0][:200]
         return PeerLost(f"{self.run_dir}: rank {env.rank} lost a peer that gave no reason (killed by a signal, "
-                        f"the OOM killer say, or its node lost; rank {env.rank} saw {type(e).__name__}: {seen}): "
-                        "the run is interrupted, not failed, and resumes from its last checkpoint")
+                        f"the OOM killer say, or its node lost; rank {env.rank} saw {type(e).__name__}: "
+                        f"{_first_line(e)}): the run is interrupted, not failed, and resumes from its last checkpoint")
 
     def _peer_failure(self) -> dict[str, Any] | None:
         deadline = time.monotonic() + PEER_REASON_WAIT_S
